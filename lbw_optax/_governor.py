@@ -1,0 +1,326 @@
+"""Our governance policy: loss- and gradient-aware, with hysteresis and a slew-limited scale."""
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lbw_optax import _validate
+from lbw_optax._policy import Decision, Policy
+from lbw_optax._regime import Regime
+from lbw_optax._sense import Signals
+
+_TINY = 1e-12
+# Floors of the standard deviations, so that a perfectly constant signal (variance 0) does not
+# turn float rounding into a huge z-score: relative to the loss level, and in log-norm units.
+_LOSS_SD_FLOOR = 1e-3
+_LOG_NORM_SD_FLOOR = 1e-2
+_DAMPING_REGIMES = (Regime.STRESSED, Regime.OSCILLATION, Regime.SPIKE)
+
+
+class GovernorState(NamedTuple):
+    """State of :func:`governor_policy`. All fields are scalars.
+
+    Attributes:
+      observed: int32, finite steps observed so far.
+      loss_fast: float32, fast EMA of the loss.
+      loss_slow: float32, slow EMA of the (winsorised) loss.
+      loss_var: float32, slow exponentially weighted variance of the loss.
+      log_norm_fast: float32, fast EMA of log ‖g‖.
+      log_norm_slow: float32, slow EMA of the (winsorised) log ‖g‖.
+      log_norm_var: float32, slow exponentially weighted variance of log ‖g‖.
+      pressure_steps: int32, consecutive steps with a stress or oscillation cue.
+      calm_steps: int32, consecutive steps with no cue at all.
+      consecutive_holds: int32, held steps in a row (bounded by ``max_holds``).
+      loss_z: float32, the latest loss z-score.
+      grad_z: float32, the latest log-gradient-norm z-score.
+      loss_trend: float32, the latest ``loss_fast / loss_slow - 1``.
+      grad_trend: float32, the latest ``log_norm_fast - log_norm_slow``.
+    """
+
+    observed: jax.Array
+    loss_fast: jax.Array
+    loss_slow: jax.Array
+    loss_var: jax.Array
+    log_norm_fast: jax.Array
+    log_norm_slow: jax.Array
+    log_norm_var: jax.Array
+    pressure_steps: jax.Array
+    calm_steps: jax.Array
+    consecutive_holds: jax.Array
+    loss_z: jax.Array
+    grad_z: jax.Array
+    loss_trend: jax.Array
+    grad_trend: jax.Array
+
+
+def _ema(mean: jax.Array, x: jax.Array, decay: float) -> jax.Array:
+    # Written as mean + (1-d)(x-mean) so that a constant signal stays exactly constant.
+    return mean + (1.0 - decay) * (x - mean)
+
+
+def _ew_var(var: jax.Array, mean: jax.Array, x: jax.Array, decay: float) -> jax.Array:
+    return decay * (var + (1.0 - decay) * jnp.square(x - mean))
+
+
+@dataclasses.dataclass(frozen=True)
+class GovernorPolicy(Policy):
+    """Our governance policy; build it with :func:`governor_policy`."""
+
+    min_scale: float = 0.1
+    max_scale: float = 1.0
+    warmup: int = 20
+    fast_decay: float = 0.9
+    slow_decay: float = 0.99
+    spike_z: float = 4.0
+    hold_z: float = 8.0
+    min_spike_rise: float = 0.05
+    stress_trend: float = 0.02
+    oscillation_trend: float = 0.1
+    dwell: int = 5
+    calm_steps: int = 20
+    damping: float = 0.05
+    spike_factor: float = 0.5
+    release: float = 0.01
+    max_holds: int = 2
+
+    needs_value = True
+
+    @property
+    def scale_bounds(self) -> tuple[float, float]:
+        return (self.min_scale, self.max_scale)
+
+    def init(self) -> GovernorState:
+        zero = jnp.zeros([], jnp.float32)
+        izero = jnp.zeros([], jnp.int32)
+        return GovernorState(
+            observed=izero,
+            loss_fast=zero,
+            loss_slow=zero,
+            loss_var=zero,
+            log_norm_fast=zero,
+            log_norm_slow=zero,
+            log_norm_var=zero,
+            pressure_steps=izero,
+            calm_steps=izero,
+            consecutive_holds=izero,
+            loss_z=zero,
+            grad_z=zero,
+            loss_trend=zero,
+            grad_trend=zero,
+        )
+
+    def decide(self, signals: Signals, state: GovernorState, *, step, scale, regime):
+        del step  # The governor counts the finite steps it observed instead.
+        first = state.observed == 0
+        warm = state.observed >= self.warmup
+        loss = signals.loss
+        log_norm = jnp.log(signals.grad_norm + _TINY)
+
+        # Interpret: z-scores against the statistics *before* this step.
+        loss_sd = jnp.maximum(
+            jnp.sqrt(state.loss_var), _LOSS_SD_FLOOR * jnp.abs(state.loss_slow) + _TINY
+        )
+        norm_sd = jnp.maximum(jnp.sqrt(state.log_norm_var), _LOG_NORM_SD_FLOOR)
+        loss_z = jnp.where(first, 0.0, (loss - state.loss_slow) / loss_sd)
+        grad_z = jnp.where(first, 0.0, (log_norm - state.log_norm_slow) / norm_sd)
+        loss_rise = jnp.where(first, 0.0, loss / (jnp.abs(state.loss_slow) + _TINY) - 1.0)
+        loss_outlier = lambda z: (loss_z > z) & (loss_rise > self.min_spike_rise)
+        severe = warm & (loss_outlier(self.hold_z) | (grad_z > self.hold_z))
+        spike = warm & (loss_outlier(self.spike_z) | (grad_z > self.spike_z))
+
+        # Statistics, winsorised once warm so one outlier cannot poison them (during warm-up
+        # they take every value, so that they learn the signals' real spread).
+        loss_in = jnp.where(warm, jnp.minimum(loss, state.loss_slow + self.spike_z * loss_sd), loss)
+        norm_in = jnp.where(
+            warm, jnp.minimum(log_norm, state.log_norm_slow + self.spike_z * norm_sd), log_norm
+        )
+        seed = lambda old, x, decay: jnp.where(first, x, _ema(old, x, decay))
+        loss_fast = seed(state.loss_fast, loss_in, self.fast_decay)
+        loss_slow = seed(state.loss_slow, loss_in, self.slow_decay)
+        loss_var = jnp.where(
+            first, 0.0, _ew_var(state.loss_var, state.loss_slow, loss_in, self.slow_decay)
+        )
+        log_norm_fast = seed(state.log_norm_fast, norm_in, self.fast_decay)
+        log_norm_slow = seed(state.log_norm_slow, norm_in, self.slow_decay)
+        log_norm_var = jnp.where(
+            first, 0.0, _ew_var(state.log_norm_var, state.log_norm_slow, norm_in, self.slow_decay)
+        )
+        loss_trend = loss_fast / (jnp.abs(loss_slow) + _TINY) - 1.0
+        grad_trend = log_norm_fast - log_norm_slow
+        stressed = warm & (loss_trend > self.stress_trend)
+        oscillating = warm & (grad_trend > self.oscillation_trend)
+        pressure = stressed | oscillating
+
+        # Hysteresis: pressure must persist `dwell` steps to engage; calm must persist
+        # `calm_steps` steps before a damping regime gives way to recovery.
+        pressure_steps = jnp.where(pressure, state.pressure_steps + 1, 0)
+        calm_steps = jnp.where(pressure | spike, 0, state.calm_steps + 1)
+        engaged = pressure_steps >= self.dwell
+        was_damping = jnp.isin(regime, jnp.array(_DAMPING_REGIMES))
+        settled = calm_steps >= self.calm_steps
+        below_max = scale < self.max_scale
+        new_regime = jnp.select(
+            [
+                spike,
+                engaged & stressed,
+                engaged,
+                was_damping & ~settled,
+                below_max,
+            ],
+            [Regime.SPIKE, Regime.STRESSED, Regime.OSCILLATION, regime, Regime.RECOVERY],
+            Regime.STABLE,
+        ).astype(jnp.int32)
+
+        # Control: a bounded, slew-limited scale.
+        cut = jnp.select(
+            [spike, engaged & stressed, engaged],
+            [self.spike_factor, 1.0 - self.damping, 1.0 - 0.5 * self.damping],
+            1.0,
+        )
+        damping_now = spike | engaged
+        sticky = was_damping & ~settled & ~damping_now
+        new_scale = jnp.where(
+            damping_now,
+            scale * cut,
+            jnp.where(sticky, scale, scale + self.release),
+        )
+        new_scale = jnp.clip(new_scale, self.min_scale, self.max_scale)
+
+        # A hold is a cut to zero, so a policy pinned to one scale never holds.
+        can_hold = self.min_scale < self.max_scale
+        hold = severe & (state.consecutive_holds < self.max_holds) & can_hold
+        new_state = GovernorState(
+            observed=state.observed + 1,
+            loss_fast=loss_fast,
+            loss_slow=loss_slow,
+            loss_var=loss_var,
+            log_norm_fast=log_norm_fast,
+            log_norm_slow=log_norm_slow,
+            log_norm_var=log_norm_var,
+            pressure_steps=pressure_steps.astype(jnp.int32),
+            calm_steps=calm_steps.astype(jnp.int32),
+            consecutive_holds=jnp.where(hold, state.consecutive_holds + 1, 0).astype(jnp.int32),
+            loss_z=loss_z,
+            grad_z=grad_z,
+            loss_trend=loss_trend,
+            grad_trend=grad_trend,
+        )
+        return Decision(
+            regime=new_regime, scale=new_scale.astype(jnp.float32), hold=hold
+        ), new_state
+
+
+def governor_policy(
+    *,
+    min_scale: float = 0.1,
+    max_scale: float = 1.0,
+    warmup: int = 20,
+    fast_decay: float = 0.9,
+    slow_decay: float = 0.99,
+    spike_z: float = 4.0,
+    hold_z: float = 8.0,
+    min_spike_rise: float = 0.05,
+    stress_trend: float = 0.02,
+    oscillation_trend: float = 0.1,
+    dwell: int = 5,
+    calm_steps: int = 20,
+    damping: float = 0.05,
+    spike_factor: float = 0.5,
+    release: float = 0.01,
+    max_holds: int = 2,
+) -> GovernorPolicy:
+    r"""Our governance policy: senses loss and gradient norm, interprets with hysteresis.
+
+    **Sense** (every step, on device): the loss :math:`\ell` (``value=``) and the global
+    gradient norm :math:`\|g\|`. Running statistics: fast and slow EMAs of :math:`\ell` and of
+    :math:`\log\|g\|`, and slow exponentially weighted variances. Inputs to the statistics are
+    winsorised at ``slow + spike_z·sd`` after warm-up, so an outlier moves them a bounded amount.
+
+    **Interpret** (after ``warmup`` observed steps; before that the regime is ``STABLE`` and
+    the scale untouched):
+
+    - *spike*: loss z-score ``(ℓ - slow)/sd > spike_z`` with the loss at least
+      ``min_spike_rise`` above its slow mean, or log-norm z-score ``> spike_z``; *severe* the
+      same with ``hold_z``.
+    - *stress cue*: the loss is rising, ``loss_fast / loss_slow - 1 > stress_trend``.
+    - *oscillation cue*: the gradient norm is growing,
+      ``log_norm_fast - log_norm_slow > oscillation_trend`` (the symptom of steps that
+      overshoot a sharpening valley).
+
+    Regimes with hysteresis: ``SPIKE`` at once on a spike; ``STRESSED`` (or ``OSCILLATION``
+    when only the norm cue is on) once a cue has held for ``dwell`` consecutive steps; a
+    damping regime is kept until no cue has been seen for ``calm_steps`` steps, then
+    ``RECOVERY`` until the scale is back at ``max_scale``, then ``STABLE``.
+
+    **Control**: spike: ``scale ·= spike_factor``; engaged stress: ``scale ·= 1 - damping``;
+    engaged oscillation: ``scale ·= 1 - damping/2``; a damping regime without a current cue
+    keeps its scale; otherwise ``scale += release``. The scale is clipped to
+    ``[min_scale, max_scale]``, so it moves down by at most one bounded factor and up by at most
+    ``release`` per step. A severe spike also **holds** the step (zero update, inner state not
+    advanced), at most ``max_holds`` steps in a row so a lasting level shift is eventually
+    accepted. With constant loss and gradients no cue ever fires and the guard is the identity;
+    with ``min_scale == max_scale`` the policy is pinned (and never holds).
+
+    Args:
+      min_scale: lower bound of the scale, in (0, ``max_scale``].
+      max_scale: upper bound of the scale (> 0); 1 means "never faster than the inner optimizer".
+      warmup: finite steps observed before any control (>= 0).
+      fast_decay: decay of the fast EMAs, in [0, 1).
+      slow_decay: decay of the slow EMAs and variances, in [``fast_decay``, 1).
+      spike_z: z-score that marks a spike (> 0).
+      hold_z: z-score that marks a severe spike to hold (>= ``spike_z``).
+      min_spike_rise: relative rise of the loss above its slow mean also required for a loss
+        spike (>= 0).
+      stress_trend: relative loss rise that is a stress cue (>= 0).
+      oscillation_trend: log gradient-norm growth that is an oscillation cue (>= 0).
+      dwell: consecutive cue steps before damping engages (>= 1).
+      calm_steps: consecutive calm steps before recovery (>= 1).
+      damping: per-step multiplicative cut while stressed, in [0, 1).
+      spike_factor: multiplicative cut on a spike, in (0, 1].
+      release: per-step additive release while recovering (>= 0).
+      max_holds: most consecutive held steps (>= 0; 0 never holds).
+
+    Returns:
+      A :class:`GovernorPolicy` for :func:`~lbw_optax.guard`.
+
+    Example:
+      >>> import optax, lbw_optax
+      >>> tx = lbw_optax.guard(optax.adamw(1e-3), policy=lbw_optax.governor_policy(warmup=10))
+    """
+    _validate.check_positive("max_scale", max_scale)
+    _validate.check_in_range("min_scale", min_scale, 0.0, max_scale, closed="right")
+    _validate.check_non_negative_int("warmup", warmup)
+    _validate.check_in_range("fast_decay", fast_decay, 0.0, 1.0, closed="left")
+    _validate.check_in_range("slow_decay", slow_decay, fast_decay, 1.0, closed="left")
+    _validate.check_positive("spike_z", spike_z)
+    _validate.check_positive("hold_z", hold_z)
+    _validate.check_ordered("spike_z", spike_z, "hold_z", hold_z)
+    _validate.check_non_negative("min_spike_rise", min_spike_rise)
+    _validate.check_non_negative("stress_trend", stress_trend)
+    _validate.check_non_negative("oscillation_trend", oscillation_trend)
+    _validate.check_positive_int("dwell", dwell)
+    _validate.check_positive_int("calm_steps", calm_steps)
+    _validate.check_in_range("damping", damping, 0.0, 1.0, closed="left")
+    _validate.check_in_range("spike_factor", spike_factor, 0.0, 1.0, closed="right")
+    _validate.check_non_negative("release", release)
+    _validate.check_non_negative_int("max_holds", max_holds)
+    return GovernorPolicy(
+        min_scale=float(min_scale),
+        max_scale=float(max_scale),
+        warmup=warmup,
+        fast_decay=float(fast_decay),
+        slow_decay=float(slow_decay),
+        spike_z=float(spike_z),
+        hold_z=float(hold_z),
+        min_spike_rise=float(min_spike_rise),
+        stress_trend=float(stress_trend),
+        oscillation_trend=float(oscillation_trend),
+        dwell=dwell,
+        calm_steps=calm_steps,
+        damping=float(damping),
+        spike_factor=float(spike_factor),
+        release=float(release),
+        max_holds=max_holds,
+    )

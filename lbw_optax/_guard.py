@@ -1,0 +1,210 @@
+"""The guard: wires sense → interpret/decide → actuate → record around any optax transformation."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lbw_optax._governor import governor_policy
+from lbw_optax._policy import Policy
+from lbw_optax._reference import reference_policy
+from lbw_optax._regime import Regime
+from lbw_optax._sense import Signals, empty_signals, sense
+
+_POLICIES = {"governor": governor_policy, "reference": reference_policy}
+
+
+class GuardState(NamedTuple):
+    """State of :func:`guard`: the governance record plus the inner optimizer's state.
+
+    Attributes:
+      step: int32, updates seen (1 after the first update).
+      regime: int32, the :class:`~lbw_optax.Regime` of the latest step.
+      scale: float32, the policy's scale in force at the latest step.
+      held: bool, whether the latest step was held (zero update, inner state kept).
+      control_active_steps: int32, steps with ``scale != 1`` or a held update.
+      regime_switches: int32, steps whose regime differs from the previous step's (the
+        regime before the first step is ``STABLE``).
+      control_energy: float32, Σ |1 − applied scale| over steps, the applied scale being 0 on
+        a held step.
+      skipped_steps: int32, held steps (non-finite ones included).
+      nonfinite_steps: int32, steps whose loss or gradients were NaN/Inf.
+      signals: :class:`~lbw_optax.Signals`, the latest *finite* sensed signals.
+      policy_state: the policy's own state (NamedTuple of scalars).
+      inner_state: the wrapped transformation's state.
+    """
+
+    step: jax.Array
+    regime: jax.Array
+    scale: jax.Array
+    held: jax.Array
+    control_active_steps: jax.Array
+    regime_switches: jax.Array
+    control_energy: jax.Array
+    skipped_steps: jax.Array
+    nonfinite_steps: jax.Array
+    signals: Signals
+    policy_state: Any
+    inner_state: Any
+
+
+def resolve_policy(policy: str | Policy) -> Policy:
+    """Returns a policy instance for a name (``"governor"``, ``"reference"``) or an instance."""
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str) and policy in _POLICIES:
+        return _POLICIES[policy]()
+    raise ValueError(
+        f"policy must be one of {sorted(_POLICIES)} or a lbw_optax.Policy instance, got {policy!r}"
+    )
+
+
+def _count_if(counter: jax.Array, condition: jax.Array) -> jax.Array:
+    return jnp.where(condition, optax.safe_increment(counter), counter)
+
+
+def actuate(updates: Any, scale: jax.Array, hold: jax.Array) -> Any:
+    """Scales the inner updates, or zeroes them on a held step; dtypes are preserved."""
+    return jax.tree.map(
+        lambda u: jnp.where(hold, jnp.zeros_like(u), (u * scale).astype(u.dtype)), updates
+    )
+
+
+def record(state: GuardState, regime, scale, hold, finite, signals, policy_state, inner_state):
+    """Advances the governance record by one step."""
+    applied = jnp.where(hold, 0.0, scale)
+    return GuardState(
+        step=optax.safe_increment(state.step),
+        regime=regime,
+        scale=scale,
+        held=hold,
+        control_active_steps=_count_if(state.control_active_steps, hold | (scale != 1.0)),
+        regime_switches=_count_if(state.regime_switches, regime != state.regime),
+        control_energy=state.control_energy + jnp.abs(1.0 - applied),
+        skipped_steps=_count_if(state.skipped_steps, hold),
+        nonfinite_steps=_count_if(state.nonfinite_steps, ~finite),
+        signals=signals,
+        policy_state=policy_state,
+        inner_state=inner_state,
+    )
+
+
+def guard(
+    inner: optax.GradientTransformation, *, policy: str | Policy = "governor"
+) -> optax.GradientTransformationExtraArgs:
+    r"""Governs any optax transformation with a bounded, recorded control loop.
+
+    Every step: **sense** the gradients (and the loss, ``value=``) into a few scalars in one
+    fused pass; let the **policy** interpret them into a :class:`~lbw_optax.Regime` and decide a
+    scale in its bounds (and whether to hold); run the inner transformation; **actuate**
+    (``update = scale · inner_update``, or zero on a held step with the inner state kept);
+    **record** the counters and signals in the state. No host synchronisation happens.
+
+    Non-finite loss or gradients always hold the step: zero update, inner state and policy
+    state unchanged, ``nonfinite_steps`` and ``skipped_steps`` counted, no NaN/Inf written to
+    any statistic. The next finite step proceeds normally.
+
+    Args:
+      inner: the transformation to govern (e.g. ``optax.adamw(1e-3)``). It receives the
+        gradients, ``params`` and every extra argument, ``value`` included.
+      policy: ``"governor"`` (:func:`~lbw_optax.governor_policy` defaults), ``"reference"``
+        (:func:`~lbw_optax.reference_policy` defaults) or a policy instance.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
+      ``(updates, state, params=None, *, value=None, **extra_args)``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, lbw_optax
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = lbw_optax.guard(optax.adamw(1e-2))
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.full(3, 0.5)}
+      >>> updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+      >>> int(lbw_optax.telemetry(state)["step"])
+      1
+    """
+    policy = resolve_policy(policy)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return GuardState(
+            step=jnp.zeros([], jnp.int32),
+            regime=jnp.asarray(Regime.STABLE, jnp.int32),
+            scale=jnp.ones([], jnp.float32),
+            held=jnp.array(False),
+            control_active_steps=jnp.zeros([], jnp.int32),
+            regime_switches=jnp.zeros([], jnp.int32),
+            control_energy=jnp.zeros([], jnp.float32),
+            skipped_steps=jnp.zeros([], jnp.int32),
+            nonfinite_steps=jnp.zeros([], jnp.int32),
+            signals=empty_signals(),
+            policy_state=policy.init(),
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None, *, value=None, **extra_args):
+        if value is None and policy.needs_value:
+            raise ValueError(
+                f"the {type(policy).__name__} senses the loss: pass it as "
+                "tx.update(grads, state, params, value=loss)"
+            )
+        step = optax.safe_increment(state.step)
+        signals, finite = sense(updates, value)
+        decision, policy_state = policy.decide(
+            signals, state.policy_state, step=step, scale=state.scale, regime=state.regime
+        )
+        if value is not None:
+            extra_args["value"] = value
+        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+
+        hold = ~finite | decision.hold
+        keep_old = lambda new, old: optax.tree.where(finite, new, old)
+        new_updates = actuate(inner_updates, decision.scale, hold)
+        new_state = record(
+            state,
+            regime=jnp.where(finite, decision.regime, Regime.NONFINITE).astype(jnp.int32),
+            scale=jnp.where(finite, decision.scale, state.scale),
+            hold=hold,
+            finite=finite,
+            signals=keep_old(signals, state.signals),
+            policy_state=keep_old(policy_state, state.policy_state),
+            inner_state=optax.tree.where(hold, state.inner_state, inner_state),
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def lbw_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    *,
+    mask: Any = None,
+    policy: str | Policy = "governor",
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW governed by :func:`guard`: ``guard(optax.adamw(...), policy=policy)``.
+
+    The scale multiplies AdamW's whole update, so it acts as ``learning_rate × scale`` on both
+    the adaptive step and the decoupled weight decay, as in the published LBW-Guard.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
+      policy: ``"governor"``, ``"reference"`` or a policy instance (see :func:`guard`).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import lbw_optax
+      >>> tx = lbw_optax.lbw_adamw(1e-3, policy="reference")
+    """
+    return guard(
+        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+        policy=policy,
+    )
