@@ -32,8 +32,15 @@ def _fields(node: Any) -> dict[str, Any]:
         if isinstance(value, tuple) and hasattr(value, "_fields"):
             out.update(_fields(value))
         else:
-            out[name] = value
+            out[name] = _unwrap(value)
     return out
+
+
+def _unwrap(value: Any) -> Any:
+    # Containers that box one array (e.g. the variables of flax.nnx.Optimizer.opt_state) are
+    # pytrees with a single leaf: report the array itself.
+    leaves = jax.tree.leaves(value)
+    return leaves[0] if len(leaves) == 1 else value
 
 
 def telemetry(opt_state: Any) -> dict[str, jax.Array]:
