@@ -1,0 +1,345 @@
+"""Behaviour of the guard and its two policies."""
+
+import itertools
+
+import chex
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lbw_optax
+from lbw_optax import Regime
+
+hypothesis.settings.register_profile("default", derandomize=True, deadline=None, max_examples=25)
+hypothesis.settings.load_profile("default")
+
+PARAMS = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.full((4,), 0.5)}
+
+
+def run(tx, grads_seq, losses, params=PARAMS):
+    """Runs a jitted update per step; returns per-step updates, telemetry and final state."""
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    updates_seq, records = [], []
+    for grads, loss in zip(grads_seq, losses, strict=True):
+        value = None if loss is None else jnp.float32(loss)
+        updates, state = step(grads, state, params, value=value)
+        updates_seq.append(updates)
+        records.append({k: np.asarray(v) for k, v in lbw_optax.telemetry(state).items()})
+    return updates_seq, records, state
+
+
+def scaled_grads(factor):
+    return jax.tree.map(lambda p: factor * (jnp.ones_like(p) * 0.1 + 0.01 * p), PARAMS)
+
+
+# --- identity properties ----------------------------------------------------------------------
+
+
+def test_governor_is_identity_and_stable_under_constant_signals():
+    n = 80
+    grads = [scaled_grads(1.0)] * n
+    guarded, records, _ = run(lbw_optax.lbw_adamw(1e-2), grads, [2.5] * n)
+    reference_updates = _plain_adamw_updates(grads, 1e-2)
+    for got, want in zip(guarded, reference_updates, strict=True):
+        chex.assert_trees_all_equal(got, want)
+    assert {int(r["regime"]) for r in records} == {Regime.STABLE}
+    assert all(float(r["scale"]) == 1.0 for r in records)
+    assert int(records[-1]["control_active_steps"]) == 0
+    assert int(records[-1]["regime_switches"]) == 0
+    assert float(records[-1]["control_energy"]) == 0.0
+
+
+def _plain_adamw_updates(grads_seq, lr, params=PARAMS):
+    tx = optax.adamw(lr)
+    state = tx.init(params)
+    out = []
+    for g in grads_seq:
+        u, state = jax.jit(tx.update)(g, state, params)
+        out.append(u)
+    return out
+
+
+def _pinned(name):
+    if name == "governor":
+        return lbw_optax.governor_policy(min_scale=1.0, max_scale=1.0)
+    return lbw_optax.reference_policy(min_scale=1.0)
+
+
+finite_factor = st.floats(1e-3, 1e6, allow_nan=False, allow_infinity=False)
+
+
+@pytest.mark.parametrize("name", ["governor", "reference"])
+@hypothesis.given(factors=st.lists(finite_factor, min_size=30, max_size=30))
+def test_pinned_scale_bounds_make_any_policy_the_identity(name, factors):
+    grads = [scaled_grads(f) for f in factors]
+    losses = [2.0 * f for f in factors]
+    got, records, _ = run(lbw_optax.guard(optax.adamw(1e-2), policy=_pinned(name)), grads, losses)
+    want = _plain_adamw_updates(grads, 1e-2)
+    for g, w in zip(got, want, strict=True):
+        chex.assert_trees_all_equal(g, w)
+    assert all(float(r["scale"]) == 1.0 and not bool(r["held"]) for r in records)
+
+
+# --- the published rule, reproduced by hand ------------------------------------------------------
+
+
+def published_rule(
+    grad_seq, *, stress=1.1, spike=1.5, min_scale=0.1, recovery=0.01, every=10, decay=0.85
+):
+    """An independent NumPy transcription of the vendor rule (REFERENCES.md §1)."""
+    scale, mode, ema, prev_mean = 1.0, "calm", None, None
+    scales, modes = [], []
+    for step, grads in enumerate(grad_seq, start=1):
+        if step == 1 or step % every == 0:
+            leaves = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
+            x = max(float(np.mean(g**2)) for g in leaves)
+            mean = float(np.concatenate([g.ravel() for g in leaves]).mean())
+            ema = x if ema is None else decay * ema + (1 - decay) * x
+            r = x / (ema + 1e-12)
+            flip = prev_mean is not None and prev_mean * mean < 0
+            prev_mean = mean
+            if r > spike:
+                mode, scale = "spike", max(min_scale, 0.7 * scale)
+            elif r > stress or flip:
+                mode, scale = "oscillation", max(min_scale, 0.85 * scale)
+            else:
+                mode, scale = "calm", min(1.0, scale + recovery)
+        scales.append(scale)
+        modes.append(mode)
+    return scales, modes
+
+
+def scripted_gradients():
+    """Calm (steps 1-40), oscillation by sign flips (41-80), spike (81-100), calm (101-200)."""
+    seq = []
+    for step in range(1, 201):
+        if step <= 40:
+            factor = 1.0
+        elif step <= 80:
+            factor = -1.0 if (step // 10) % 2 else 1.0
+        elif step <= 100:
+            factor = 8.0
+        else:
+            factor = 1.0
+        seq.append(scaled_grads(factor))
+    return seq
+
+
+def test_reference_policy_reproduces_the_published_rule():
+    grads = scripted_gradients()
+    want_scales, want_modes = published_rule(grads)
+    updates, records, _ = run(lbw_optax.lbw_adamw(1e-2, policy="reference"), grads, [None] * 200)
+    mode_of = {"calm": Regime.STABLE, "oscillation": Regime.OSCILLATION, "spike": Regime.SPIKE}
+    np.testing.assert_allclose([float(r["scale"]) for r in records], want_scales, rtol=1e-6)
+    assert [int(r["regime"]) for r in records] == [mode_of[m] for m in want_modes]
+    # Every phase happened, so the comparison is not vacuous.
+    assert set(want_modes) == {"calm", "oscillation", "spike"}
+    assert min(want_scales) < 0.6
+    plain = _plain_adamw_updates(grads, 1e-2)
+    for got, base, scale in zip(updates, plain, want_scales, strict=True):
+        chex.assert_trees_all_close(got, jax.tree.map(lambda u, s=scale: u * s, base), rtol=1e-6)
+
+
+def test_reference_policy_works_without_value_and_governor_requires_it():
+    grads = scaled_grads(1.0)
+    tx = lbw_optax.lbw_adamw(1e-3, policy="reference")
+    tx.update(grads, tx.init(PARAMS), PARAMS)
+    tx = lbw_optax.lbw_adamw(1e-3)
+    with pytest.raises(ValueError, match="value=loss"):
+        tx.update(grads, tx.init(PARAMS), PARAMS)
+
+
+# --- robustness under arbitrary sequences ---------------------------------------------------------
+
+special = st.sampled_from([1.0, 1e6, -1e6, float("nan"), float("inf"), 1e-6, 0.0])
+factor_or_special = st.one_of(st.floats(-10.0, 10.0, allow_nan=False), special)
+
+
+@pytest.mark.parametrize("name", ["governor", "reference"])
+@hypothesis.given(
+    grad_factors=st.lists(factor_or_special, min_size=40, max_size=40),
+    loss_factors=st.lists(factor_or_special, min_size=40, max_size=40),
+)
+def test_scale_bounded_and_state_finite_for_any_sequence(name, grad_factors, loss_factors):
+    tx = lbw_optax.guard(optax.adamw(1e-2), policy=name)
+    low, high = 0.1, 1.0  # both policies' default bounds
+    params = PARAMS
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for gf, lf in zip(grad_factors, loss_factors, strict=True):
+        grads = scaled_grads(gf)
+        inner_before = state.inner_state
+        updates, state = step(grads, state, params, value=jnp.float32(2.0 + lf))
+        scale = float(state.scale)
+        assert low <= scale <= high
+        chex.assert_tree_all_finite(updates)
+        chex.assert_tree_all_finite(state)
+        if bool(state.held):
+            assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
+            chex.assert_trees_all_equal(state.inner_state, inner_before)
+        params = optax.apply_updates(params, updates)
+    chex.assert_tree_all_finite(params)
+
+
+def test_nonfinite_step_is_held_and_the_next_finite_step_proceeds_normally():
+    tx = lbw_optax.guard(optax.adamw(1e-2), policy=_pinned("governor"))
+    good = [scaled_grads(1.0), scaled_grads(2.0)]
+    bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), scaled_grads(1.0))
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    _, state = update(good[0], state, PARAMS, value=jnp.float32(1.0))
+    inner = state.inner_state
+    for poison, loss in [(bad, 1.0), (good[1], float("nan")), (good[1], float("inf"))]:
+        u, state = update(poison, state, PARAMS, value=jnp.float32(loss))
+        assert bool(state.held) and int(state.regime) == Regime.NONFINITE
+        assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u))
+        chex.assert_trees_all_equal(state.inner_state, inner)
+        chex.assert_tree_all_finite(state)
+    assert int(state.nonfinite_steps) == 3 and int(state.skipped_steps) == 3
+    u2, state = update(good[1], state, PARAMS, value=jnp.float32(1.0))
+    want = _plain_adamw_updates(good, 1e-2)[1]
+    chex.assert_trees_all_equal(u2, want)
+    assert int(state.step) == 5 and not bool(state.held)
+
+
+# --- the governor's regimes ------------------------------------------------------------------
+
+
+def noisy_losses(n, seed=0, level=3.0, noise=0.05):
+    rng = np.random.default_rng(seed)
+    return list(level + noise * rng.standard_normal(n))
+
+
+def test_governor_does_not_chatter_on_stationary_noise():
+    n = 300
+    losses = noisy_losses(n)
+    rng = np.random.default_rng(1)
+    grads = [scaled_grads(1.0 + 0.05 * rng.standard_normal()) for _ in range(n)]
+    _, records, _ = run(lbw_optax.lbw_adamw(1e-2), grads, losses)
+    assert int(records[-1]["regime_switches"]) == 0
+    assert int(records[-1]["control_active_steps"]) == 0
+
+
+def test_governor_spike_holds_then_recovers_to_stable():
+    n = 200
+    losses = noisy_losses(n)
+    losses[60] = 50.0  # a severe loss spike
+    grads = [scaled_grads(1.0)] * n
+    grads[60] = scaled_grads(1e3)
+    _, records, _ = run(lbw_optax.lbw_adamw(1e-2), grads, losses)
+    spike = records[60]
+    assert int(spike["regime"]) == Regime.SPIKE and bool(spike["held"])
+    assert float(spike["scale"]) == pytest.approx(0.5)
+    # Hysteresis: the damped regime persists a while, then recovery releases the scale.
+    regimes = [int(r["regime"]) for r in records]
+    assert Regime.RECOVERY in regimes[61:]
+    assert regimes[-1] == Regime.STABLE and float(records[-1]["scale"]) == 1.0
+    scales = np.array([float(r["scale"]) for r in records[61:]])
+    assert np.all(np.diff(scales) <= 0.01 + 1e-6)  # release is slew limited
+    assert int(records[-1]["skipped_steps"]) == 1
+    # Statistics were not poisoned by the outlier.
+    assert float(records[61]["loss_slow"]) < 3.5
+
+
+def test_governor_damps_a_rising_loss_and_stays_in_bounds():
+    n = 200
+    losses = [3.0] * 40 + [3.0 * 1.02**k for k in range(160)]
+    grads = [scaled_grads(1.0)] * n
+    _, records, _ = run(
+        lbw_optax.lbw_adamw(1e-2, policy=lbw_optax.governor_policy(min_scale=0.2)), grads, losses
+    )
+    regimes = {int(r["regime"]) for r in records}
+    assert Regime.STRESSED in regimes
+    assert float(records[-1]["scale"]) == pytest.approx(0.2)
+    assert all(0.2 - 1e-6 <= float(r["scale"]) <= 1.0 for r in records)
+
+
+def test_telemetry_counters_match_the_recorded_trajectory():
+    grads = scripted_gradients()
+    _, records, _ = run(lbw_optax.lbw_adamw(1e-2, policy="reference"), grads, [None] * 200)
+    scales = np.array([float(r["scale"]) for r in records])
+    regimes = [Regime.STABLE] + [int(r["regime"]) for r in records]
+    last = records[-1]
+    assert int(last["control_active_steps"]) == int(np.sum(scales != 1.0))
+    assert int(last["regime_switches"]) == sum(a != b for a, b in itertools.pairwise(regimes))
+    np.testing.assert_allclose(float(last["control_energy"]), np.sum(np.abs(1 - scales)), rtol=1e-5)
+    assert int(last["step"]) == 200
+
+
+def test_telemetry_fields_are_reachable_with_tree_get():
+    tx = optax.chain(optax.clip_by_global_norm(1.0), lbw_optax.lbw_adamw(1e-3))
+    state = tx.init(PARAMS)
+    _, state = tx.update(scaled_grads(1.0), state, PARAMS, value=jnp.float32(1.0))
+    for name in [
+        "step",
+        "regime",
+        "scale",
+        "control_active_steps",
+        "regime_switches",
+        "control_energy",
+        "skipped_steps",
+        "nonfinite_steps",
+        "loss",
+        "grad_norm",
+    ]:
+        assert optax.tree.get(state, name) is not None, name
+        assert name in lbw_optax.telemetry(state)
+
+
+def test_telemetry_rejects_ambiguous_states_and_is_empty_without_guard():
+    tx = optax.chain(lbw_optax.lbw_adamw(1e-3), lbw_optax.lbw_adamw(1e-3))
+    with pytest.raises(ValueError, match="more than one field"):
+        lbw_optax.telemetry(tx.init(PARAMS))
+    assert lbw_optax.telemetry(optax.adamw(1e-3).init(PARAMS)) == {}
+
+
+# --- validation -------------------------------------------------------------------------------
+
+INVALID = [
+    (lbw_optax.reference_policy, "min_scale", 0.0),
+    (lbw_optax.reference_policy, "min_scale", 1.5),
+    (lbw_optax.reference_policy, "every", 0),
+    (lbw_optax.reference_policy, "every", 2.5),
+    (lbw_optax.reference_policy, "ema_decay", 1.0),
+    (lbw_optax.reference_policy, "spike_threshold", -1.0),
+    (lbw_optax.reference_policy, "recovery", float("nan")),
+    (lbw_optax.reference_policy, "use_max", 1),
+    (lbw_optax.governor_policy, "max_scale", 0.0),
+    (lbw_optax.governor_policy, "min_scale", 2.0),
+    (lbw_optax.governor_policy, "warmup", -1),
+    (lbw_optax.governor_policy, "slow_decay", 1.0),
+    (lbw_optax.governor_policy, "spike_z", 0.0),
+    (lbw_optax.governor_policy, "hold_z", 1.0),
+    (lbw_optax.governor_policy, "dwell", 0),
+    (lbw_optax.governor_policy, "damping", 1.0),
+    (lbw_optax.governor_policy, "spike_factor", 0.0),
+    (lbw_optax.governor_policy, "release", -0.1),
+    (lbw_optax.governor_policy, "max_holds", -1),
+    (lbw_optax.governor_policy, "stress_trend", float("inf")),
+]
+
+
+@pytest.mark.parametrize(("factory", "name", "value"), INVALID, ids=lambda x: str(x))
+def test_invalid_hyperparameters_name_the_argument_and_value(factory, name, value):
+    with pytest.raises(ValueError, match=rf"{name}.*{value!r}".replace("(", r"\(")):
+        factory(**{name: value})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"learning_rate": -1e-3}, "learning_rate"),
+        ({"learning_rate": 1e-3, "b1": 1.0}, "b1"),
+        ({"learning_rate": 1e-3, "b2": -0.1}, "b2"),
+        ({"learning_rate": 1e-3, "weight_decay": -1.0}, "weight_decay"),
+        ({"learning_rate": 1e-3, "policy": "unknown"}, "policy"),
+    ],
+)
+def test_lbw_adamw_validates_its_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        lbw_optax.lbw_adamw(**kwargs)
