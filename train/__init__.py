@@ -1,0 +1,41 @@
+"""The training loop: data, evaluation, telemetry, checkpoints and resume, and the CLI.
+
+>>> from train import TrainConfig, train
+>>> summary = train(TrainConfig(steps=50, out_dir="runs/demo"))  # doctest: +SKIP
+"""
+
+from train.checkpoint import Checkpointer, CheckpointError
+from train.config import FaultConfig, TrainConfig
+from train.data import Batches, DataError, DataPosition, DataStream, eval_set, load_text, tokenize
+from train.loop import NonFiniteError, build_model, evaluate, make_train_step, train
+from train.optimizers import (
+    available_optimizers,
+    build_optimizer,
+    is_guarded,
+    learning_rate_schedule,
+    register_optimizer,
+)
+
+__all__ = [
+    "Batches",
+    "CheckpointError",
+    "Checkpointer",
+    "DataError",
+    "DataPosition",
+    "DataStream",
+    "FaultConfig",
+    "NonFiniteError",
+    "TrainConfig",
+    "available_optimizers",
+    "build_model",
+    "build_optimizer",
+    "eval_set",
+    "evaluate",
+    "is_guarded",
+    "learning_rate_schedule",
+    "load_text",
+    "make_train_step",
+    "register_optimizer",
+    "tokenize",
+    "train",
+]

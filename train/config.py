@@ -1,0 +1,224 @@
+"""Typed configuration of one training run: :class:`TrainConfig` and its :class:`FaultConfig`.
+
+Steps are counted from 1: "step k" is the k-th optimizer update, and a telemetry line with
+``"step": k`` reports the state after that update. Every fault is keyed by these step numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+SCHEDULES = ("cosine", "constant")
+
+
+def _steps(value: Any, name: str) -> tuple[int, ...]:
+    steps = tuple(int(s) for s in value)
+    if any(s < 1 for s in steps):
+        raise ValueError(f"{name} must hold step numbers >= 1 (steps count from 1), got {steps}.")
+    return tuple(sorted(set(steps)))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FaultConfig:
+    """Faults injected into one run, to test how an optimizer copes.
+
+    Attributes:
+      grad_spike_steps: steps whose gradients are multiplied by ``grad_spike_factor``.
+      grad_spike_factor: the spike factor F.
+      nan_loss_steps: steps whose loss is NaN (the loss is multiplied by NaN inside the
+        differentiated function, so the gradients are NaN too, as after a real overflow).
+      nan_grad_steps: steps whose gradients are NaN while the loss stays finite.
+      corrupt_start: first step of a burst of corrupted batches (every token replaced by a
+        uniformly random token id, drawn from the run's seeded data RNG); ``None`` for no burst.
+      corrupt_steps: number of consecutive corrupted batches.
+      lr_shock_start: first step whose learning rate is multiplied by ``lr_shock_factor``;
+        ``None`` for no shock.
+      lr_shock_steps: number of steps the shock lasts.
+      lr_shock_factor: the shock factor F.
+    """
+
+    grad_spike_steps: tuple[int, ...] = ()
+    grad_spike_factor: float = 100.0
+    nan_loss_steps: tuple[int, ...] = ()
+    nan_grad_steps: tuple[int, ...] = ()
+    corrupt_start: int | None = None
+    corrupt_steps: int = 0
+    lr_shock_start: int | None = None
+    lr_shock_steps: int = 0
+    lr_shock_factor: float = 10.0
+
+    def __post_init__(self):
+        for name in ("grad_spike_steps", "nan_loss_steps", "nan_grad_steps"):
+            object.__setattr__(self, name, _steps(getattr(self, name), name))
+        for name in ("corrupt_start", "lr_shock_start"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be a step number >= 1 or None, got {value!r}.")
+        for name in ("corrupt_steps", "lr_shock_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
+        for name in ("grad_spike_factor", "lr_shock_factor"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}.")
+
+    @property
+    def any(self) -> bool:
+        """Whether any fault is configured."""
+        return bool(
+            self.grad_spike_steps
+            or self.nan_loss_steps
+            or self.nan_grad_steps
+            or (self.corrupt_start is not None and self.corrupt_steps > 0)
+            or (self.lr_shock_start is not None and self.lr_shock_steps > 0)
+        )
+
+    def corrupted(self, step: int) -> bool:
+        """Whether the batch of ``step`` is corrupted."""
+        if self.corrupt_start is None:
+            return False
+        return self.corrupt_start <= step < self.corrupt_start + self.corrupt_steps
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that defines a run; saved with every checkpoint.
+
+    Model:
+      model: a preset name of ``models.PRESETS`` (e.g. ``"tiny_qwen2_5_3b"``).
+      model_overrides: fields of ``models.ModelConfig`` to replace (e.g. ``{"num_layers": 2}``).
+      tokenizer: a local Hugging Face tokenizer directory, or ``None`` for the byte-level
+        tokenizer (the default; it fits the ``tiny_*`` presets' vocabulary).
+      lora_rank: 0 trains every parameter; r > 0 adds rank-r LoRA adapters and trains only them.
+      lora_alpha: LoRA scale numerator (the adapter output is scaled by ``alpha / rank``).
+      lora_targets: projections that get adapters (names from ``models.ALL_TARGETS``).
+
+    Optimizer:
+      optimizer: a registered name (see ``train.optimizers.available_optimizers()``).
+      learning_rate: peak learning rate.
+      schedule: ``"cosine"`` (linear warm-up, then cosine decay to ``min_lr_ratio`` × peak at
+        the last step) or ``"constant"`` (linear warm-up, then constant).
+      warmup_steps: steps of linear warm-up from 0.
+      min_lr_ratio: final learning rate of the cosine schedule, as a fraction of the peak.
+      weight_decay, b1, b2, eps: AdamW hyperparameters (used by every AdamW-based optimizer).
+      clip_threshold: global-norm threshold of ``adamw+clip``.
+      policy: governance policy of ``lbw`` and ``lbw+sgg``: ``"governor"`` or ``"reference"``.
+
+    Data:
+      data: ``"wikitext2"`` (the shipped sample: trains on its validation split, evaluates on
+        its test split), ``"wikitext103"`` (Hugging Face ``Salesforce/wikitext``,
+        ``wikitext-103-raw-v1``), ``"hf:NAME"`` or ``"hf:NAME:CONFIG"`` (any Hugging Face
+        dataset with a text column), ``"files"`` (local text files, read with the
+        ``datasets`` text loader) or ``"tfds:NAME"`` (``tfds.data_source``).
+      train_files, eval_files: the local files of ``data="files"``.
+      train_split, eval_split: splits of the ``hf:``/``tfds:`` sources; ``None`` picks the
+        source's default (``train`` and ``validation``, or ``test`` when TFDS has no
+        validation split).
+      text_field: the column/feature that holds the text.
+      data_dir: cache directory of ``datasets``/TFDS (``None``: their defaults).
+      seq_len: tokens per training sequence (the model sees ``seq_len`` inputs and predicts
+        ``seq_len`` targets).
+      batch_size: sequences per step.
+
+    Run:
+      steps: optimizer updates to run.
+      seed: seeds the model initialisation, the data shuffle and the data RNG.
+      eval_every: evaluate every N steps (0: only at the end).
+      eval_batches: number of batches of the fixed evaluation set.
+      log_every: write a telemetry line every N steps.
+      out_dir: the run directory (``metrics.jsonl``, ``summary.json``, ``checkpoints/``).
+      checkpoint_every: save a checkpoint every N steps (0: never, not even at the end).
+      keep_checkpoints: how many of the latest checkpoints to keep.
+      resume: continue from the latest checkpoint in ``out_dir``.
+      resume_step: with ``resume``, continue from this checkpoint step instead of the latest.
+      quiet: no progress bar and no console messages.
+      faults: the :class:`FaultConfig`.
+    """
+
+    # Model.
+    model: str = "tiny_qwen2_5_3b"
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tokenizer: str | None = None
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Optimizer.
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_threshold: float = 1.0
+    policy: str = "governor"
+    # Data.
+    data: str = "wikitext2"
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    train_split: str | None = None
+    eval_split: str | None = None
+    text_field: str = "text"
+    data_dir: str | None = None
+    seq_len: int = 128
+    batch_size: int = 8
+    # Run.
+    steps: int = 200
+    seed: int = 0
+    eval_every: int = 0
+    eval_batches: int = 8
+    log_every: int = 10
+    out_dir: str = "runs/default"
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    resume: bool = False
+    resume_step: int | None = None
+    quiet: bool = False
+    faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+
+    def __post_init__(self):
+        if isinstance(self.faults, dict):
+            object.__setattr__(self, "faults", FaultConfig(**self.faults))
+        for name in ("lora_targets", "train_files", "eval_files"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "model_overrides", dict(self.model_overrides))
+        for name in (
+            "seq_len",
+            "batch_size",
+            "steps",
+            "log_every",
+            "eval_batches",
+            "keep_checkpoints",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        for name in ("lora_rank", "warmup_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}.")
+        if not self.clip_threshold > 0:
+            raise ValueError(f"clip_threshold must be positive, got {self.clip_threshold!r}.")
+        if self.resume_step is not None and not self.resume:
+            raise ValueError("resume_step needs resume=True (--resume).")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (what checkpoints and ``summary.json`` store)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """The inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
+        values = dict(values)
+        if isinstance(values.get("faults"), dict):
+            values["faults"] = FaultConfig(**values["faults"])
+        return cls(**values)

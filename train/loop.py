@@ -1,0 +1,468 @@
+"""The training run: ``train(config) -> summary``.
+
+One run, in order: read and tokenize the data; build the model (full or LoRA) and the optimizer
+by name; restore the latest checkpoint when resuming; then for each step draw a batch, run the
+jitted step (loss → grads → ``optimizer.update(model, grads, value=loss)``), and at log
+intervals read the step's small scalars back, write one telemetry line, evaluate and save
+checkpoints when due. Device values are read only at log intervals, evaluations and checkpoints.
+
+Files in ``config.out_dir``:
+
+* ``metrics.jsonl``: one JSON line per log interval (``"kind": "train"``) and per evaluation
+  (``"kind": "eval"``), flushed as written;
+* ``summary.json``: the final summary (also returned);
+* ``checkpoints/``: Orbax checkpoints (see :mod:`train.checkpoint`).
+
+Non-finite steps. The step also returns whether its loss and gradients were finite. Without a
+guard, AdamW applies a NaN update and the parameters are lost: at the next log interval (or
+checkpoint, whichever comes first; never saving NaN parameters) the run writes its telemetry
+line and ``summary.json`` (``"status": "nonfinite"``) and raises :class:`NonFiniteError` naming
+the first non-finite step. With a guarded optimizer (``lbw``, ``lbw+sgg``) the guard holds that
+step (zero update) and training continues; the line counts it in ``nonfinite``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import lbw_optax
+import models
+from train.checkpoint import Checkpointer, CheckpointError
+from train.config import TrainConfig
+from train.data import Batches, DataStream, eval_set, load_text, tokenize
+from train.faults import loss_factor, perturb_grads
+from train.optimizers import build_optimizer, is_guarded, learning_rate_schedule
+
+# Config fields that may change when a run is resumed; any other difference is an error.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume",
+        "resume_step",
+        "quiet",
+        "out_dir",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+    }
+)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradients became NaN/Inf under an optimizer without a guard.
+
+    Attributes:
+      step: the first non-finite step.
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def build_model(config: TrainConfig, vocab_size: int) -> tuple[models.Decoder, Any]:
+    """The decoder of ``config`` (LoRA adapters added when ``lora_rank > 0``) and the filter of
+    its trainable variables.
+
+    Raises:
+      ValueError: if the tokenizer's ``vocab_size`` does not fit the model's vocabulary.
+    """
+    model_config = models.get_config(config.model, **config.model_overrides)
+    if vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {vocab_size} ids but model {config.model!r} only "
+            f"{model_config.vocab_size} embeddings."
+        )
+    model = models.Decoder(model_config, rngs=nnx.Rngs(config.seed))
+    if config.lora_rank == 0:
+        return model, nnx.Param
+    models.add_lora(
+        model,
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        targets=config.lora_targets,
+        rngs=nnx.Rngs(config.seed + 1),
+    )
+    return model, models.LORA_PARAMS
+
+
+def make_train_step(config: TrainConfig, wrt: Any):
+    """The jitted step ``(model, optimizer, tokens [B, T+1]) -> (loss, finite)``.
+
+    Faults are decided on device from the optimizer's step counter (see :mod:`train.faults`), so
+    the step is traced once.
+    """
+    faults = config.faults
+
+    @nnx.jit
+    def train_step(model, optimizer, tokens):
+        step = optimizer.step[...] + 1  # The update this call performs, counted from 1.
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T] each
+
+        def loss_fn(model):
+            loss = models.cross_entropy_loss(model(inputs), targets)
+            if faults.nan_loss_steps:
+                loss = loss * loss_factor(step, faults)
+            return loss
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
+        grads = perturb_grads(grads, step, faults)
+        optimizer.update(model, grads, value=loss)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        return loss, finite
+
+    return train_step
+
+
+@nnx.jit
+def _eval_step(model, tokens):
+    return models.cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
+
+
+def evaluate(model: models.Decoder, batches: np.ndarray) -> float:
+    """Mean loss of ``model`` over the fixed evaluation ``batches`` [n, B, T+1]."""
+    losses = [_eval_step(model, jnp.asarray(b)) for b in batches]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def _scalar(x: Any) -> Any:
+    x = np.asarray(x)
+    if x.dtype == bool:
+        return bool(x)
+    if np.issubdtype(x.dtype, np.integer):
+        return int(x)
+    return float(x)
+
+
+def _json_float(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _perplexity(loss: float | None) -> float | None:
+    """``exp(loss)``, or None for a missing loss or an overflow."""
+    return None if loss is None else _json_float(math.exp(min(loss, 700.0)))
+
+
+def read_telemetry(optimizer: nnx.Optimizer) -> dict[str, Any]:
+    """``lbw_optax.telemetry`` of the optimizer as plain Python scalars (``{}`` without a guard),
+    with ``regime_name`` added when a regime is reported."""
+    fields = lbw_optax.telemetry(optimizer.opt_state)
+    out = {k: _scalar(v) for k, v in jax.device_get(fields).items() if np.ndim(v) == 0}
+    if "regime" in out:
+        out["regime_name"] = lbw_optax.Regime(out["regime"]).name
+    return out
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keeps the lines of ``path`` up to ``last_step`` (and drops a torn last line), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if record.get("step", 0) > last_step:
+            break
+        kept.append(line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _normalised(config: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+class _Progress:
+    """A tqdm bar on stderr, off with ``quiet`` or when stderr is not a terminal."""
+
+    def __init__(self, config: TrainConfig, initial: int):
+        self.bar = None
+        if not config.quiet and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=config.steps, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def show(self, line: dict[str, Any]) -> None:
+        if self.bar is not None:
+            tel = line.get("telemetry", {})
+            postfix = {"loss": f"{line['loss']:.4f}" if line["loss"] is not None else "nan"}
+            if "regime_name" in tel:
+                postfix["regime"] = tel["regime_name"]
+                postfix["scale"] = f"{tel['scale']:.3f}"
+            postfix["tok/s"] = f"{line['tokens_per_s']:.0f}"
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Runs (or resumes) the training run described by ``config``.
+
+    Returns:
+      The summary dict that is also written to ``out_dir/summary.json``.
+
+    Raises:
+      NonFiniteError: the loss or gradients became non-finite under an optimizer without a
+        guard (the message names the step).
+      CheckpointError: ``resume`` found no checkpoint, or an unreadable or corrupted one.
+      train.data.DataError: unknown data source, missing files, empty or too-short text.
+      ValueError: invalid names or settings (unknown optimizer or preset, a resumed run whose
+        config differs in a field that cannot change).
+    """
+    start_time = time.perf_counter()
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = (lambda msg: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr))
+
+    # Data.
+    tokenizer = models.load_tokenizer(config.tokenizer)
+    text = load_text(config)
+    train_tokens = tokenize(text.train, tokenizer, what="training text")
+    eval_tokens = tokenize(text.eval, tokenizer, what="evaluation text")
+    data_description = text.description
+    del text
+    batches = Batches(
+        train_tokens, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
+    )
+    stream = DataStream(batches, config.faults, vocab_size=tokenizer.vocab_size, seed=config.seed)
+    eval_batches = eval_set(
+        eval_tokens,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        num_batches=config.eval_batches,
+    )
+
+    # Model and optimizer.
+    model, wrt = build_model(config, tokenizer.vocab_size)
+    schedule = learning_rate_schedule(config)
+    optimizer = nnx.Optimizer(model, build_optimizer(config, schedule), wrt=wrt)
+    guarded = is_guarded(config.optimizer)
+    trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
+
+    # Checkpoints and resume.
+    checkpointer = None
+    if config.checkpoint_every or config.resume:
+        checkpointer = Checkpointer(
+            out_dir / "checkpoints", keep=config.keep_checkpoints, every=config.checkpoint_every
+        )
+    metrics_path = out_dir / "metrics.jsonl"
+    start_step, elapsed_before = 0, 0.0
+    if config.resume:
+        steps = checkpointer.steps()
+        if not steps:
+            raise CheckpointError(f"--resume: no checkpoint in {checkpointer.directory}.")
+        start_step = config.resume_step if config.resume_step is not None else steps[-1]
+        abstract = {"params": nnx.state(model, wrt), "optimizer": nnx.state(optimizer)}
+        state, meta = checkpointer.restore(start_step, abstract)
+        saved, current = meta["config"], _normalised(config)
+        changed = sorted(
+            k for k in current if saved.get(k) != current[k] and k not in RESUMABLE_CHANGES
+        )
+        if changed:
+            raise ValueError(
+                f"Cannot resume {out_dir}: the config differs from the checkpoint's in {changed} "
+                f"(saved: {[saved.get(k) for k in changed]})."
+            )
+        nnx.update(model, state["params"])
+        nnx.update(optimizer, state["optimizer"])
+        stream.restore(meta["data"])
+        elapsed_before = float(meta["elapsed_s"])
+        checkpointer.discard_after(start_step)
+        _truncate_jsonl(metrics_path, start_step)
+        say(f"lbw-train: resumed {out_dir} from step {start_step}")
+    else:
+        if checkpointer is not None and checkpointer.steps():
+            raise ValueError(
+                f"{out_dir} already holds checkpoints (steps {checkpointer.steps()}); pass "
+                "--resume to continue that run, or choose another --out-dir."
+            )
+        metrics_path.write_text("")
+    what = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full"
+    say(
+        f"lbw-train: {config.model} ({what}, "
+        f"{trainable:,} trainable params), optimizer {config.optimizer}; data: {data_description}"
+    )
+
+    train_step = make_train_step(config, wrt)
+    tokens_per_step = config.batch_size * config.seq_len
+    metrics = metrics_path.open("a")
+    progress = _Progress(config, start_step)
+
+    def wall() -> float:
+        return elapsed_before + time.perf_counter() - start_time
+
+    def write(record: dict[str, Any]) -> None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    pending: list[tuple[jax.Array, jax.Array]] = []  # (loss, finite) of the steps not yet read.
+    fetched: list[tuple[float, bool]] = []  # ... read, and not yet logged.
+    interval_steps, interval_time = 0, 0.0  # Timed training steps since the last log line.
+    timed_steps, timed_time = 0, 0.0  # Totals after the first (compiling) step.
+    last_loss, last_eval, compile_s = None, None, None
+    first_nonfinite = None
+    clock = time.perf_counter()
+
+    def fetch(step: int) -> None:
+        """Reads the pending (loss, finite) pairs of the steps up to ``step``."""
+        nonlocal first_nonfinite
+        values = jax.device_get(pending)
+        first = step - len(values) + 1
+        for i, (loss, ok) in enumerate(values):
+            if not ok and first_nonfinite is None:
+                first_nonfinite = first + i
+            fetched.append((float(loss), bool(ok)))
+        pending.clear()
+
+    def stop_if_nonfinite(step: int) -> None:
+        if first_nonfinite is None or guarded:
+            return
+        summary = finish(step, status="nonfinite")
+        summary["nonfinite_step"] = first_nonfinite
+        _write_json(out_dir / "summary.json", summary)
+        raise NonFiniteError(
+            f"Step {first_nonfinite}: the loss or gradients are NaN/Inf. Optimizer "
+            f"{config.optimizer!r} has no guard, so that update wrote NaN/Inf into the "
+            f"parameters; the run stopped at step {step} without saving them. Use a guarded "
+            "optimizer (lbw, lbw+sgg) to hold such steps, or lower the learning rate.",
+            first_nonfinite,
+        )
+
+    def finish(step: int, status: str) -> dict[str, Any]:
+        metrics.close()
+        progress.close()
+        return {
+            "status": status,
+            "step": step,
+            "steps": config.steps,
+            "loss": last_loss,
+            "perplexity": _perplexity(last_loss),
+            "eval_loss": last_eval,
+            "eval_perplexity": _perplexity(last_eval),
+            "tokens_per_s": timed_steps * tokens_per_step / timed_time if timed_time else None,
+            "step_time_s": timed_time / timed_steps if timed_steps else None,
+            "compile_s": compile_s,
+            "wall_time_s": wall(),
+            "trainable_params": trainable,
+            "optimizer": config.optimizer,
+            "model": config.model,
+            "data": data_description,
+            "telemetry": read_telemetry(optimizer),
+            "config": _normalised(config),
+        }
+
+    try:
+        for step in range(start_step + 1, config.steps + 1):
+            batch = jnp.asarray(stream.batch(step))
+            pending.append(train_step(model, optimizer, batch))
+            progress.update()
+            if compile_s is None:  # One sync after the first step: compile time, then steady state.
+                jax.block_until_ready(pending[-1])
+                compile_s = time.perf_counter() - clock
+                clock = time.perf_counter()
+            else:
+                interval_steps += 1
+
+            log_now = step % config.log_every == 0 or step == config.steps
+            eval_now = (config.eval_every and step % config.eval_every == 0) or step == config.steps
+            save_now = (
+                checkpointer is not None
+                and config.checkpoint_every
+                and (step % config.checkpoint_every == 0 or step == config.steps)
+            )
+            if log_now:
+                fetch(step)
+                losses = [loss for loss, _ in fetched]
+                nonfinite = sum(not ok for _, ok in fetched)
+                fetched.clear()
+                now = time.perf_counter()
+                interval_time += now - clock
+                clock = now
+                timed_steps += interval_steps
+                timed_time += interval_time
+                finite = [x for x in losses if math.isfinite(x)]
+                last_loss = float(np.mean(finite)) if finite else None
+                line = {
+                    "kind": "train",
+                    "step": step,
+                    "loss": last_loss,
+                    "perplexity": _perplexity(last_loss),
+                    "learning_rate": float(schedule(step - 1)),
+                    "tokens_per_s": interval_steps * tokens_per_step / interval_time
+                    if interval_time > 0
+                    else 0.0,
+                    "step_time_s": interval_time / interval_steps if interval_steps else None,
+                    "wall_time_s": wall(),
+                    "nonfinite": nonfinite,
+                    "telemetry": read_telemetry(optimizer),
+                }
+                write(line)
+                progress.show(line)
+                interval_steps, interval_time = 0, 0.0
+                stop_if_nonfinite(step)
+            if eval_now or save_now:
+                if pending and save_now:  # Never checkpoint parameters that a NaN step broke.
+                    fetch(step)
+                    stop_if_nonfinite(step)
+                jax.block_until_ready(model)
+                now = time.perf_counter()
+                interval_time += now - clock
+                if eval_now:
+                    last_eval = evaluate(model, eval_batches)
+                    write(
+                        {
+                            "kind": "eval",
+                            "step": step,
+                            "eval_loss": last_eval,
+                            "eval_perplexity": _perplexity(last_eval),
+                            "wall_time_s": wall(),
+                        }
+                    )
+                if save_now:
+                    checkpointer.save(
+                        step,
+                        {"params": nnx.state(model, wrt), "optimizer": nnx.state(optimizer)},
+                        {
+                            "data": stream.state(),
+                            "elapsed_s": wall(),
+                            "config": _normalised(config),
+                        },
+                    )
+                clock = time.perf_counter()
+        summary = finish(config.steps, status="completed")
+        _write_json(out_dir / "summary.json", summary)
+        return summary
+    finally:
+        with contextlib.suppress(Exception):
+            metrics.close()
+            progress.close()
+        if checkpointer is not None:
+            checkpointer.close()

@@ -1,0 +1,161 @@
+"""Optimizers by name: an open registry of ``factory(config, learning_rate) -> optax transform``.
+
+Built-in names:
+
+* ``adamw``: ``optax.adamw``.
+* ``adamw+clip``: global-norm clipping at ``clip_threshold``, then AdamW.
+* ``lbw``: ``lbw_optax.lbw_adamw`` (AdamW under the LBW guard) with ``policy`` ``"governor"``
+  or ``"reference"``.
+* ``sgg``: ``lbw_optax.sgg_adamw``.
+* ``lbw+sgg``: ``lbw_optax.guard(lbw_optax.sgg_adamw(...), policy=policy)``.
+
+Add a peer with the decorator::
+
+    @register_optimizer("my_opt")
+    def my_opt(config, learning_rate):
+        return optax.chain(..., optax.adamw(learning_rate, weight_decay=config.weight_decay))
+
+The factory receives the whole :class:`~train.config.TrainConfig` and the learning-rate schedule
+(a callable of the update count, warm-up, decay and any learning-rate shock included). Whatever
+it returns is wrapped with ``optax.with_extra_args_support``, so the loop can always pass the
+loss as ``value=``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optax
+
+import lbw_optax
+from train.config import TrainConfig
+
+Factory = Callable[[TrainConfig, optax.Schedule], optax.GradientTransformation]
+_REGISTRY: dict[str, Factory] = {}
+
+# Optimizers whose state holds a guard: without one, a non-finite loss stops the run.
+_GUARDED: set[str] = set()
+
+
+def register_optimizer(name: str, *, guarded: bool = False) -> Callable[[Factory], Factory]:
+    """Registers ``factory`` under ``name`` (a decorator).
+
+    Args:
+      name: the name users pass as ``--optimizer``.
+      guarded: whether the optimizer holds non-finite steps itself (as ``lbw_optax.guard``
+        does); the loop then keeps training through a NaN/Inf loss instead of stopping.
+
+    Raises:
+      ValueError: if ``name`` is already registered.
+    """
+
+    def decorator(factory: Factory) -> Factory:
+        if name in _REGISTRY:
+            raise ValueError(f"An optimizer named {name!r} is already registered.")
+        _REGISTRY[name] = factory
+        if guarded:
+            _GUARDED.add(name)
+        return factory
+
+    return decorator
+
+
+def available_optimizers() -> list[str]:
+    """The registered names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def is_guarded(name: str) -> bool:
+    """Whether the optimizer ``name`` was registered as holding non-finite steps."""
+    return name in _GUARDED
+
+
+def build_optimizer(
+    config: TrainConfig, learning_rate: optax.Schedule
+) -> optax.GradientTransformationExtraArgs:
+    """The transformation registered as ``config.optimizer``, accepting ``value=``.
+
+    Raises:
+      ValueError: for an unknown name (the message lists the known ones).
+    """
+    if config.optimizer not in _REGISTRY:
+        raise ValueError(
+            f"Unknown optimizer {config.optimizer!r}; known: {', '.join(available_optimizers())}."
+        )
+    return optax.with_extra_args_support(_REGISTRY[config.optimizer](config, learning_rate))
+
+
+def _adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    return optax.adamw(
+        learning_rate, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
+    )
+
+
+def _sgg_adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    sgg_adamw = getattr(lbw_optax, "sgg_adamw", None)
+    if sgg_adamw is None:
+        raise ValueError(
+            f"optimizer {config.optimizer!r} needs lbw_optax.sgg_adamw, which this version of "
+            f"lbw_optax ({lbw_optax.__version__}) does not provide."
+        )
+    return sgg_adamw(
+        learning_rate, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
+    )
+
+
+@register_optimizer("adamw")
+def adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    """AdamW."""
+    return _adamw(config, learning_rate)
+
+
+@register_optimizer("adamw+clip")
+def adamw_clip(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    """Global-norm clipping at ``config.clip_threshold``, then AdamW."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_threshold), _adamw(config, learning_rate)
+    )
+
+
+@register_optimizer("lbw", guarded=True)
+def lbw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    """AdamW governed by the LBW guard with ``config.policy``."""
+    return lbw_optax.guard(_adamw(config, learning_rate), policy=config.policy)
+
+
+@register_optimizer("sgg")
+def sgg(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    """SGG-AdamW (``lbw_optax.sgg_adamw``)."""
+    return _sgg_adamw(config, learning_rate)
+
+
+@register_optimizer("lbw+sgg", guarded=True)
+def lbw_sgg(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    """SGG-AdamW governed by the LBW guard with ``config.policy``."""
+    return lbw_optax.guard(_sgg_adamw(config, learning_rate), policy=config.policy)
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to ``learning_rate``, then cosine decay or constant.
+
+    The cosine decays to ``min_lr_ratio × learning_rate`` at ``config.steps``. A learning-rate
+    shock in ``config.faults`` multiplies the result on its steps (see
+    :func:`train.faults.shock_schedule`).
+    """
+    from train.faults import shock_schedule
+
+    peak = config.learning_rate
+    warmup = min(config.warmup_steps, config.steps)
+    if config.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if warmup else peak,
+            peak_value=peak,
+            warmup_steps=warmup,
+            decay_steps=config.steps,
+            end_value=config.min_lr_ratio * peak,
+        )
+    else:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
+        )
+    return shock_schedule(schedule, config.faults)
