@@ -247,9 +247,10 @@ def test_cross_entropy_loss_values_and_mask():
     assert loss.dtype == jnp.float32
     np.testing.assert_allclose(loss, np.log(10.0), rtol=1e-6)
 
-    logits = jax.random.normal(jax.random.key(0), (2, 3, 10))
-    mask = jnp.array([[1, 1, 0], [1, 0, 0]])
-    per_token = -jax.nn.log_softmax(logits)[jnp.arange(2)[:, None], jnp.arange(3), targets]
+    logits = np.random.default_rng(0).normal(size=(2, 3, 10)).astype(np.float32)
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    log_z = np.log(np.exp(logits).sum(-1))
+    per_token = log_z - logits[..., 0]  # every target is token 0
     expected = (per_token[0, 0] + per_token[0, 1] + per_token[1, 0]) / 3
     np.testing.assert_allclose(models.cross_entropy_loss(logits, targets, mask), expected, 1e-6)
     assert models.cross_entropy_loss(logits, targets, jnp.zeros((2, 3))) == 0.0
@@ -262,7 +263,7 @@ def lm_loss(model, tokens):
     return models.cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
 
 
-def train(model, wrt, steps=5, learning_rate=1e-2):
+def train(model, wrt, steps=3, learning_rate=1e-2):
     optimizer = nnx.Optimizer(model, optax.adamw(learning_rate), wrt=wrt)
 
     @nnx.jit
@@ -312,7 +313,8 @@ def test_add_lora_validates_arguments(kwargs):
 
 
 def test_lora_training_changes_only_adapters_and_merge_agrees():
-    model = models.Decoder(small_config(), rngs=nnx.Rngs(0))
+    config = small_config(num_layers=1)
+    model = models.Decoder(config, rngs=nnx.Rngs(0))
     models.add_lora(model, rank=4, alpha=8.0, targets=models.ALL_TARGETS, rngs=nnx.Rngs(1))
     base_before = jax.tree.map(jnp.copy, nnx.state(model, models.BASE_PARAMS))
     lora_before = jax.tree.map(jnp.copy, nnx.state(model, models.LORA_PARAMS))
@@ -330,17 +332,18 @@ def test_lora_training_changes_only_adapters_and_merge_agrees():
     models.merge_lora(model)
     assert not models.has_lora(model)
     assert not jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
-    assert param_shapes(model) == param_shapes(abstract_model(small_config()))
+    assert param_shapes(model) == param_shapes(abstract_model(config))
     chex.assert_trees_all_close(forward(model, tokens), adapted, atol=1e-5)
-    assert not np.allclose(adapted, models.Decoder(small_config(), rngs=nnx.Rngs(0))(tokens))
+    base = models.Decoder(config, rngs=nnx.Rngs(0))
+    assert not np.allclose(adapted, forward(base, tokens), atol=1e-3)
 
 
 def test_full_training_with_base_filter_leaves_adapters_alone():
-    model = models.Decoder(small_config(), rngs=nnx.Rngs(0))
+    model = models.Decoder(small_config(num_layers=1), rngs=nnx.Rngs(0))
     models.add_lora(model, rank=2, rngs=nnx.Rngs(1))
     lora_before = jax.tree.map(jnp.copy, nnx.state(model, models.LORA_PARAMS))
     base_before = jax.tree.map(jnp.copy, nnx.state(model, models.BASE_PARAMS))
-    losses = train(model, models.BASE_PARAMS, steps=3)
+    losses = train(model, models.BASE_PARAMS)
     assert losses[-1] < losses[0]
     chex.assert_trees_all_equal(nnx.state(model, models.LORA_PARAMS), lora_before)
     embedding_moved = model.embed_tokens.embedding[...] != base_before["embed_tokens"]["embedding"]
@@ -367,7 +370,9 @@ def test_save_then_load_round_trip(tmp_path, shard_size):
 def test_save_merges_adapters_into_a_copy(tmp_path):
     model = models.Decoder(small_config(), rngs=nnx.Rngs(0))
     models.add_lora(model, rank=2, rngs=nnx.Rngs(1))
-    train(model, models.LORA_PARAMS, steps=2)
+    for path, var in nnx.to_flat_state(nnx.state(model, models.LORA_PARAMS)):
+        if path[-1] == "lora_b":  # as if trained: B moves away from zero
+            var[...] = 0.1 * jax.random.normal(jax.random.key(len(path)), var.shape)
     models.save_pretrained(model, tmp_path)
     assert models.has_lora(model)
     tokens = random_tokens(0)
