@@ -1,11 +1,13 @@
 """Read the governance record out of any optimizer state, however deeply it is nested."""
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 
 _TELEMETRY_TYPES: list[type] = []
-_SKIP_FIELDS = frozenset({"inner_state"})
+# Per-element fields (SGG's cluster ids) are state, not a record to report.
+_SKIP_FIELDS = frozenset({"inner_state", "cluster_ids"})
 
 
 def register_telemetry_state(state_type: type) -> type:
@@ -38,9 +40,13 @@ def _fields(node: Any) -> dict[str, Any]:
 
 def _unwrap(value: Any) -> Any:
     # Containers that box one array (e.g. the variables of flax.nnx.Optimizer.opt_state) are
-    # pytrees with a single leaf: report the array itself.
-    leaves = jax.tree.leaves(value)
-    return leaves[0] if len(leaves) == 1 else value
+    # pytrees with a single leaf: report the array itself. A tree-valued field (one small
+    # array per parameter tensor) is reported as that tree, each of its arrays unboxed.
+    return jax.tree.map(lambda node: jax.tree.leaves(node)[0], value, is_leaf=_is_box)
+
+
+def _is_box(node: Any) -> bool:
+    return not isinstance(node, Mapping | list | tuple) and len(jax.tree.leaves(node)) == 1
 
 
 def telemetry(opt_state: Any) -> dict[str, jax.Array]:

@@ -32,6 +32,14 @@ CASES: list[Case] = [
     Case("lbw_adamw-governor", functools.partial(lbw_optax.lbw_adamw, policy="governor")),
     Case("lbw_adamw-reference", functools.partial(lbw_optax.lbw_adamw, policy="reference")),
     Case("guard-sgd-reference", _guarded_sgd),
+    # recluster_every=5: the 100-step tests re-cluster many times.
+    Case("sgg_adamw", functools.partial(lbw_optax.sgg_adamw, recluster_every=5)),
+    Case(
+        "guard-sgg_adamw",
+        lambda learning_rate: lbw_optax.guard(
+            lbw_optax.sgg_adamw(learning_rate, recluster_every=5)
+        ),
+    ),
 ]
 
 
