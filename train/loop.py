@@ -24,6 +24,7 @@ step (zero update) and training continues; the line counts it in ``nonfinite``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from flax import nnx
 import lbw_optax
 import models
 from train.checkpoint import Checkpointer, CheckpointError
-from train.config import TrainConfig
+from train.config import FaultConfig, TrainConfig
 from train.data import Batches, DataStream, eval_set, load_text, tokenize
 from train.faults import loss_factor, perturb_grads
 from train.optimizers import build_optimizer, is_guarded, learning_rate_schedule
@@ -103,9 +104,14 @@ def make_train_step(config: TrainConfig, wrt: Any):
     """The jitted step ``(model, optimizer, tokens [B, T+1]) -> (loss, finite)``.
 
     Faults are decided on device from the optimizer's step counter (see :mod:`train.faults`), so
-    the step is traced once.
+    the step is traced once. Runs in one process with the same faults and trainable filter share
+    one step function, and so its compilation cache.
     """
-    faults = config.faults
+    return _train_step(config.faults, wrt)
+
+
+@functools.lru_cache(maxsize=16)
+def _train_step(faults: FaultConfig, wrt: Any):
 
     @nnx.jit
     def train_step(model, optimizer, tokens):
@@ -121,7 +127,7 @@ def make_train_step(config: TrainConfig, wrt: Any):
         loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
         grads = perturb_grads(grads, step, faults)
         optimizer.update(model, grads, value=loss)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         return loss, finite
 
     return train_step
