@@ -112,18 +112,24 @@ def _tfds(name: str, cfg: TrainConfig) -> TextSplits:
             "data='tfds:…' needs tensorflow-datasets: pip install 'lbw-optax[tfds]'."
         ) from e
     try:
+        # Empty when the dataset info is not prepared yet (e.g. under tfds.testing.mock_data).
         splits = set(tfds.builder(name, data_dir=cfg.data_dir).info.splits.keys())
     except Exception as e:
         raise DataError(f"Unknown or unavailable TFDS dataset {name!r}: {e}") from e
     train_split = cfg.train_split or "train"
-    eval_split = cfg.eval_split or ("validation" if "validation" in splits else "test")
+    eval_split = cfg.eval_split or (
+        "test" if splits and "validation" not in splits else "validation"
+    )
     out = []
     for split in (train_split, eval_split):
-        if split not in splits:
+        if splits and split not in splits:
             raise DataError(
                 f"TFDS dataset {name!r} has no split {split!r}; splits: {sorted(splits)}."
             )
-        source = tfds.data_source(name, split=split, data_dir=cfg.data_dir)
+        try:
+            source = tfds.data_source(name, split=split, data_dir=cfg.data_dir)
+        except Exception as e:
+            raise DataError(f"Cannot open TFDS dataset {name!r} split {split!r}: {e}") from e
         rows = []
         for record in source:
             if cfg.text_field not in record:
