@@ -66,7 +66,7 @@ def _count_if(counter: jax.Array, condition: jax.Array) -> jax.Array:
 
 
 def actuate(updates: Any, scale: jax.Array, hold: jax.Array) -> Any:
-    """Scales the inner updates, or zeroes them on a held step; dtypes are preserved."""
+    """Multiplies the inner updates by the scale, or zeroes them on a held step; keeps dtypes."""
     return jax.tree.map(
         lambda u: jnp.where(hold, jnp.zeros_like(u), (u * scale).astype(u.dtype)), updates
     )
