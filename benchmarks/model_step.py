@@ -1,8 +1,9 @@
 """Tokens per second of one jitted train step (forward + backward + AdamW) per model preset.
 
-Every preset is measured in the same process, one after the other, with the same batch shape:
-build the model, compile the step, run warm-up steps, then time ``--steps`` steps one by one
-(each waits for its loss) and report the median throughput with its min–max.
+Every preset is measured in the same process with the same batch shape: build each model,
+compile its step and run warm-up steps; then time the presets in interleaved rounds (``--rounds``
+rounds of ``--steps`` steps each, every step waiting for its loss), so that background load falls
+on all of them alike, and report the median throughput with its min–max.
 
     python benchmarks/model_step.py                         # the tiny presets, full and LoRA
     python benchmarks/model_step.py --presets qwen2_5_0_5b --dtype bfloat16 --batch 8 --seq 512
@@ -45,41 +46,48 @@ def make_step(wrt):
     return step
 
 
-def measure(config: models.ModelConfig, mode: str, args) -> dict:
-    model = models.Decoder(config, rngs=nnx.Rngs(0))
-    wrt = nnx.Param
-    if mode == "lora":
-        models.add_lora(model, rank=8, alpha=16.0, rngs=nnx.Rngs(1))
-        wrt = models.LORA_PARAMS
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=wrt)
-    step = make_step(wrt)
-    tokens = jax.random.randint(
-        jax.random.key(0), (args.batch, args.seq + 1), 0, config.vocab_size, jnp.int32
-    )
+class Run:
+    """One (preset, mode) pair: its model, optimizer, compiled step and the step times so far."""
 
-    start = time.perf_counter()
-    step(model, optimizer, tokens).block_until_ready()
-    compile_s = time.perf_counter() - start
-    for _ in range(args.warmup):
-        step(model, optimizer, tokens).block_until_ready()
-    times = []
-    for _ in range(args.steps):
+    def __init__(self, config: models.ModelConfig, mode: str, args):
+        self.config, self.mode = config, mode
+        self.model = models.Decoder(config, rngs=nnx.Rngs(0))
+        self.wrt = nnx.Param
+        if mode == "lora":
+            models.add_lora(self.model, rank=8, alpha=16.0, rngs=nnx.Rngs(1))
+            self.wrt = models.LORA_PARAMS
+        self.optimizer = nnx.Optimizer(self.model, optax.adamw(1e-4), wrt=self.wrt)
+        self.step = make_step(self.wrt)
+        shape = (args.batch, args.seq + 1)
+        self.tokens = jax.random.randint(jax.random.key(0), shape, 0, config.vocab_size)
+        self.tokens_per_step = args.batch * args.seq
+        self.times: list[float] = []
+
         start = time.perf_counter()
-        step(model, optimizer, tokens).block_until_ready()
-        times.append(time.perf_counter() - start)
+        self.run_step()
+        self.compile_s = time.perf_counter() - start
+        for _ in range(args.warmup):
+            self.run_step()
 
-    tokens_per_step = args.batch * args.seq
-    trained = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
-    return dict(
-        preset=config.name,
-        mode=mode,
-        params=models.count_params(config),
-        trained=trained,
-        compile_s=compile_s,
-        median=tokens_per_step / statistics.median(times),
-        low=tokens_per_step / max(times),
-        high=tokens_per_step / min(times),
-    )
+    def run_step(self) -> float:
+        start = time.perf_counter()
+        self.step(self.model, self.optimizer, self.tokens).block_until_ready()
+        return time.perf_counter() - start
+
+    def time_steps(self, n: int) -> None:
+        self.times.extend(self.run_step() for _ in range(n))
+
+    def row(self) -> str:
+        median = self.tokens_per_step / statistics.median(self.times)
+        spread = (
+            f"{self.tokens_per_step / max(self.times):,.0f}–"
+            f"{self.tokens_per_step / min(self.times):,.0f}"
+        )
+        trained = sum(x.size for x in jax.tree.leaves(nnx.state(self.model, self.wrt)))
+        return (
+            f"{self.config.name:<22}{self.mode:<6}{models.count_params(self.config):>14,}"
+            f"{trained:>14,}{median:>19,.0f}{spread:>21}{self.compile_s:>11.1f}"
+        )
 
 
 def main(argv=None):
@@ -88,34 +96,40 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per preset per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", default="float32", help="compute dtype (params stay float32)")
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
-    print(f"device: {device.platform} ({device.device_kind}), {os.cpu_count()} CPUs visible")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"device: {device.platform} ({device.device_kind}), {os.cpu_count()} CPUs visible, "
+        f"load average {load}"
+    )
     print(
         f"batch {args.batch} × seq {args.seq} = {args.batch * args.seq} tokens/step, "
-        f"{args.warmup} warm-up + {args.steps} timed steps, compute dtype {args.dtype}, "
-        "AdamW\n"
+        f"{args.warmup} warm-up steps, then {args.rounds} rounds of {args.steps} timed steps "
+        f"per preset (interleaved), compute dtype {args.dtype}, AdamW\n"
     )
+    runs = [
+        Run(models.get_config(name, dtype=jnp.dtype(args.dtype)), mode, args)
+        for name in args.presets
+        for mode in args.modes
+    ]
+    for _ in range(args.rounds):
+        for run in runs:
+            run.time_steps(args.steps)
+
     header = (
         f"{'preset':<22}{'mode':<6}{'params':>14}{'trained':>14}"
         f"{'tokens/s (median)':>19}{'min–max':>21}{'compile s':>11}"
     )
     print(header)
     print("-" * len(header))
-    for name in args.presets:
-        config = models.get_config(name, dtype=jnp.dtype(args.dtype))
-        for mode in args.modes:
-            r = measure(config, mode, args)
-            spread = f"{r['low']:,.0f}–{r['high']:,.0f}"
-            print(
-                f"{r['preset']:<22}{r['mode']:<6}{r['params']:>14,}{r['trained']:>14,}"
-                f"{r['median']:>19,.0f}{spread:>21}{r['compile_s']:>11.1f}",
-                flush=True,
-            )
+    for run in runs:
+        print(run.row())
 
 
 if __name__ == "__main__":
