@@ -429,6 +429,69 @@ def test_load_errors_are_clear(tmp_path):
         models.load_pretrained(tmp_path)
 
 
+# The config.json files published with Qwen/Qwen2.5-0.5B and TinyLlama/TinyLlama-1.1B.
+QWEN2_5_0_5B_CONFIG_JSON = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "hidden_act": "silu",
+    "hidden_size": 896,
+    "initializer_range": 0.02,
+    "intermediate_size": 4864,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 24,
+    "model_type": "qwen2",
+    "num_attention_heads": 14,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+TINYLLAMA_CONFIG_JSON = {
+    "architectures": ["LlamaForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 5632,
+    "max_position_embeddings": 2048,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 22,
+    "num_key_value_heads": 4,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+
+
+@pytest.mark.parametrize(
+    ("hf_config", "preset"),
+    [(QWEN2_5_0_5B_CONFIG_JSON, "qwen2_5_0_5b"), (TINYLLAMA_CONFIG_JSON, "tinyllama_1_1b")],
+)
+def test_published_config_json_gives_the_preset(hf_config, preset):
+    config = models.config_from_hf(hf_config, name=preset)
+    assert config == models.PRESETS[preset]()
+
+
+@pytest.mark.parametrize("name", sorted(models.PRESETS))
+def test_config_to_hf_round_trips(name):
+    config = models.PRESETS[name]()
+    assert models.config_from_hf(models.config_to_hf(config), name=name) == config
+
+
 def test_export_rejects_configs_hf_cannot_express():
     with pytest.raises(ValueError, match="Qwen2ForCausalLM"):
         models.config_to_hf(small_config(arch="qwen2", qkv_bias=False))

@@ -41,7 +41,7 @@ def hf_llama():
         vocab_size=200,
         hidden_size=64,
         intermediate_size=176,
-        num_hidden_layers=3,
+        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=1,
         tie_word_embeddings=False,
