@@ -318,6 +318,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
 
     train_step = make_train_step(config, wrt)
+    learning_rate = jax.jit(schedule)  # Compiled here, outside the timed steps.
+    learning_rate(0)
     tokens_per_step = config.batch_size * config.seq_len
     metrics = metrics_path.open("a")
     progress = _Progress(config, start_step)
@@ -421,7 +423,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     "step": step,
                     "loss": last_loss,
                     "perplexity": _perplexity(last_loss),
-                    "learning_rate": float(schedule(step - 1)),
+                    "learning_rate": float(learning_rate(step - 1)),
                     "tokens_per_s": interval_steps * tokens_per_step / interval_time
                     if interval_time > 0
                     else 0.0,
