@@ -180,14 +180,18 @@ def test_attention_is_causal():
     assert not np.allclose(a[:, 7:], b[:, 7:], atol=1e-4)
 
 
-def test_right_padding_leaves_real_positions_unchanged():
+def test_padded_tokens_do_not_reach_real_positions():
     model = models.Decoder(small_config(), rngs=nnx.Rngs(0))
-    tokens = random_tokens(0, shape=(1, 12))
-    padded = jnp.concatenate([tokens, jnp.zeros((1, 4), tokens.dtype)], axis=1)
-    mask = jnp.concatenate([jnp.ones((1, 12)), jnp.zeros((1, 4))], axis=1)
-    out = forward(model, padded, attention_mask=mask)
-    chex.assert_trees_all_close(out[:, :12], forward(model, tokens), atol=1e-5)
-    chex.assert_tree_all_finite(out)
+    tokens = random_tokens(0, shape=(2, 12))
+    mask = jnp.ones((2, 12), jnp.int32).at[0, :4].set(0).at[1, 5:8].set(0)  # left pad, hole
+    other = jnp.where(mask == 1, tokens, (tokens + 17) % 64)  # new values under the padding
+    a = forward(model, tokens, attention_mask=mask)
+    b = forward(model, other, attention_mask=mask)
+    real = np.asarray(mask, bool)
+    np.testing.assert_array_equal(np.asarray(a)[real], np.asarray(b)[real])
+    chex.assert_tree_all_finite(a)
+    # Without the mask the padded tokens do reach the real ones.
+    assert not np.allclose(np.asarray(forward(model, tokens))[real], np.asarray(a)[real])
 
 
 def test_left_padding_with_shifted_positions_matches_unpadded():
