@@ -111,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--optimizer",
         default=d.optimizer,
-        choices=available_optimizers(),
-        help="optimizer by name (default: %(default)s)",
+        metavar="NAME",
+        help=f"optimizer by name, one of: {', '.join(available_optimizers())} (default: "
+        "%(default)s); adamw+clip clips the global norm at --clip-threshold; lbw and lbw+sgg "
+        "run under the LBW guard with --policy",
     )
     g.add_argument(
         "--lr",

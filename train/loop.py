@@ -45,7 +45,12 @@ from train.checkpoint import Checkpointer, CheckpointError
 from train.config import FaultConfig, TrainConfig
 from train.data import Batches, DataStream, eval_set, load_text, tokenize
 from train.faults import loss_factor, perturb_grads
-from train.optimizers import build_optimizer, is_guarded, learning_rate_schedule
+from train.optimizers import (
+    build_optimizer,
+    check_optimizer,
+    is_guarded,
+    learning_rate_schedule,
+)
 
 # Config fields that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = frozenset(
@@ -244,6 +249,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         config differs in a field that cannot change).
     """
     start_time = time.perf_counter()
+    models.get_config(config.model, **config.model_overrides)  # Fail fast on bad names,
+    check_optimizer(config.optimizer)  # before reading any data.
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr))

@@ -70,6 +70,12 @@ def is_guarded(name: str) -> bool:
     return name in _GUARDED
 
 
+def check_optimizer(name: str) -> None:
+    """Raises ``ValueError`` listing the known names if ``name`` is not registered."""
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown optimizer {name!r}; known: {', '.join(available_optimizers())}.")
+
+
 def build_optimizer(
     config: TrainConfig, learning_rate: optax.Schedule
 ) -> optax.GradientTransformationExtraArgs:
@@ -78,10 +84,7 @@ def build_optimizer(
     Raises:
       ValueError: for an unknown name (the message lists the known ones).
     """
-    if config.optimizer not in _REGISTRY:
-        raise ValueError(
-            f"Unknown optimizer {config.optimizer!r}; known: {', '.join(available_optimizers())}."
-        )
+    check_optimizer(config.optimizer)
     return optax.with_extra_args_support(_REGISTRY[config.optimizer](config, learning_rate))
 
 
