@@ -72,12 +72,59 @@ def _first_moment(inner_state: Any) -> Any:
     return mu
 
 
-def _middle(sorted_values: jax.Array, start: jax.Array, size: jax.Array) -> jax.Array:
-    """Median of ``sorted_values[start:start + size]`` (mean of the two middle ones if even)."""
-    last = sorted_values.shape[0] - 1
-    lo = jnp.clip(start + (size - 1) // 2, 0, last)
-    hi = jnp.clip(start + size // 2, 0, last)
-    return 0.5 * (sorted_values[lo] + sorted_values[hi])
+# Order statistics by bisection on the float's bits (no sort: sorts are slow on CPU). For
+# non-negative float32 the int32 bit patterns are ordered like the values; 31 halvings of
+# [0, bits(+inf)] pin down the exact value.
+_INF_BITS = 0x7F800000
+_BISECTIONS = 31
+
+
+def _order_statistics(values, groups, query_groups, ranks, unroll=False):
+    """The ``ranks[j]``-th smallest (0-based) of the values whose group is ``query_groups[j]``.
+
+    Args:
+      values: list of float32 arrays, non-negative or ``+inf`` (anything else reads as +inf).
+      groups: list of int32 arrays shaped like ``values``; an element belongs to group g.
+      query_groups: static tuple of group ids, one per query (counted over every array).
+      ranks: int32 ``[len(query_groups)]``.
+
+    Returns:
+      float32 ``[len(query_groups)]``; ``+inf`` where the group has too few members.
+    """
+    bits = [
+        lax.bitcast_convert_type(jnp.where(v >= 0, v, jnp.inf).astype(jnp.float32), jnp.int32)
+        for v in values
+    ]
+
+    def count(mid):
+        return sum(
+            jnp.stack(
+                [
+                    jnp.sum((g == q) & (b <= mid[j]), dtype=jnp.int32)
+                    for j, q in enumerate(query_groups)
+                ]
+            )
+            for b, g in zip(bits, groups, strict=True)
+        )
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = count(mid) >= ranks + 1
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    n = len(query_groups)
+    start = (jnp.zeros([n], jnp.int32), jnp.full([n], _INF_BITS, jnp.int32))
+    _, hi = lax.fori_loop(0, _BISECTIONS, halve, start, unroll=unroll)
+    return lax.bitcast_convert_type(hi, jnp.float32)
+
+
+def _medians(values, groups, n_groups, sizes, unroll=False):
+    """Median of each group 0..n_groups-1 (mean of the two middle values if even)."""
+    queries = tuple(g for g in range(n_groups) for _ in range(2))
+    ranks = jnp.stack([(sizes - 1) // 2, sizes // 2], axis=1).reshape(-1)
+    both = _order_statistics(values, groups, queries, ranks, unroll).reshape(n_groups, 2)
+    return 0.5 * (both[:, 0] + both[:, 1])
 
 
 def _assign(x: jax.Array, centres: jax.Array) -> jax.Array:
@@ -95,54 +142,52 @@ def _member_sums(x, finite, ids, n_clusters):
     return sums, counts
 
 
-def _kmeans_1d(x: jax.Array, finite: jax.Array, n_clusters: int) -> tuple[jax.Array, jax.Array]:
+def _kmeans_1d(x, finite, n_clusters, unroll=False):
     """Deterministic 1-D K-means of the finite ``x``: (cluster ids, sizes), 0 = smallest."""
     n_finite = jnp.sum(finite, dtype=jnp.int32)
-    ordered = jnp.sort(jnp.where(finite, x, jnp.inf))
     # Initial centres at the quantiles (2k + 1) / (2K) of the finite values, in integers
-    # without overflow: floor((2k + 1) n / (2K)).
+    # without overflow: the floor((2k + 1) n / (2K))-th smallest.
     odd = 2 * jnp.arange(n_clusters, dtype=jnp.int32) + 1
     two_k = 2 * n_clusters
-    position = (n_finite // two_k) * odd + ((n_finite % two_k) * odd) // two_k
-    position = jnp.clip(position, 0, x.shape[0] - 1)
-    centres = jnp.where(n_finite > 0, ordered[position], 0.0)
+    rank = (n_finite // two_k) * odd + ((n_finite % two_k) * odd) // two_k
+    member = jnp.where(finite, 0, -1)
+    quantiles = _order_statistics([x], [member], (0,) * n_clusters, rank, unroll)
+    centres = jnp.where(n_finite > 0, quantiles, 0.0)
 
     def lloyd(_, centres):
         sums, counts = _member_sums(x, finite, _assign(x, centres), n_clusters)
         return jnp.where(counts > 0, sums / jnp.maximum(counts, 1), centres)
 
-    centres = jnp.sort(lax.fori_loop(0, _LLOYD_ITERATIONS, lloyd, centres))
+    centres = jnp.sort(lax.fori_loop(0, _LLOYD_ITERATIONS, lloyd, centres, unroll=unroll))
     ids = _assign(x, centres)
     _, sizes = _member_sums(x, finite, ids, n_clusters)
     return ids, sizes
 
 
-def _cluster_tensor(mu: jax.Array, old_ids: jax.Array, n_clusters: int):
-    """Clusters one tensor by |m|: (int8 ids, sizes, per-cluster MDA, deviations, n finite).
+def _cluster_tensor(mu, old_ids, n_clusters, unroll=False):
+    """Clusters one tensor by |m|: (int8 ids, sizes, per-cluster MDA, deviations, finite).
 
-    Deviations are ``|m_i − mean(m)|`` over the tensor's finite moments, ``+inf`` elsewhere.
+    Deviations are ``|m_i − mean(m)|`` over the tensor's finite moments.
     """
     m = mu.reshape(-1).astype(jnp.float32)
     finite = jnp.isfinite(m)
     n_finite = jnp.sum(finite, dtype=jnp.int32)
-    ids, sizes = _kmeans_1d(jnp.abs(m), finite, n_clusters)
+    ids, sizes = _kmeans_1d(jnp.abs(m), finite, n_clusters, unroll)
     mean = jnp.sum(jnp.where(finite, m, 0.0)) / jnp.maximum(n_finite, 1)
-    deviation = jnp.where(finite, jnp.abs(m - mean), jnp.inf)
-    # One sort by (cluster, deviation): cluster c's deviations, sorted, start at its offset.
-    _, by_cluster = lax.sort((jnp.where(finite, ids, n_clusters), deviation), num_keys=2)
-    starts = jnp.cumsum(sizes) - sizes
-    mda = _middle(by_cluster, starts, sizes)
+    deviation = jnp.abs(m - mean)
+    mda = _medians([deviation], [jnp.where(finite, ids, -1)], n_clusters, sizes, unroll)
     new_ids = jnp.where(finite, ids, old_ids.reshape(-1).astype(jnp.int32))
-    return new_ids.astype(jnp.int8).reshape(mu.shape), sizes, mda, deviation, n_finite
+    return new_ids.astype(jnp.int8).reshape(mu.shape), sizes, mda, deviation, finite
 
 
-def _recluster(mus, ids, scales, sizes, mdas, model_mda, *, n_clusters, beta3, low, high):
+def _recluster(mus, ids, scales, sizes, mdas, model_mda, *, n_clusters, beta3, low, high, unroll):
     """Re-clusters every clustered tensor and advances the scales' EMA (pure, jit-able)."""
     del sizes  # Recomputed.
-    results = [_cluster_tensor(m, i, n_clusters) for m, i in zip(mus, ids, strict=True)]
-    deviations = jnp.concatenate([r[3] for r in results])
-    total = sum(r[4] for r in results)
-    new_model_mda = _middle(jnp.sort(deviations), jnp.int32(0), total)
+    results = [_cluster_tensor(m, i, n_clusters, unroll) for m, i in zip(mus, ids, strict=True)]
+    total = sum(jnp.sum(r[4], dtype=jnp.int32) for r in results)
+    new_model_mda = _medians(
+        [r[3] for r in results], [jnp.where(r[4], 0, -1) for r in results], 1, total[None], unroll
+    )[0]
     model_ok = (total > 0) & jnp.isfinite(new_model_mda)
 
     new_ids, new_scales, new_sizes, new_mdas = [], [], [], []
@@ -175,9 +220,12 @@ def _check_scale_bounds(scale_bounds: Any) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _sgg_transform(inner, *, n_clusters, recluster_every, beta3, scale_bounds, min_ndim, when):
+def _sgg_transform(
+    inner, *, n_clusters, recluster_every, beta3, scale_bounds, min_ndim, when, unroll=False
+):
     """Builds :func:`sgg`; ``when`` is ``"interval"`` (the public behaviour), or ``"never"`` /
-    ``"always"`` to compile one of the two kinds of step alone (for cost measurements)."""
+    ``"always"`` to compile one of the two kinds of step alone, and ``unroll`` unrolls the
+    clustering's loops (XLA's cost analysis counts a loop body once), for cost measurements."""
     # optax.inject_hyperparams passes every numeric argument as an array, traced inside
     # update: check concrete values; the cluster count is read from the state's shapes.
     n_clusters, recluster_every, beta3 = map(_concrete, (n_clusters, recluster_every, beta3))
@@ -234,7 +282,12 @@ def _sgg_transform(inner, *, n_clusters, recluster_every, beta3, scale_bounds, m
         if chosen:
             mu_leaves = treedef.flatten_up_to(_first_moment(inner_state))
             recluster = functools.partial(
-                _recluster, n_clusters=scales[chosen[0]].shape[0], beta3=beta3, low=low, high=high
+                _recluster,
+                n_clusters=scales[chosen[0]].shape[0],
+                beta3=beta3,
+                low=low,
+                high=high,
+                unroll=unroll,
             )
             operands = (
                 [mu_leaves[i] for i in chosen],
