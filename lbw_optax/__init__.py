@@ -1,5 +1,6 @@
 """lbw-optax: training-control governance (LBW-Guard) and friends as Optax transformations."""
 
+from lbw_optax._adagc import AdaGCState, adagc, adagc_adamw
 from lbw_optax._governor import GovernorPolicy, GovernorState, governor_policy
 from lbw_optax._guard import GuardState, guard, lbw_adamw
 from lbw_optax._policy import Decision, Policy
@@ -7,14 +8,23 @@ from lbw_optax._reference import ReferencePolicy, ReferenceState, reference_poli
 from lbw_optax._regime import Regime
 from lbw_optax._sense import Signals
 from lbw_optax._sgg import SGGState, sgg, sgg_adamw
+from lbw_optax._skip_step import SkipStepState, skip_step, skip_step_adamw
+from lbw_optax._spam import ScaleBySpamState, SpamRecord, scale_by_spam, spam_adamw
 from lbw_optax._telemetry import register_telemetry_state, telemetry
+from lbw_optax._zclip import ZClipState, zclip, zclip_adamw
 
 register_telemetry_state(GuardState)
 register_telemetry_state(SGGState)
+# The peers' fields are prefixed, so they never collide with the guard's in one chain.
+register_telemetry_state(ZClipState)
+register_telemetry_state(SkipStepState)
+register_telemetry_state(AdaGCState)
+register_telemetry_state(SpamRecord)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGCState",
     "Decision",
     "GovernorPolicy",
     "GovernorState",
@@ -24,13 +34,25 @@ __all__ = [
     "ReferenceState",
     "Regime",
     "SGGState",
+    "ScaleBySpamState",
     "Signals",
+    "SkipStepState",
+    "SpamRecord",
+    "ZClipState",
+    "adagc",
+    "adagc_adamw",
     "governor_policy",
     "guard",
     "lbw_adamw",
     "reference_policy",
     "register_telemetry_state",
+    "scale_by_spam",
     "sgg",
     "sgg_adamw",
+    "skip_step",
+    "skip_step_adamw",
+    "spam_adamw",
     "telemetry",
+    "zclip",
+    "zclip_adamw",
 ]

@@ -40,6 +40,15 @@ CASES: list[Case] = [
             lbw_optax.sgg_adamw(learning_rate, recluster_every=5)
         ),
     ),
+    # Peers. Paper defaults where 100 steps exercise them; AdaGC leaves warm-up at step 10 and
+    # SPAM resets every 20 steps, so the 100-step tests cover the adaptive and reset paths.
+    Case("zclip_adamw", lbw_optax.zclip_adamw),
+    Case("skip_step_adamw", lbw_optax.skip_step_adamw),
+    Case("adagc_adamw", functools.partial(lbw_optax.adagc_adamw, warmup_steps=10)),
+    Case(
+        "spam_adamw",
+        functools.partial(lbw_optax.spam_adamw, reset_interval=20, warmup_steps=5),
+    ),
 ]
 
 
