@@ -1,0 +1,434 @@
+"""Defining behaviour of the peers (ZClip, skip-step, AdaGC, SPAM), checked against NumPy."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lbw_optax
+
+# A fixed unit direction split over two tensors: grads of global norm n are n * DIRECTION.
+_RAW = {"a": np.array([1.0, -2.0, 0.5]), "b": np.array([[0.3, 1.0], [-1.5, 2.0]])}
+_SCALE = np.sqrt(sum(np.sum(v**2) for v in _RAW.values()))
+DIRECTION = {k: v / _SCALE for k, v in _RAW.items()}
+
+
+def grads_of_norm(norm):
+    return {k: jnp.asarray(norm * v, jnp.float32) for k, v in DIRECTION.items()}
+
+
+def params_like():
+    return {k: jnp.zeros(v.shape, jnp.float32) for k, v in DIRECTION.items()}
+
+
+def tree_norm(tree):
+    return float(
+        np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ZClip
+
+
+def zclip_reference(norms, *, alpha, z_threshold, warmup_steps, eps=1e-6):
+    """The paper's algorithm (reference code, z-score mode, reciprocal clipping) in float64."""
+    buffer, mean, var, out = [], None, None, []
+    for n in norms:
+        if mean is None:
+            buffer.append(n)
+            if len(buffer) == warmup_steps:
+                mean = float(np.mean(buffer))
+                var = float(np.mean((np.array(buffer) - mean) ** 2))
+            out.append(n)
+            continue
+        std = np.sqrt(var)
+        z = (n - mean) / (std + eps)
+        clipped = mean + z_threshold**2 / z * std if z > z_threshold else n
+        mean = alpha * mean + (1 - alpha) * clipped
+        var = alpha * var + (1 - alpha) * (clipped - mean) ** 2
+        out.append(clipped)
+    return out, mean, var
+
+
+def test_zclip_clips_to_reciprocal_threshold_after_warmup():
+    norms = [1.0, 1.2, 0.9, 1.1, 0.95, 1.05, 4.0, 1.0, 0.98, 12.0, 1.1, 3.0, 1.0]
+    expected, mean, var = zclip_reference(norms, alpha=0.9, z_threshold=2.0, warmup_steps=5)
+    tx = lbw_optax.zclip(alpha=0.9, z_threshold=2.0, warmup_steps=5)
+    state = tx.init(params_like())
+    step = jax.jit(tx.update)
+    got = []
+    for n in norms:
+        updates, state = step(grads_of_norm(n), state)
+        got.append(tree_norm(updates))
+        # Clipping rescales: the direction is kept.
+        np.testing.assert_allclose(updates["a"] / got[-1], DIRECTION["a"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, expected, rtol=2e-5)
+    clipped = [e < n for e, n in zip(expected, norms, strict=True)]
+    assert clipped[9] and sum(clipped) == int(state.zclip_clipped_steps) >= 2
+    np.testing.assert_allclose(float(state.zclip_mean), mean, rtol=2e-5)
+    np.testing.assert_allclose(float(state.zclip_var), var, rtol=1e-4)
+
+
+def test_zclip_never_clips_during_warmup():
+    tx = lbw_optax.zclip(warmup_steps=25)
+    state = tx.init(params_like())
+    for i in range(25):
+        n = 1e4 if i == 20 else 1.0 + 0.01 * i
+        updates, state = tx.update(grads_of_norm(n), state)
+        np.testing.assert_allclose(tree_norm(updates), n, rtol=1e-5)
+    assert int(state.zclip_clipped_steps) == 0 and int(state.zclip_observed) == 25
+
+
+def test_zclip_constant_norms_have_zero_std_and_clip_to_the_mean():
+    tx = lbw_optax.zclip(warmup_steps=3)
+    state = tx.init(params_like())
+    for _ in range(3):
+        _, state = tx.update(grads_of_norm(2.0), state)
+    assert float(state.zclip_var) == pytest.approx(0.0, abs=1e-10)
+    updates, state = tx.update(grads_of_norm(50.0), state)
+    np.testing.assert_allclose(tree_norm(updates), 2.0, rtol=1e-5)
+    chex.assert_tree_all_finite(state)
+
+
+def test_zclip_leaves_nonfinite_gradients_and_statistics_alone():
+    tx = lbw_optax.zclip(warmup_steps=2)
+    state = tx.init(params_like())
+    for n in (1.0, 1.5, 1.2):
+        _, state = tx.update(grads_of_norm(n), state)
+    bad = {"a": jnp.array([jnp.nan, 1.0, 1.0]), "b": jnp.ones((2, 2))}
+    updates, after = tx.update(bad, state)
+    assert np.isnan(np.asarray(updates["a"][0])) and float(updates["a"][1]) == 1.0
+    for name in ("zclip_mean", "zclip_var", "zclip_observed", "zclip_clipped_steps"):
+        assert getattr(after, name) == getattr(state, name), name
+    assert int(after.zclip_nonfinite_steps) == 1 and int(after.zclip_count) == 4
+    updates, after = tx.update(grads_of_norm(1.1), after)
+    np.testing.assert_allclose(tree_norm(updates), 1.1, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Skip-step
+
+
+def run_skip_step(losses, norms, **kwargs):
+    """Runs skip_step(adam) over scripted losses and gradient norms; returns each step."""
+    tx = lbw_optax.skip_step(optax.adam(1e-2), **kwargs)
+    state = tx.init(params_like())
+    step = jax.jit(tx.update)
+    history = []
+    for loss, norm in zip(losses, norms, strict=True):
+        before = state
+        updates, state = step(grads_of_norm(norm), state, value=jnp.float32(loss))
+        history.append((before, updates, state))
+    return history
+
+
+def adam_state(state):
+    return state.inner_state[0]
+
+
+def test_skip_step_skips_a_loss_spike_keeps_moments_and_recovers():
+    rng = np.random.default_rng(0)
+    losses = [*(2.0 + 0.05 * rng.standard_normal(30)), 20.0, 2.0, 2.01]
+    norms = [*(1.0 + 0.05 * rng.standard_normal(30)), 1.0, 1.0, 1.0]
+    history = run_skip_step(losses, norms)
+    before, updates, after = history[30]
+    assert bool(after.skipstep_skipped) and int(after.skipstep_skipped_steps) == 1
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+    chex.assert_trees_all_equal(adam_state(after), adam_state(before))
+    # The spike is finite, so it is recorded in the window.
+    assert int(after.skip_recorded) == 31
+    for before, updates, after in history[31:]:
+        assert not bool(after.skipstep_skipped)
+        assert any(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates))
+        assert int(adam_state(after).count) == int(adam_state(before).count) + 1
+
+
+def test_skip_step_skips_a_gradient_norm_spike():
+    rng = np.random.default_rng(1)
+    losses = [*(2.0 + 0.05 * rng.standard_normal(25)), 2.0]
+    norms = [*(1.0 + 0.05 * rng.standard_normal(25)), 10.0]
+    _, _, after = run_skip_step(losses, norms)[-1]
+    assert bool(after.skipstep_skipped)
+    np.testing.assert_allclose(float(after.skipstep_grad_norm), 10.0, rtol=1e-5)
+
+
+def test_skip_step_threshold_is_mean_plus_k_sample_std_of_the_window_before_the_step():
+    rng = np.random.default_rng(2)
+    window_losses = 2.0 + 0.1 * rng.standard_normal(24)
+    threshold = window_losses.mean() + 6.0 * window_losses.std(ddof=1)
+    norms = [1.0] * 25
+    for factor, skipped in ((1.001, True), (0.999, False)):
+        losses = [*window_losses, threshold * factor]
+        _, _, after = run_skip_step(losses, norms)[-1]
+        assert bool(after.skipstep_skipped) == skipped
+
+
+def test_skip_step_waits_for_min_history():
+    losses = [2.0, 2.01, 1.99] * 6 + [100.0]  # 18 values recorded, spike at the 19th.
+    _, _, after = run_skip_step(losses, [1.0] * len(losses))[-1]
+    assert not bool(after.skipstep_skipped)
+    losses = [2.0, 2.01, 1.99] * 7 + [100.0]  # 21 values recorded.
+    _, _, after = run_skip_step(losses, [1.0] * len(losses))[-1]
+    assert bool(after.skipstep_skipped)
+
+
+def test_a_nan_loss_is_skipped_and_never_poisons_the_window():
+    rng = np.random.default_rng(3)
+    base = list(2.0 + 0.05 * rng.standard_normal(30))
+    norms = [1.0] * 41
+    with_nan = run_skip_step([*base, float("nan"), *([2.0] * 10)], norms)
+    without = run_skip_step([*base, *([2.0] * 10)], norms[:40])
+    _, updates, after = with_nan[30]
+    assert bool(after.skipstep_skipped) and int(after.skipstep_nonfinite_steps) == 1
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+    chex.assert_tree_all_finite(after)
+    # Only the NaN step is skipped; the window is the one of the run without the NaN.
+    assert [bool(s.skipstep_skipped) for _, _, s in with_nan[31:]] == [False] * 10
+    final, reference = with_nan[-1][2], without[-1][2]
+    chex.assert_trees_all_equal(final.skip_loss_window, reference.skip_loss_window)
+    chex.assert_trees_all_equal(final.skip_recorded, reference.skip_recorded)
+
+
+def test_skip_step_window_is_a_ring_of_the_latest_values():
+    losses = [2.0 + 0.01 * i for i in range(13)]
+    _, _, after = run_skip_step(losses, [1.0] * 13, window=5, min_history=5)[-1]
+    expected = np.array(losses[-5:])
+    slots = np.arange(13 - 5, 13) % 5
+    np.testing.assert_allclose(np.asarray(after.skip_loss_window)[slots], expected, rtol=1e-6)
+
+
+def test_skip_step_requires_the_loss():
+    tx = lbw_optax.skip_step_adamw(1e-3)
+    state = tx.init(params_like())
+    with pytest.raises(ValueError, match="value=loss"):
+        tx.update(grads_of_norm(1.0), state, params_like())
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaGC
+
+
+def adagc_reference(steps, *, beta, lambda_rel, warmup_steps, warmup_clip):
+    """AdaGC's Algorithm 1 in float64; ``steps`` is a list of dicts of per-tensor arrays."""
+    gamma, coefs = {}, []
+    for t, grads in enumerate(steps, start=1):
+        norms = {k: np.linalg.norm(v) for k, v in grads.items()}
+        total = np.sqrt(sum(n**2 for n in norms.values()))
+        coef = {}
+        for k, n in norms.items():
+            if t <= warmup_steps:
+                coef[k] = min(warmup_clip / total, 1.0)
+                clipped = coef[k] * n
+                gamma[k] = clipped if t == 1 else min(gamma[k], clipped)
+            else:
+                coef[k] = min(lambda_rel * gamma[k] / n, 1.0)
+                gamma[k] = beta * gamma[k] + (1 - beta) * coef[k] * n
+        coefs.append(coef)
+    return coefs, gamma
+
+
+def test_adagc_per_tensor_clip_coefficients_match_numpy():
+    rng = np.random.default_rng(4)
+    steps = []
+    for t in range(12):
+        a = rng.standard_normal(3) * (1.0 + 0.1 * t)
+        b = rng.standard_normal((2, 2)) * 0.2
+        if t == 8:
+            a = a * 30.0  # A spike in one tensor only.
+        steps.append({"a": a, "b": b})
+    kwargs = dict(beta=0.9, lambda_rel=1.05, warmup_steps=4, warmup_clip=1.5)
+    expected, gamma = adagc_reference(steps, **kwargs)
+    tx = lbw_optax.adagc(**kwargs)
+    state = tx.init(params_like())
+    step = jax.jit(tx.update)
+    for grads, coef in zip(steps, expected, strict=True):
+        g32 = {k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}
+        updates, state = step(g32, state)
+        for k in grads:
+            np.testing.assert_allclose(float(state.adagc_clip_coef[k]), coef[k], rtol=2e-5)
+            np.testing.assert_allclose(updates[k], coef[k] * grads[k], rtol=2e-5, atol=1e-7)
+    # Per tensor: the spike in "a" is clipped hard and leaves the coefficient of "b" as it is.
+    calm = [dict(g, a=g["a"] / 30.0) if t == 8 else g for t, g in enumerate(steps)]
+    calm_coefs, _ = adagc_reference(calm, **kwargs)
+    assert expected[8]["a"] < 0.05 < calm_coefs[8]["a"]
+    assert expected[8]["b"] == calm_coefs[8]["b"]
+    for k in gamma:
+        np.testing.assert_allclose(float(state.adagc_gamma[k]), gamma[k], rtol=2e-5)
+
+
+def test_adagc_tensor_with_zero_gradient_in_warmup_is_not_frozen():
+    tx = lbw_optax.adagc(warmup_steps=1)
+    state = tx.init(params_like())
+    zero_b = {"a": jnp.ones(3), "b": jnp.zeros((2, 2))}
+    _, state = tx.update(zero_b, state)
+    assert float(state.adagc_gamma["b"]) == 0.0
+    updates, state = tx.update({"a": jnp.ones(3), "b": jnp.ones((2, 2))}, state)
+    np.testing.assert_allclose(updates["b"], np.ones((2, 2)))
+    assert float(state.adagc_gamma["b"]) == pytest.approx(2.0)
+
+
+def test_adagc_leaves_nonfinite_gradients_and_gamma_alone():
+    tx = lbw_optax.adagc(warmup_steps=1)
+    state = tx.init(params_like())
+    _, state = tx.update(grads_of_norm(1.0), state)
+    bad = {"a": jnp.array([jnp.inf, 1.0, 1.0]), "b": jnp.ones((2, 2))}
+    updates, after = tx.update(bad, state)
+    np.testing.assert_array_equal(updates["b"], np.ones((2, 2)))
+    chex.assert_trees_all_equal(after.adagc_gamma, state.adagc_gamma)
+    assert int(after.adagc_nonfinite_steps) == 1 and int(after.adagc_observed) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# SPAM
+
+
+def spam_reference(grads, *, b1, b2, eps, theta, reset_interval, warmup_steps):
+    """SPAM (paper's Algorithm 1 and code) in float64 on one array; returns updates, clips."""
+    m = np.zeros_like(grads[0])
+    v = np.zeros_like(grads[0])
+    since_reset = warmup_steps
+    out, clips = [], []
+    for t, g in enumerate(grads, start=1):
+        g = g.copy()
+        if t % reset_interval == 0:
+            m, v, since_reset = np.zeros_like(m), np.zeros_like(v), 0
+        else:
+            since_reset += 1
+        spike = (v > 0) & (g**2 > theta * v)
+        g[spike] = np.sign(g[spike]) * np.sqrt(theta * v[spike])
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g**2
+        if since_reset < warmup_steps:
+            scale = 1 - 0.99 * 0.5 * (1 + np.cos(np.pi * since_reset / (warmup_steps + 1)))
+        else:
+            scale = 1.0
+        out.append(scale * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps))
+        clips.append(int(spike.sum()))
+    return out, clips
+
+
+def test_spam_clips_spiked_elements_and_resets_moments_like_numpy():
+    rng = np.random.default_rng(5)
+    grads = [rng.standard_normal(6) * 0.1 for _ in range(16)]
+    grads[5][2] = 40.0  # g² far above θ·v: clipped.
+    grads[11][0] = -30.0
+    kwargs = dict(b1=0.9, b2=0.99, eps=1e-8, theta=50.0, reset_interval=8, warmup_steps=3)
+    expected, clips = spam_reference(grads, **kwargs)
+    tx = lbw_optax.scale_by_spam(**kwargs)
+    state = tx.init({"w": jnp.zeros(6)})
+    step = jax.jit(tx.update)
+    for t, (g, want, n_clipped) in enumerate(zip(grads, expected, clips, strict=True), start=1):
+        updates, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
+        np.testing.assert_allclose(updates["w"], want, rtol=1e-4, atol=1e-6, err_msg=f"step {t}")
+        assert int(state.record.spam_clipped) == n_clipped, t
+    assert clips[5] >= 1 and clips[11] >= 1
+    assert int(state.record.spam_resets) == 2 and int(state.record.spam_count) == 16
+
+
+def test_spam_reset_step_zeroes_moments_keeps_bias_step_and_starts_the_warmup():
+    tx = lbw_optax.scale_by_spam(reset_interval=10, warmup_steps=4)
+    state = tx.init({"w": jnp.zeros(3)})
+    g = {"w": jnp.array([0.5, -1.0, 2.0])}
+    scales = []
+    for _ in range(15):
+        _, state = tx.update(g, state)
+        scales.append(float(state.record.spam_warmup_scale))
+        if int(state.record.spam_count) == 10:
+            # Moments restart from zero at the reset step; the step count is not reset.
+            np.testing.assert_allclose(state.mu["w"], 0.1 * g["w"], rtol=1e-6)
+            np.testing.assert_allclose(state.nu["w"], 0.001 * g["w"] ** 2, rtol=1e-5)
+            assert int(state.record.spam_resets) == 1
+    assert scales[:9] == [1.0] * 9  # No warm-up at the start of training.
+    ramp = [1 - 0.99 * 0.5 * (1 + np.cos(np.pi * k / 5)) for k in range(4)]
+    np.testing.assert_allclose(scales[9:13], ramp, rtol=1e-6)
+    assert scales[9] == pytest.approx(0.01) and scales[13:] == [1.0, 1.0]
+
+
+def test_spam_adamw_warmup_scales_the_adam_step_not_the_weight_decay():
+    tx = lbw_optax.spam_adamw(1.0, weight_decay=0.5, reset_interval=2, warmup_steps=5)
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    zero = {"w": jnp.zeros(2)}
+    _, state = tx.update(zero, state, params)
+    updates, state = tx.update(zero, state, params)  # Reset step, zero gradient: decay only.
+    np.testing.assert_allclose(updates["w"], -0.5 * np.ones(2), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and telemetry
+
+
+@pytest.mark.parametrize(
+    ("factory", "name", "value"),
+    [
+        (lbw_optax.zclip, "alpha", 1.0),
+        (lbw_optax.zclip, "z_threshold", 0.0),
+        (lbw_optax.zclip, "warmup_steps", 0),
+        (lbw_optax.zclip, "eps", -1e-6),
+        (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "window", 1),
+        (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "sigma_factor", -6.0),
+        (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "min_history", 1),
+        (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "min_history", 200),
+        (lbw_optax.adagc, "beta", 1.0),
+        (lbw_optax.adagc, "lambda_rel", 0.0),
+        (lbw_optax.adagc, "warmup_steps", -1),
+        (lbw_optax.adagc, "warmup_clip", float("nan")),
+        (lbw_optax.scale_by_spam, "theta", 0.0),
+        (lbw_optax.scale_by_spam, "reset_interval", 0),
+        (lbw_optax.scale_by_spam, "warmup_steps", 1.5),
+        (lbw_optax.scale_by_spam, "b2", 1.0),
+        (lambda **kw: lbw_optax.spam_adamw(1e-3, **kw), "weight_decay", -0.1),
+        (lambda **kw: lbw_optax.zclip_adamw(1e-3, **kw), "alpha", 0.0),
+        (lambda **kw: lbw_optax.adagc_adamw(1e-3, **kw), "beta", -0.5),
+        (lambda **kw: lbw_optax.skip_step_adamw(1e-3, **kw), "window", 0),
+    ],
+)
+def test_invalid_hyperparameters_raise_naming_argument_and_value(factory, name, value):
+    with pytest.raises(ValueError) as error:
+        factory(**{name: value})
+    assert name in str(error.value) and repr(value) in str(error.value)
+
+
+PEERS = {
+    "zclip_adamw": (lambda: lbw_optax.zclip_adamw(1e-3, warmup_steps=2), "zclip_count"),
+    "skip_step_adamw": (lambda: lbw_optax.skip_step_adamw(1e-3), "skipstep_count"),
+    "adagc_adamw": (lambda: lbw_optax.adagc_adamw(1e-3, warmup_steps=2), "adagc_count"),
+    "spam_adamw": (lambda: lbw_optax.spam_adamw(1e-3), "spam_count"),
+}
+
+
+@pytest.mark.parametrize("name", PEERS)
+@pytest.mark.parametrize("with_guard", [False, True], ids=["alone", "guarded"])
+def test_telemetry_reads_a_peer_alone_and_under_the_guard(name, with_guard):
+    make, counter = PEERS[name]
+    tx = lbw_optax.guard(make(), policy="reference") if with_guard else make()
+    params = params_like()
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for i in range(4):
+        _, state = step(grads_of_norm(1.0 + 0.1 * i), state, params, value=jnp.float32(2.0))
+    record = lbw_optax.telemetry(state)
+    assert int(record[counter]) == 4
+    assert ("step" in record) == with_guard
+    if with_guard:
+        assert int(record["step"]) == 4
+    # Only the record is reported, never a moment tree.
+    assert not {"mu", "nu", "inner_state"} & set(record)
+
+
+def test_peers_compose_in_one_chain_with_distinct_fields():
+    tx = optax.chain(
+        lbw_optax.zclip(warmup_steps=2),
+        lbw_optax.adagc(warmup_steps=2),
+        lbw_optax.skip_step(lbw_optax.spam_adamw(1e-3)),
+    )
+    params = params_like()
+    state = tx.init(params)
+    for i in range(3):
+        _, state = tx.update(grads_of_norm(1.0 + 0.1 * i), state, params, value=jnp.float32(2.0))
+    record = lbw_optax.telemetry(state)
+    for counter in ("zclip_count", "adagc_count", "skipstep_count", "spam_count"):
+        assert int(record[counter]) == 3
