@@ -107,9 +107,7 @@ def skip_step(
     window = _pu.check(_check_at_least_two, "window", window)
     _pu.check(check_positive, "sigma_factor", sigma_factor)
     min_history = _pu.check(_check_at_least_two, "min_history", min_history)
-    if not isinstance(window, jax.core.Tracer | jax.Array) and not isinstance(
-        min_history, jax.core.Tracer | jax.Array
-    ):
+    if not any(isinstance(v, jax.core.Tracer) for v in (window, min_history)):
         check_ordered("min_history", min_history, "window", window)
     inner = optax.with_extra_args_support(inner)
 
