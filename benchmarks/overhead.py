@@ -10,6 +10,12 @@ Prints ratios against plain ``optax.adamw`` for each method:
    differ by up to 10 %);
 4. optimizer-state bytes per parameter beyond AdamW's.
 
+SGG re-clusters once every ``SGG_INTERVAL`` steps: its ordinary step and its re-clustering step
+are compiled apart for the cost analysis (XLA's analysis of a ``lax.cond`` cannot tell them
+apart, and counts a loop body once, so the re-clustering loops are unrolled there), timed
+through the public ``sgg_adamw`` at step 1 and at step ``SGG_INTERVAL``, and averaged over one
+interval: ``((T − 1) · ordinary + re-clustering) / T``.
+
 Run: ``python benchmarks/overhead.py`` (``--repeats N`` for the wall clock, ``--quick`` for a
 smaller run).
 """
@@ -26,8 +32,10 @@ import numpy as np
 import optax
 
 import lbw_optax
+from lbw_optax._sgg import _sgg_transform
 
 LEARNING_RATE = 1e-3
+SGG_INTERVAL = 500  # sgg_adamw's default recluster_every
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +48,7 @@ class Method:
     make: Callable[[], optax.GradientTransformation]
     warm_steps: int = 1
     variants: tuple[tuple[str, int], ...] = ()
+    cost_analysis: bool = True
 
 
 METHODS: list[Method] = [
@@ -50,7 +59,45 @@ METHODS: list[Method] = [
     ),
     Method("lbw(reference)", lambda: lbw_optax.lbw_adamw(LEARNING_RATE, policy="reference")),
     Method("lbw(governor)", lambda: lbw_optax.lbw_adamw(LEARNING_RATE, policy="governor")),
+    Method("sgg_adamw ordinary step", lambda: sgg_adamw_fixed("never")),
+    Method("sgg_adamw re-clustering step", lambda: sgg_adamw_fixed("always")),
+    Method(
+        "sgg_adamw",
+        lambda: lbw_optax.sgg_adamw(LEARNING_RATE, recluster_every=SGG_INTERVAL),
+        variants=(("at re-clustering", SGG_INTERVAL),),
+        cost_analysis=False,
+    ),
 ]
+
+
+def sgg_adamw_fixed(when: str) -> optax.GradientTransformation:
+    """``sgg_adamw`` compiled as one kind of step only (see the module docstring)."""
+    sgg = _sgg_transform(
+        optax.scale_by_adam(),
+        n_clusters=3,
+        recluster_every=SGG_INTERVAL,
+        beta3=0.99,
+        scale_bounds=(0.1, 10.0),
+        min_ndim=2,
+        when=when,
+        unroll=when == "always",
+    )
+    return optax.chain(
+        sgg, optax.add_decayed_weights(1e-4), optax.scale_by_learning_rate(LEARNING_RATE)
+    )
+
+
+def add_sgg_interval_mean(rows: dict, ordinary: str, reclustering: str) -> None:
+    """Adds the mean over one re-clustering interval of two rows (dicts or time tuples)."""
+    if ordinary not in rows or reclustering not in rows:
+        return
+    t = SGG_INTERVAL
+    mean = lambda a, b: ((t - 1) * a + b) / t
+    a, b = rows[ordinary], rows[reclustering]
+    if isinstance(a, dict):
+        rows[f"sgg_adamw mean over {t} steps"] = {k: mean(a[k], b[k]) for k in a}
+    else:
+        rows[f"sgg_adamw mean over {t} steps"] = tuple(map(mean, a, b))
 
 
 # --- workloads --------------------------------------------------------------------------------
@@ -193,10 +240,12 @@ def main() -> None:
     for method in methods:
         for label, tx, state in states_to_measure(method, params):
             step = optimizer_step(tx)
-            opt_costs[label] = cost(step, grads, state, params, jnp.float32(1.0))
+            if method.cost_analysis:
+                opt_costs[label] = cost(step, grads, state, params, jnp.float32(1.0))
             jitted = jax.jit(step)
             opt_timers[label] = lambda j=jitted, s=state: j(grads, s, params, jnp.float32(1.0))
             state_bytes[label] = tree_bytes(state)
+    add_sgg_interval_mean(opt_costs, "sgg_adamw ordinary step", "sgg_adamw re-clustering step")
     report("Optimizer step (update + apply), XLA cost analysis", opt_costs)
 
     batch = 1024 if args.quick else 8192
@@ -207,13 +256,17 @@ def main() -> None:
     for method in methods:
         for label, tx, state in states_to_measure(method, mparams):
             step = train_step(tx)
-            train_costs[label] = cost(step, mparams, state, x, y)
+            if method.cost_analysis:
+                train_costs[label] = cost(step, mparams, state, x, y)
             jitted = jax.jit(step)
             train_timers[label] = lambda j=jitted, s=state: j(mparams, s, x, y)
+    add_sgg_interval_mean(train_costs, "sgg_adamw ordinary step", "sgg_adamw re-clustering step")
     report(f"Whole train step (4×512 MLP, batch {batch}), XLA cost analysis", train_costs)
 
-    report_times("Optimizer step, wall clock", interleaved_medians(opt_timers, args.repeats))
-    report_times("Whole train step, wall clock", interleaved_medians(train_timers, args.repeats))
+    for title, timers in (("Optimizer step", opt_timers), ("Whole train step", train_timers)):
+        medians = interleaved_medians(timers, args.repeats)
+        add_sgg_interval_mean(medians, "sgg_adamw", "sgg_adamw at re-clustering")
+        report_times(f"{title}, wall clock", medians)
 
     print("\n## Optimizer state")
     print("| method | state bytes / parameter | beyond adamw (bytes / parameter) |")
