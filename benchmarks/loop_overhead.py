@@ -12,7 +12,7 @@ byte-level tokens, the same seeded order) with the same optimizer and learning-r
   ``optax.apply_updates``, timed from after its compiling step to a final
   ``block_until_ready``.
 
-The two run alternately ``--repeats`` times in one process; the script prints each side's median
+The two run alternately ``--repeats`` times in one process, in ABBA order; the script prints each side's median
 tokens/s with its min–max and the ratio of the medians (``lbw-train / minimal``).
 
     python benchmarks/loop_overhead.py
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=60, help="steps per repeat (1 compiles)")
     parser.add_argument("--log-every", type=int, default=10, help="lbw-train telemetry interval")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=8)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as out_dir:
@@ -101,9 +101,13 @@ def main() -> None:
         batches = [stream.next() for _ in range(config.steps)]
 
         loop, hand = [], []
-        for _ in range(args.repeats):
-            loop.append(train(config)["tokens_per_s"])
-            hand.append(minimal_loop(config, batches))
+        for repeat in range(args.repeats):  # ABBA order: neither side always runs first.
+            if repeat % 2 == 0:
+                loop.append(train(config)["tokens_per_s"])
+                hand.append(minimal_loop(config, batches))
+            else:
+                hand.append(minimal_loop(config, batches))
+                loop.append(train(config)["tokens_per_s"])
 
     def stats(xs):
         return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}

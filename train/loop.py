@@ -138,6 +138,34 @@ def _train_step(faults: FaultConfig, wrt: Any):
     return train_step
 
 
+# The fields that define the optimizer and its schedule.
+_OPTIMIZER_FIELDS = (
+    "optimizer",
+    "learning_rate",
+    "schedule",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "b1",
+    "b2",
+    "eps",
+    "clip_threshold",
+    "policy",
+    "steps",
+    "faults",
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _transform(*values):
+    """The schedule and transformation of a config, shared by runs in one process that agree on
+    ``_OPTIMIZER_FIELDS``: the transformation is part of the ``nnx.Optimizer`` graph, so sharing
+    it lets such runs reuse the compiled step."""
+    config = TrainConfig(**dict(zip(_OPTIMIZER_FIELDS, values, strict=True)))
+    schedule = learning_rate_schedule(config)
+    return schedule, build_optimizer(config, schedule)
+
+
 @nnx.jit
 def _eval_step(model, tokens):
     return models.cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
@@ -234,6 +262,41 @@ class _Progress:
             self.bar.close()
 
 
+def _restore(config, checkpointer, model, optimizer, wrt, stream, metrics_path):
+    """Restores model, optimizer and data stream from the checkpoint to resume from, or checks
+    that a fresh run overwrites no checkpoint. Returns ``(start_step, elapsed_before)``."""
+    out_dir = Path(config.out_dir)
+    if config.resume:
+        steps = checkpointer.steps()
+        if not steps:
+            raise CheckpointError(f"--resume: no checkpoint in {checkpointer.directory}.")
+        start_step = config.resume_step if config.resume_step is not None else steps[-1]
+        abstract = {"params": nnx.state(model, wrt), "optimizer": nnx.state(optimizer)}
+        state, meta = checkpointer.restore(start_step, abstract)
+        saved, current = meta["config"], _normalised(config)
+        changed = sorted(
+            k for k in current if saved.get(k) != current[k] and k not in RESUMABLE_CHANGES
+        )
+        if changed:
+            raise ValueError(
+                f"Cannot resume {out_dir}: the config differs from the checkpoint's in {changed} "
+                f"(saved: {[saved.get(k) for k in changed]})."
+            )
+        nnx.update(model, state["params"])
+        nnx.update(optimizer, state["optimizer"])
+        stream.restore(meta["data"])
+        checkpointer.discard_after(start_step)
+        _truncate_jsonl(metrics_path, start_step)
+        return start_step, float(meta["elapsed_s"])
+    if checkpointer is not None and checkpointer.steps():
+        raise ValueError(
+            f"{out_dir} already holds checkpoints (steps {checkpointer.steps()}); pass "
+            "--resume to continue that run, or choose another --out-dir."
+        )
+    metrics_path.write_text("")
+    return 0, 0.0
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Runs (or resumes) the training run described by ``config``.
 
@@ -275,8 +338,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # Model and optimizer.
     model, wrt = build_model(config, tokenizer.vocab_size)
-    schedule = learning_rate_schedule(config)
-    optimizer = nnx.Optimizer(model, build_optimizer(config, schedule), wrt=wrt)
+    schedule, tx = _transform(*(getattr(config, f) for f in _OPTIMIZER_FIELDS))
+    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     guarded = is_guarded(config.optimizer)
     trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
 
@@ -287,44 +350,24 @@ def train(config: TrainConfig) -> dict[str, Any]:
             out_dir / "checkpoints", keep=config.keep_checkpoints, every=config.checkpoint_every
         )
     metrics_path = out_dir / "metrics.jsonl"
-    start_step, elapsed_before = 0, 0.0
-    if config.resume:
-        steps = checkpointer.steps()
-        if not steps:
-            raise CheckpointError(f"--resume: no checkpoint in {checkpointer.directory}.")
-        start_step = config.resume_step if config.resume_step is not None else steps[-1]
-        abstract = {"params": nnx.state(model, wrt), "optimizer": nnx.state(optimizer)}
-        state, meta = checkpointer.restore(start_step, abstract)
-        saved, current = meta["config"], _normalised(config)
-        changed = sorted(
-            k for k in current if saved.get(k) != current[k] and k not in RESUMABLE_CHANGES
+    try:
+        start_step, elapsed_before = _restore(
+            config, checkpointer, model, optimizer, wrt, stream, metrics_path
         )
-        if changed:
-            raise ValueError(
-                f"Cannot resume {out_dir}: the config differs from the checkpoint's in {changed} "
-                f"(saved: {[saved.get(k) for k in changed]})."
-            )
-        nnx.update(model, state["params"])
-        nnx.update(optimizer, state["optimizer"])
-        stream.restore(meta["data"])
-        elapsed_before = float(meta["elapsed_s"])
-        checkpointer.discard_after(start_step)
-        _truncate_jsonl(metrics_path, start_step)
+    except BaseException:
+        if checkpointer is not None:
+            checkpointer.close()
+        raise
+    if start_step:
         say(f"lbw-train: resumed {out_dir} from step {start_step}")
-    else:
-        if checkpointer is not None and checkpointer.steps():
-            raise ValueError(
-                f"{out_dir} already holds checkpoints (steps {checkpointer.steps()}); pass "
-                "--resume to continue that run, or choose another --out-dir."
-            )
-        metrics_path.write_text("")
     what = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full"
     say(
         f"lbw-train: {config.model} ({what}, "
         f"{trainable:,} trainable params), optimizer {config.optimizer}; data: {data_description}"
     )
 
-    train_step = make_train_step(config, wrt)
+    # cached_partial traverses the model and optimizer graphs once, not at every call.
+    train_step = nnx.cached_partial(make_train_step(config, wrt), model, optimizer)
     learning_rate = jax.jit(schedule)  # Compiled here, outside the timed steps.
     learning_rate(0)
     tokens_per_step = config.batch_size * config.seq_len
@@ -397,7 +440,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     try:
         for step in range(start_step + 1, config.steps + 1):
             batch = jnp.asarray(stream.batch(step))
-            pending.append(train_step(model, optimizer, batch))
+            pending.append(train_step(batch))
             progress.update()
             if compile_s is None:  # One sync after the first step: compile time, then steady state.
                 jax.block_until_ready(pending[-1])
