@@ -12,8 +12,9 @@ byte-level tokens, the same seeded order) with the same optimizer and learning-r
   ``optax.apply_updates``, timed from after its compiling step to a final
   ``block_until_ready``.
 
-The two run alternately ``--repeats`` times in one process, in ABBA order; the script prints each side's median
-tokens/s with its min–max and the ratio of the medians (``lbw-train / minimal``).
+The two run alternately ``--repeats`` times in one process, in ABBA order; the script prints
+each side's median tokens/s with its min–max and the ratio of the medians
+(``lbw-train / minimal``).
 
     python benchmarks/loop_overhead.py
 """
