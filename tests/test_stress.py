@@ -1,0 +1,293 @@
+"""The stress-suite machinery on a micro configuration: expansion, resume, controls, report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import optax
+import pytest
+
+from train import peers, report, stress
+from train.stress import Method, Setting, SuiteSpec
+
+MICRO_MODEL = {
+    "num_layers": 1,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "head_dim": 16,
+}
+MICRO_TRAIN = dict(
+    seq_len=16,
+    batch_size=2,
+    steps=6,
+    warmup_steps=2,
+    eval_every=3,
+    eval_batches=1,
+    log_every=2,
+)
+
+
+def micro(methods=None, **changes) -> SuiteSpec:
+    values = dict(
+        name="micro",
+        description="micro suite",
+        settings=(
+            Setting(name="m", model="tiny_qwen2_5_3b", model_overrides=MICRO_MODEL, base_lr=1e-3),
+        ),
+        methods=methods
+        or (
+            Method(name="adamw", optimizer="adamw"),
+            Method(name="governor", optimizer="lbw", overrides={"policy": "governor"}),
+        ),
+        lr_multipliers=(1.0, 10.0),
+        seeds=(0,),
+        train=MICRO_TRAIN,
+    )
+    values.update(changes)
+    return SuiteSpec(**values)
+
+
+CONTROLS = (
+    Method(name="effective-lr", optimizer="adamw", control="effective-lr", source="governor"),
+    Method(name="governor", optimizer="lbw", overrides={"policy": "governor"}),
+    Method(name="replay", optimizer="adamw", control="replay", source="governor"),
+)
+
+
+def test_expansion_counts_order_and_stable_ids():
+    spec = micro(methods=CONTROLS, seeds=(0, 1))
+    runs = stress.expand(spec)
+    assert len(runs) == 3 * 2 * 2
+    assert len({r.run_id for r in runs}) == len(runs)
+    stages = [r.stage for r in runs]
+    assert stages == sorted(stages, key=lambda s: s == "control")  # Methods, then controls.
+    position = {r.run_id: i for i, r in enumerate(runs)}
+    for r in runs:
+        if r.depends_on:
+            assert position[r.depends_on] < position[r.run_id]
+            source = runs[position[r.depends_on]]
+            assert (source.method, source.learning_rate, source.seed) == (
+                "governor",
+                r.learning_rate,
+                r.seed,
+            )
+    assert [r.run_id for r in stress.expand(spec)] == [r.run_id for r in runs]
+    assert runs[0].run_id == "m__governor__lr1.000e-03__none__s0"
+    # Only the run that the replay reads logs every step.
+    logs = {r.method: r.config["log_every"] for r in runs}
+    assert logs == {"governor": 1, "effective-lr": 2, "replay": 2}
+    # Seeds of one configuration are adjacent (they share a compiled step).
+    assert [r.seed for r in runs[:2]] == [0, 1]
+
+
+def test_faults_and_sweep_expansion():
+    spec = micro(
+        faults={"none": {}, "spike": {"grad_spike_steps": (3,)}},
+        fault_multipliers=(10.0,),
+        settings=(Setting(name="m", model="tiny_qwen2_5_3b", lr_grid=(1e-3, 3e-3)),),
+    )
+    sweep = stress.expand_sweep(spec)
+    assert [r.learning_rate for r in sweep] == [1e-3, 3e-3]
+    with pytest.raises(ValueError, match="no base learning rate"):
+        stress.expand(spec)
+    runs = stress.expand(spec, {"m": 1e-3})
+    assert len(runs) == 2 * 2 + 2  # The fault runs only at ×10.
+    assert {r.learning_rate for r in runs if r.fault == "spike"} == {1e-2}
+    assert sweep[0].run_id in {r.run_id for r in runs}  # A sweep run is a suite run.
+    with pytest.raises(ValueError, match="not in the suite"):
+        micro(methods=(Method(name="c", optimizer="adamw", control="replay", source="x"),))
+
+
+def test_loss_spikes_and_scale_helpers():
+    lines = [{"kind": "train", "step": s, "loss": v} for s, v in enumerate([5, 4, 2, 4, 4, 2], 1)]
+    assert stress.count_loss_spikes(lines, warmup=0, every=1) == 1  # One excursion of 2 lines.
+    lines.append({"kind": "train", "step": 7, "loss": None})
+    assert stress.count_loss_spikes(lines, warmup=0, every=1) == 2
+    assert stress.count_loss_spikes(lines, warmup=6, every=1) == 1
+    # Rebinned to windows of 2 steps: means 4.5, 3, 4, 2 (no spike), then the NaN.
+    assert stress.count_loss_spikes(lines, warmup=0, every=2) == 1
+    assert stress.mean_scale({"control_energy": 2.5, "step": 10}) == pytest.approx(0.75)
+    trace_lines = [
+        {"kind": "train", "step": 1, "telemetry": {"scale": 1.0, "held": False}},
+        {"kind": "train", "step": 2, "telemetry": {"scale": 0.5, "held": True}},
+    ]
+    assert stress.scale_trace(trace_lines, 2) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="every step"):
+        stress.scale_trace(trace_lines, 3)
+
+
+def test_replay_schedule_and_registration():
+    name = peers.register_replay([1.0, 0.5, 0.25])
+    assert peers.register_replay([1.0, 0.5, 0.25]) == name
+    assert peers.register_replay([1.0, 0.5]) != name
+    schedule = peers.replay_schedule(optax.constant_schedule(2.0), [1.0, 0.5, 0.25])
+    np.testing.assert_allclose([schedule(c) for c in range(5)], [2.0, 1.0, 0.5, 0.5, 0.5])
+    with pytest.raises(ValueError):
+        peers.register_replay([1.0, math.nan])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite")
+    spec = micro(methods=CONTROLS, lr_multipliers=(10.0,))
+    suite_dir = stress.run_suite(spec, out, progress=False)
+    return spec, suite_dir
+
+
+def test_controls_read_the_governor_run(finished):
+    _, suite_dir = finished
+    records = {r["run_id"]: r for r in stress.read_jsonl(suite_dir / "runs.jsonl")}
+    assert len(records) == 3
+    for r in records.values():
+        assert r["status"] == "completed"
+        assert r["final_eval_ppl"] > 1 and r["best_eval_ppl"] <= r["final_eval_ppl"]
+        assert [e[0] for e in r["evals"]] == [3, 6]
+        if r["control"] is None:
+            continue
+        source = records[r["depends_on"]]
+        assert source["method"] == "governor"
+        summary = json.loads((suite_dir / "runs" / r["run_id"] / "summary.json").read_text())
+        if r["control"] == "effective-lr":
+            scale = source["telemetry"]["mean_scale"]
+            assert r["learning_rate"] == pytest.approx(r["base_learning_rate"] * scale, rel=1e-5)
+            assert summary["config"]["optimizer"] == "adamw"
+        else:
+            lines = stress.read_jsonl(suite_dir / "runs" / r["depends_on"] / "metrics.jsonl")
+            trace = stress.scale_trace(lines, 6)
+            assert summary["config"]["optimizer"] == peers.register_replay(trace)
+            # The replayed learning rates are the schedule's times the trace, step by step.
+            own = stress.read_jsonl(suite_dir / "runs" / r["run_id"] / "metrics.jsonl")
+            gov = [x for x in lines if x["kind"] == "train"]
+            for line in own:
+                if line["kind"] == "train":
+                    k = line["step"]
+                    expect = gov[k - 1]["learning_rate"] * trace[k - 1]
+                    assert line["learning_rate"] == pytest.approx(expect, rel=1e-5, abs=1e-12)
+
+
+def test_resume_does_not_redo_finished_runs(finished):
+    spec, suite_dir = finished
+    runs = stress.expand(spec)
+    mtimes = {
+        r.run_id: (suite_dir / "runs" / r.run_id / "summary.json").stat().st_mtime_ns for r in runs
+    }
+    # A partial suite: one run lost its summary (interrupted), one never started.
+    (suite_dir / "runs" / runs[0].run_id / "summary.json").unlink()
+    victim = suite_dir / "runs" / runs[-1].run_id
+    for f in victim.iterdir():
+        f.unlink()
+    victim.rmdir()
+    stress.run_suite(spec, suite_dir.parent, progress=False)
+    after = {
+        r.run_id: (suite_dir / "runs" / r.run_id / "summary.json").stat().st_mtime_ns for r in runs
+    }
+    redone = {k for k in mtimes if after[k] != mtimes[k]}
+    assert redone == {runs[0].run_id, runs[-1].run_id}
+    assert len(stress.read_jsonl(suite_dir / "runs.jsonl")) == 3
+
+
+def _fixture_suite(directory):
+    """A hand-written suite: two methods, two LRs, two seeds, known perplexities."""
+    ppl = {
+        ("adamw", 1.0): [10.0, 12.0],
+        ("adamw", 10.0): [30.0, 34.0],
+        ("governor", 1.0): [10.5, 11.5],
+        ("governor", 10.0): [15.0, 17.0],
+    }
+    records = []
+    for (method, mult), values in ppl.items():
+        for seed, p in enumerate(values):
+            rid = f"m__{method}__x{mult:g}__s{seed}"
+            run_dir = directory / "runs" / rid
+            run_dir.mkdir(parents=True)
+            lines = [
+                {
+                    "kind": "train",
+                    "step": s,
+                    "loss": 5.0 - s / 10,
+                    "telemetry": {"scale": 0.5, "regime": 2, "regime_name": "STRESSED"}
+                    if method == "governor"
+                    else {},
+                }
+                for s in range(1, 11)
+            ]
+            lines.append({"kind": "eval", "step": 10, "eval_perplexity": p, "wall_time_s": 3.0})
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+            records.append(
+                {
+                    "run_id": rid,
+                    "stage": "method",
+                    "setting": "m",
+                    "model": "tiny",
+                    "lora_rank": 0,
+                    "method": method,
+                    "optimizer": "adamw" if method == "adamw" else "lbw",
+                    "control": None,
+                    "depends_on": None,
+                    "lr_multiplier": mult,
+                    "base_learning_rate": 1e-3 * mult,
+                    "learning_rate": 1e-3 * mult,
+                    "fault": "none",
+                    "seed": seed,
+                    "status": "completed",
+                    "steps": 10,
+                    "final_eval_ppl": p,
+                    "best_eval_ppl": p,
+                    "final_loss": 4.0,
+                    "wall_time_s": 4.0,
+                    "tokens_per_s": 1000.0,
+                    "compile_s": 1.0,
+                    "loss_spikes": 0,
+                    "evals": [[10, p, 3.0]],
+                    "telemetry": {"mean_scale": 0.5, "regime_switches": 1}
+                    if method == "governor"
+                    else {},
+                }
+            )
+    stress.add_targets(records)
+    (directory / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    meta = {"spec": {"name": "fixture", "train": {"log_every": 1}}, "git_commit": "abc123"}
+    (directory / "suite.json").write_text(json.dumps(meta))
+
+
+def test_report_from_fixture_jsonl(tmp_path):
+    _fixture_suite(tmp_path)
+    path = report.write_report(tmp_path)
+    text = path.read_text()
+    assert "| adamw | 11.00 ± 1.41 | 32.00 ± 2.83 |" in text
+    assert "| governor | 11.00 ± 0.71 | 16.00 ± 1.41 |" in text
+    assert "×1 (1e-03)" in text and "×10 (1e-02)" in text
+    # Targets: AdamW's best is 11; at ×10 it is 32 ≥ 2 × 11, so that LR is a stress LR.
+    assert "governor / AdamW-best = 1.45" in text
+    assert "governor / AdamW = 11.00 / 11.00 = 1.000" in text
+    assert "adamw: 21.50 (governor / adamw = 0.628)" in text
+    assert "abc123" in text
+    # Target ppl = 1.1 × 11 = 12.1: every ×1 run reaches it, no ×10 run does.
+    assert "| adamw | ×1 | 2/2 | 10 | 3.0 | 1.00× |" in text
+    assert "| adamw | ×10 | 0/2 |" in text and "| governor | ×1 | 2/2 |" in text
+    for png in ("loss_curves.png", "robustness.png", "scale_regime.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+        assert f"]({png})" in text
+    assert report.headline(tmp_path).splitlines()[0].startswith("Final validation perplexity")
+
+
+def test_cli_report(tmp_path, capsys):
+    _fixture_suite(tmp_path)
+    assert stress.main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| governor | 11.00 ± 0.71 | 16.00 ± 1.41 |" in out
+    assert (tmp_path / "summary.md").exists()
+
+
+def test_suite_definitions():
+    quick = stress.quick()
+    assert len(quick.methods) == 9 and quick.seeds == (0, 1)
+    assert quick.lr_multipliers[0] == 1.0 and len(quick.lr_multipliers) >= 3
+    full = stress.full()
+    assert {m.name for m in full.methods} >= {"replay", "effective-lr", "adagc", "spam"}
+    assert full.lr_multipliers == (1.0, 3.0, 10.0, 30.0) and len(full.seeds) == 3
+    assert set(full.faults) == {"none", "grad-spike", "nan-loss", "corrupt", "lr-shock"}

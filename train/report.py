@@ -1,0 +1,545 @@
+"""The stress suite's report: ``summary.md`` and PNG plots from ``runs.jsonl`` and run metrics.
+
+Everything is computed from the files a suite commits (``suite.json``, ``runs.jsonl``,
+``runs/<id>/metrics.jsonl``), so ``lbw-stress report DIR`` regenerates the report anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from train.stress import SPIKE_FACTOR, TARGET_FACTOR, read_jsonl
+
+GUARDED = ("governor", "reference", "governor+sgg")
+PEER_ORDER = (
+    "adamw",
+    "adamw+clip",
+    "adamw+clip1",
+    "adamw+clip0.5",
+    "reference",
+    "governor",
+    "sgg",
+    "governor+sgg",
+    "zclip",
+    "skip-step",
+    "adagc",
+    "spam",
+    "effective-lr",
+    "effective-lr(reference)",
+    "replay",
+)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def _ppl(r: Mapping[str, Any]) -> float:
+    """Final perplexity, infinite for a run that stopped on NaN/Inf or overflowed."""
+    return r["final_eval_ppl"] if _finite(r["final_eval_ppl"]) else math.inf
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value); infinite if any value is."""
+    if not values:
+        return math.nan, math.nan
+    if any(not math.isfinite(v) for v in values):
+        return math.inf, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt(mean: float, std: float | None = None, digits: int = 2) -> str:
+    if math.isnan(mean):
+        return "–"
+    if math.isinf(mean):
+        return "diverged"
+    if std is None or math.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _method_order(names: Iterable[str]) -> list[str]:
+    names = set(names)
+    known = [n for n in PEER_ORDER if n in names]
+    return known + sorted(names - set(known))
+
+
+class Suite:
+    """The loaded records of a suite directory."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        meta_path = self.dir / "suite.json"
+        self.meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        self.records = read_jsonl(self.dir / "runs.jsonl")
+        # Sweep-only runs (learning rates outside the multiplier grid) stay out of the tables.
+        self.grid = [r for r in self.records if r["lr_multiplier"] is not None]
+        self.settings = list(dict.fromkeys(r["setting"] for r in self.grid))
+        self.faults = list(dict.fromkeys(r["fault"] for r in self.grid))
+        self.methods = _method_order(r["method"] for r in self.grid)
+
+    def select(self, **where) -> list[dict[str, Any]]:
+        return [r for r in self.grid if all(r[k] == v for k, v in where.items())]
+
+    def multipliers(self, setting: str, fault: str) -> list[float]:
+        return sorted({r["lr_multiplier"] for r in self.select(setting=setting, fault=fault)})
+
+    def lr_of(self, setting: str, mult: float) -> float:
+        return next(
+            r["base_learning_rate"]
+            for r in self.grid
+            if r["setting"] == setting and r["lr_multiplier"] == mult
+        )
+
+    def cell(self, setting: str, fault: str, method: str, mult: float, key=_ppl):
+        values = [
+            key(r)
+            for r in self.select(setting=setting, fault=fault, method=method, lr_multiplier=mult)
+        ]
+        return mean_std(values), len(values)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _lr_header(suite: Suite, setting: str, mults: Sequence[float]) -> list[str]:
+    return [f"×{m:g} ({suite.lr_of(setting, m):.0e})" for m in mults]
+
+
+def ppl_table(suite: Suite, setting: str, fault: str, methods: Sequence[str] | None = None):
+    """Method × learning rate final perplexity, mean ± std over seeds."""
+    mults = suite.multipliers(setting, fault)
+    rows = []
+    for method in methods or suite.methods:
+        cells = [fmt(*suite.cell(setting, fault, method, m)[0]) for m in mults]
+        if any(c != "–" for c in cells):
+            rows.append([method, *cells])
+    return _table(["method", *_lr_header(suite, setting, mults)], rows)
+
+
+def _mean_over_grid(suite: Suite, setting: str, fault: str, method: str) -> float:
+    means = [suite.cell(setting, fault, method, m)[0][0] for m in suite.multipliers(setting, fault)]
+    means = [v for v in means if not math.isnan(v)]
+    return statistics.fmean(means) if means else math.nan
+
+
+def targets_block(suite: Suite, setting: str, fault: str) -> list[str]:
+    """The claims, computed from the data."""
+    out = []
+    mults = suite.multipliers(setting, fault)
+
+    def mean(method: str, m: float) -> float:
+        return suite.cell(setting, fault, method, m)[0][0]
+
+    adamw = {m: mean("adamw", m) for m in mults}
+    finite = [v for v in adamw.values() if math.isfinite(v)]
+    if not finite or "governor" not in suite.methods:
+        return ["(no AdamW or governor runs)"]
+    best = min(finite)
+    best_m = min(adamw, key=lambda m: adamw[m])
+    out.append(
+        f"- AdamW's best mean final perplexity over the grid: {best:.2f} (×{best_m:g}, "
+        f"LR {suite.lr_of(setting, best_m):.0e})."
+    )
+    stress = [m for m in mults if adamw[m] >= 2 * best]
+    if stress:
+        for m in stress:
+            g = mean("governor", m)
+            out.append(
+                f"- Stress LR ×{m:g} (AdamW {fmt(adamw[m])} ≥ 2× its best): governor "
+                f"{fmt(g)}, governor / AdamW-best = {g / best:.2f}."
+            )
+    else:
+        worst = max(adamw.values())
+        out.append(
+            f"- No learning rate put AdamW ≥ 2× off its best (worst: {fmt(worst)}, "
+            f"{worst / best:.2f}×): the paper's stress regime was not reached."
+        )
+    base = min(mults, key=lambda m: abs(m - 1.0))
+    g, a = mean("governor", base), adamw[base]
+    out.append(f"- Base LR (×{base:g}): governor / AdamW = {fmt(g)} / {fmt(a)} = {g / a:.3f}.")
+    gov = _mean_over_grid(suite, setting, fault, "governor")
+    out.append(f"- Mean final perplexity over the LR grid: governor {fmt(gov)}; against:")
+    for method in suite.methods:
+        if method == "governor":
+            continue
+        other = _mean_over_grid(suite, setting, fault, method)
+        if not math.isnan(other):
+            ratio = gov / other if math.isfinite(other) else 0.0
+            out.append(f"  - {method}: {fmt(other)} (governor / {method} = {ratio:.3f})")
+    for control in ("effective-lr", "replay"):
+        if control not in suite.methods:
+            continue
+        parts = []
+        for m in mults:
+            g, c = mean("governor", m), mean(control, m)
+            if math.isfinite(g) and math.isfinite(c):
+                parts.append(f"×{m:g}: {g:.2f} vs {c:.2f} ({g / c:.3f})")
+        out.append(f"- Governor vs {control} control (governor / control): " + "; ".join(parts))
+    return out
+
+
+def speed_table(suite: Suite, setting: str, fault: str) -> list[str]:
+    """Steps and time to the target perplexity, wall time, tokens/s; speedup vs AdamW."""
+    mults = suite.multipliers(setting, fault)
+    rows = []
+    for method in suite.methods:
+        for m in mults:
+            rs = suite.select(setting=setting, fault=fault, method=method, lr_multiplier=m)
+            if not rs:
+                continue
+            reached = [r for r in rs if r["steps_to_target"] is not None]
+            steps = [r["steps_to_target"] for r in reached]
+            times = [r["time_to_target_s"] for r in reached]
+            ref = suite.select(setting=setting, fault=fault, method="adamw", lr_multiplier=m)
+            ref_t = [r["time_to_target_s"] for r in ref if r["time_to_target_s"] is not None]
+            speedup = (
+                f"{statistics.fmean(ref_t) / statistics.fmean(times):.2f}×"
+                if times and len(ref_t) == len(ref)
+                else "–"
+            )
+            rows.append(
+                [
+                    method,
+                    f"×{m:g}",
+                    f"{len(reached)}/{len(rs)}",
+                    fmt(statistics.fmean(steps), None, 0) if steps else "–",
+                    fmt(statistics.fmean(times), None, 1) if times else "–",
+                    speedup,
+                    fmt(*mean_std([r["wall_time_s"] for r in rs]), digits=1),
+                    fmt(statistics.fmean([r["tokens_per_s"] or 0.0 for r in rs]), None, 0),
+                ]
+            )
+    return _table(
+        [
+            "method",
+            "LR",
+            "reached target",
+            "steps to target",
+            "time to target (s)",
+            "speedup vs AdamW",
+            "wall time (s)",
+            "tokens/s",
+        ],
+        rows,
+    )
+
+
+def telemetry_table(suite: Suite, setting: str, fault: str) -> list[str]:
+    mults = suite.multipliers(setting, fault)
+    rows = []
+    for method in suite.methods:
+        for m in mults:
+            rs = suite.select(setting=setting, fault=fault, method=method, lr_multiplier=m)
+            if not rs:
+                continue
+
+            def avg(key, rs=rs):
+                vals = [r["telemetry"].get(key) for r in rs]
+                vals = [v for v in vals if _finite(v)]
+                return statistics.fmean(vals) if vals else math.nan
+
+            spikes = statistics.fmean([r["loss_spikes"] for r in rs])
+            tel = [
+                fmt(avg("mean_scale"), None, 3),
+                fmt(avg("control_active_steps"), None, 1),
+                fmt(avg("regime_switches"), None, 1),
+                fmt(avg("control_energy"), None, 1),
+                fmt(avg("held_steps"), None, 1),
+            ]
+            rows.append([method, f"×{m:g}", f"{spikes:.1f}", *tel])
+    return _table(
+        [
+            "method",
+            "LR",
+            "loss spikes",
+            "mean scale",
+            "control-active steps",
+            "regime switches",
+            "control energy",
+            "held steps",
+        ],
+        rows,
+    )
+
+
+def ladder_table(suite: Suite, fault: str, methods: Sequence[str]) -> list[str]:
+    """Setting × method mean final perplexity at each multiplier (size ladder, LoRA vs full)."""
+    mults = sorted({r["lr_multiplier"] for r in suite.select(fault=fault)})
+    rows = []
+    for setting in suite.settings:
+        lora = next(r["lora_rank"] for r in suite.select(setting=setting))
+        for method in methods:
+            cells = [fmt(*suite.cell(setting, fault, method, m)[0]) for m in mults]
+            rows.append([setting, f"LoRA r{lora}" if lora else "full", method, *cells])
+    return _table(["setting", "training", "method", *[f"×{m:g}" for m in mults]], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots.
+
+
+def _curves(suite: Suite, record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return read_jsonl(suite.dir / "runs" / record["run_id"] / "metrics.jsonl")
+
+
+def plot_losses(suite: Suite, setting: str, fault: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    mults = suite.multipliers(setting, fault)
+    fig, axes = plt.subplots(1, len(mults), figsize=(5 * len(mults), 4), squeeze=False)
+    seed = min(r["seed"] for r in suite.select(setting=setting, fault=fault))
+    cmap = plt.get_cmap("tab20")
+    for ax, m in zip(axes[0], mults, strict=True):
+        for i, method in enumerate(suite.methods):
+            rs = suite.select(
+                setting=setting, fault=fault, method=method, lr_multiplier=m, seed=seed
+            )
+            if not rs:
+                continue
+            lines = [r for r in _curves(suite, rs[0]) if r.get("kind") == "train"]
+            every = max(1, int(suite.meta.get("spec", {}).get("train", {}).get("log_every", 1)))
+            pts = [(r["step"], r["loss"]) for r in lines if r["step"] % every == 0]
+            pts = [(s, v) for s, v in pts if _finite(v)]
+            if pts:
+                style = "-" if method in GUARDED or method == "adamw" else "--"
+                ax.plot(*zip(*pts, strict=True), style, color=cmap(i), label=method, lw=1.3)
+        ax.set_title(f"LR ×{m:g} ({suite.lr_of(setting, m):.0e})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss (nats/token)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"Training loss, seed {seed} — {setting}, fault: {fault}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_robustness(suite: Suite, setting: str, fault: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    mults = suite.multipliers(setting, fault)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    cmap = plt.get_cmap("tab20")
+    for i, method in enumerate(suite.methods):
+        xs, ys, es = [], [], []
+        for m in mults:
+            (mean, std), n = suite.cell(setting, fault, method, m)
+            if n and math.isfinite(mean):
+                xs.append(suite.lr_of(setting, m))
+                ys.append(mean)
+                es.append(std)
+        if xs:
+            style = "o-" if method in GUARDED or method == "adamw" else "s--"
+            ax.errorbar(xs, ys, yerr=es, fmt=style, color=cmap(i), label=method, capsize=3, lw=1.3)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation perplexity (mean ± std over seeds)")
+    ax.set_title(f"Robustness to the learning rate — {setting}, fault: {fault}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scale(suite: Suite, setting: str, fault: str, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in suite.methods if m in GUARDED]
+    if not methods:
+        return False
+    mults = suite.multipliers(setting, fault)
+    seed = min(r["seed"] for r in suite.select(setting=setting, fault=fault))
+    fig, axes = plt.subplots(2, len(mults), figsize=(5 * len(mults), 6), squeeze=False, sharex=True)
+    cmap = plt.get_cmap("tab10")
+    regimes: dict[int, str] = {}
+    for col, m in enumerate(mults):
+        for i, method in enumerate(methods):
+            rs = suite.select(
+                setting=setting, fault=fault, method=method, lr_multiplier=m, seed=seed
+            )
+            if not rs:
+                continue
+            lines = [
+                r
+                for r in _curves(suite, rs[0])
+                if r.get("kind") == "train" and "scale" in (r.get("telemetry") or {})
+            ]
+            steps = [r["step"] for r in lines]
+            axes[0][col].plot(
+                steps, [r["telemetry"]["scale"] for r in lines], color=cmap(i), label=method
+            )
+            reg = [r["telemetry"]["regime"] for r in lines]
+            for r in lines:
+                regimes[r["telemetry"]["regime"]] = r["telemetry"].get("regime_name", "")
+            axes[1][col].step(
+                steps, [x + 0.08 * i for x in reg], where="post", color=cmap(i), label=method
+            )
+        axes[0][col].set_title(f"LR ×{m:g} ({suite.lr_of(setting, m):.0e})")
+        axes[0][col].set_ylabel("scale")
+        axes[0][col].set_ylim(0, 1.05)
+        axes[0][col].grid(alpha=0.3)
+        axes[1][col].set_ylabel("regime")
+        axes[1][col].set_xlabel("step")
+        axes[1][col].grid(alpha=0.3)
+        if regimes:
+            axes[1][col].set_yticks(sorted(regimes), [regimes[k] for k in sorted(regimes)])
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"Guard scale and regime, seed {seed} — {setting}, fault: {fault}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+
+
+def _suffix(suite: Suite, setting: str, fault: str) -> str:
+    parts = []
+    if len(suite.settings) > 1:
+        parts.append(setting)
+    if len(suite.faults) > 1:
+        parts.append(fault)
+    return ("_" + "_".join(parts)) if parts else ""
+
+
+def headline(directory: Path) -> str:
+    """The first setting's fault-free method × LR table (what the CLI prints)."""
+    suite = Suite(directory)
+    if not suite.grid:
+        return "(no finished runs)"
+    setting = suite.settings[0]
+    fault = "none" if "none" in suite.faults else suite.faults[0]
+    title = f"Final validation perplexity (mean ± std over seeds), {setting}, fault: {fault}"
+    return "\n".join([title, "", *ppl_table(suite, setting, fault)])
+
+
+def write_report(directory: Path) -> Path:
+    """Writes ``summary.md`` and the PNGs into the suite ``directory``; returns the summary's
+    path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    suite = Suite(Path(directory))
+    meta = suite.meta
+    spec = meta.get("spec", {})
+    md = [f"# Stress suite `{spec.get('name', suite.dir.name)}`", ""]
+    if spec.get("description"):
+        md += [spec["description"], ""]
+    md += [
+        f"- Command: `{meta.get('command', '')}`",
+        f"- Machine: {meta.get('machine', '')}",
+        f"- Code: git commit `{meta.get('git_commit', 'unknown')}`",
+        f"- Runs: {len(suite.records)} finished "
+        f"({sum(r['status'] == 'nonfinite' for r in suite.records)} stopped on NaN/Inf), "
+        f"total run wall time {sum(r['wall_time_s'] or 0 for r in suite.records):.0f} s",
+    ]
+    if meta.get("last_invocation_s"):
+        md.append(
+            f"- Wall time of the last `lbw-stress` invocation (Python start-up excluded; runs "
+            f"already finished are skipped): {meta['last_invocation_s']:.0f} s"
+        )
+    train = spec.get("train", {})
+    if train:
+        md.append(
+            "- Per run: "
+            + ", ".join(f"{k} {v}" for k, v in train.items() if k not in ("checkpoint_every",))
+        )
+    spike = meta.get("definitions", {}).get("spike_factor", SPIKE_FACTOR)
+    target = meta.get("definitions", {}).get("target_factor", TARGET_FACTOR)
+    md += [
+        "",
+        "Definitions:",
+        "",
+        "- **Final / best perplexity**: exp of the mean evaluation loss (per byte-level token) "
+        "at the last step / the lowest over the periodic evaluations. `diverged`: the run "
+        "stopped on a NaN/Inf loss (unguarded) or its perplexity overflowed.",
+        f"- **Loss spike**: after warm-up, a logged training loss (mean over the log interval) "
+        f"above {spike:g} × the lowest logged loss so far, or a non-finite one; counted once per "
+        "excursion.",
+        f"- **Target perplexity**: {target:.2f} × AdamW's best mean final perplexity over the "
+        "learning rates run (per setting and fault); steps/time to target: the first evaluation "
+        "at or below it.",
+        "- **Mean scale**: the guard's applied scale averaged over steps (0 on a held step), "
+        "`1 − control_energy / steps`. **Control-active steps**: steps with scale ≠ 1 or a held "
+        "update (for ZClip: clipped steps). **Held steps**: zero updates (guard, skip-step).",
+        "- **effective-lr** control: AdamW at LR × the governor run's mean scale (same setting, "
+        "LR, fault, seed). **replay** control: AdamW whose LR schedule is multiplied by the "
+        "governor run's per-step applied scale, open loop.",
+        "",
+    ]
+    base = meta.get("base_lr", {})
+    if base:
+        md += ["## Base learning rate", ""]
+        for name, info in base.items():
+            grid = info.get("grid")
+            line = f"- {name}: **{info['base_lr']:.0e}** — {info.get('procedure', '')}"
+            if grid:
+                line += "; final ppl " + ", ".join(
+                    f"{lr}: {fmt(v if v is not None else math.inf)}" for lr, v in grid.items()
+                )
+            md.append(line)
+        md.append("")
+
+    for setting in suite.settings:
+        for fault in suite.faults:
+            if not suite.select(setting=setting, fault=fault):
+                continue
+            sfx = _suffix(suite, setting, fault)
+            md += [f"## {setting}, fault: {fault}", ""]
+            md += [
+                "### Final validation perplexity (mean ± std over seeds)",
+                "",
+                *ppl_table(suite, setting, fault),
+                "",
+            ]
+            md += ["### Targets", "", *targets_block(suite, setting, fault), ""]
+            clips = [m for m in suite.methods if m.startswith("adamw")] + [
+                m for m in ("governor", "effective-lr") if m in suite.methods
+            ]
+            md += [
+                "### Clipping baselines",
+                "",
+                *ppl_table(suite, setting, fault, clips),
+                "",
+                "### Time to target and speed",
+                "",
+                *speed_table(suite, setting, fault),
+                "",
+                "### Telemetry and loss spikes (means over seeds)",
+                "",
+                *telemetry_table(suite, setting, fault),
+                "",
+            ]
+            plot_losses(suite, setting, fault, suite.dir / f"loss_curves{sfx}.png")
+            plot_robustness(suite, setting, fault, suite.dir / f"robustness{sfx}.png")
+            pngs = [f"loss_curves{sfx}.png", f"robustness{sfx}.png"]
+            if plot_scale(suite, setting, fault, suite.dir / f"scale_regime{sfx}.png"):
+                pngs.append(f"scale_regime{sfx}.png")
+            md += [f"![{p}]({p})" for p in pngs] + [""]
+    if len(suite.settings) > 1:
+        methods = [
+            m for m in ("adamw", "adamw+clip", "reference", "governor") if m in suite.methods
+        ]
+        md += ["## Size ladder and LoRA vs full (fault: none)", ""]
+        md += [*ladder_table(suite, "none", methods), ""]
+    md += [
+        "Raw data: `runs.jsonl` (one line per run) and `runs/<run_id>/metrics.jsonl`; regenerate "
+        f"this report with `lbw-stress report {suite.dir.name}` from the suite's parent folder.",
+        "",
+    ]
+    path = suite.dir / "summary.md"
+    path.write_text("\n".join(md))
+    return path
