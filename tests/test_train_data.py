@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import pytest
 
 import lbw_optax
 import models
+from tests.train_helpers import PYTHON, ROOT, cli_env
 from train import (
     Batches,
     DataError,
@@ -312,3 +314,29 @@ def test_help_explains_every_option():
     for field in dataclasses.fields(FaultConfig):
         assert "--" + field.name.replace("_", "-") in text, field.name
     assert "trains on its validation split and evaluates on its test split" in text
+
+
+def test_hf_source_reads_a_local_dataset_directory(tmp_path):
+    # A directory in the Hub layout (one file per split) loads through the same code path as a
+    # dataset from the Hub or the cache.
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.txt").write_text("alpha\nbeta\n")
+    (tmp_path / "ds" / "validation.txt").write_text("gamma\n")
+    text = load_text(TrainConfig(data=f"hf:{tmp_path / 'ds'}", data_dir=str(tmp_path / "cache")))
+    assert (text.train, text.eval) == ("alpha\nbeta\n", "gamma\n")
+
+
+def test_unreachable_wikitext103_is_a_clear_error(tmp_path):
+    code = (
+        "from train import TrainConfig, DataError, load_text\n"
+        "try:\n"
+        f"    load_text(TrainConfig(data='wikitext103', data_dir={str(tmp_path)!r}))\n"
+        "except DataError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**cli_env(tmp_path / "jax"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(
+        [PYTHON, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "Could not load Hugging Face dataset 'Salesforce/wikitext'" in done.stdout, done.stderr
+    assert "reachable on the Hub or already in the datasets cache" in done.stdout
