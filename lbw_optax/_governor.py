@@ -37,6 +37,7 @@ class GovernorState(NamedTuple):
       grad_z: float32, the latest log-gradient-norm z-score.
       loss_trend: float32, the latest ``loss_fast / loss_slow - 1``.
       grad_trend: float32, the latest ``log_norm_fast - log_norm_slow``.
+      alignment: float32, EMA of the gradient–momentum cosine.
     """
 
     observed: jax.Array
@@ -53,6 +54,7 @@ class GovernorState(NamedTuple):
     grad_z: jax.Array
     loss_trend: jax.Array
     grad_trend: jax.Array
+    alignment: jax.Array
 
 
 def _ema(mean: jax.Array, x: jax.Array, decay: float) -> jax.Array:
@@ -84,8 +86,14 @@ class GovernorPolicy(Policy):
     spike_factor: float = 0.5
     release: float = 0.01
     max_holds: int = 2
+    overshoot_cos: float | None = 0.0
+    alignment_decay: float = 0.9
 
     needs_value = True
+
+    @property
+    def needs_momentum(self) -> bool:
+        return self.overshoot_cos is not None
 
     @property
     def scale_bounds(self) -> tuple[float, float]:
@@ -109,6 +117,7 @@ class GovernorPolicy(Policy):
             grad_z=zero,
             loss_trend=zero,
             grad_trend=zero,
+            alignment=zero,
         )
 
     def decide(self, signals: Signals, state: GovernorState, *, step, scale, regime):
@@ -149,8 +158,18 @@ class GovernorPolicy(Policy):
         )
         loss_trend = loss_fast / (jnp.abs(loss_slow) + _TINY) - 1.0
         grad_trend = log_norm_fast - log_norm_slow
+        alignment = jnp.where(
+            first,
+            signals.grad_momentum_cos,
+            _ema(state.alignment, signals.grad_momentum_cos, self.alignment_decay),
+        )
+        overshooting = (
+            warm & (alignment < self.overshoot_cos)
+            if self.overshoot_cos is not None
+            else jnp.array(False)
+        )
         stressed = warm & (loss_trend > self.stress_trend)
-        oscillating = warm & (grad_trend > self.oscillation_trend)
+        oscillating = (warm & (grad_trend > self.oscillation_trend)) | overshooting
         pressure = stressed | oscillating
 
         # Hysteresis: pressure must persist `dwell` steps to engage; calm must persist
@@ -206,6 +225,7 @@ class GovernorPolicy(Policy):
             grad_z=grad_z,
             loss_trend=loss_trend,
             grad_trend=grad_trend,
+            alignment=alignment,
         )
         return Decision(
             regime=new_regime, scale=new_scale.astype(jnp.float32), hold=hold
@@ -230,6 +250,8 @@ def governor_policy(
     spike_factor: float = 0.5,
     release: float = 0.01,
     max_holds: int = 2,
+    overshoot_cos: float | None = 0.0,
+    alignment_decay: float = 0.9,
 ) -> GovernorPolicy:
     r"""Our governance policy: senses loss and gradient norm, interprets with hysteresis.
 
@@ -306,6 +328,9 @@ def governor_policy(
     _validate.check_in_range("spike_factor", spike_factor, 0.0, 1.0, closed="right")
     _validate.check_non_negative("release", release)
     _validate.check_non_negative_int("max_holds", max_holds)
+    if overshoot_cos is not None:
+        _validate.check_in_range("overshoot_cos", overshoot_cos, -1.0, 1.0)
+    _validate.check_in_range("alignment_decay", alignment_decay, 0.0, 1.0, closed="left")
     return GovernorPolicy(
         min_scale=float(min_scale),
         max_scale=float(max_scale),
@@ -323,4 +348,6 @@ def governor_policy(
         spike_factor=float(spike_factor),
         release=float(release),
         max_holds=max_holds,
+        overshoot_cos=None if overshoot_cos is None else float(overshoot_cos),
+        alignment_decay=float(alignment_decay),
     )

@@ -11,7 +11,7 @@ from lbw_optax._governor import governor_policy
 from lbw_optax._policy import Policy
 from lbw_optax._reference import reference_policy
 from lbw_optax._regime import Regime
-from lbw_optax._sense import Signals, empty_signals, sense
+from lbw_optax._sense import Signals, empty_signals, find_first_moment, sense
 
 _POLICIES = {"governor": governor_policy, "reference": reference_policy}
 
@@ -152,7 +152,8 @@ def guard(
                 "tx.update(grads, state, params, value=loss)"
             )
         step = optax.safe_increment(state.step)
-        signals, finite = sense(updates, value)
+        momentum = find_first_moment(state.inner_state, updates) if policy.needs_momentum else None
+        signals, finite = sense(updates, value, momentum)
         decision, policy_state = policy.decide(
             signals, state.policy_state, step=step, scale=state.scale, regime=state.regime
         )

@@ -36,9 +36,12 @@ class Policy(abc.ABC):
     :meth:`init` and :meth:`decide`. Class attributes:
 
     - ``needs_value``: the policy senses the loss, so the guard requires ``value=``.
+    - ``needs_momentum``: the policy reads ``Signals.grad_momentum_cos``, so the guard senses
+      the alignment of the gradients with the inner optimizer's first moment.
     """
 
     needs_value = False
+    needs_momentum = False
 
     @property
     @abc.abstractmethod

@@ -321,6 +321,8 @@ INVALID = [
     (lbw_optax.governor_policy, "release", -0.1),
     (lbw_optax.governor_policy, "max_holds", -1),
     (lbw_optax.governor_policy, "stress_trend", float("inf")),
+    (lbw_optax.governor_policy, "overshoot_cos", 1.5),
+    (lbw_optax.governor_policy, "alignment_decay", 1.0),
 ]
 
 
@@ -343,3 +345,29 @@ def test_invalid_hyperparameters_name_the_argument_and_value(factory, name, valu
 def test_lbw_adamw_validates_its_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         lbw_optax.lbw_adamw(**kwargs)
+
+
+# --- the gradient–momentum alignment cue ----------------------------------------------------------
+
+
+def test_governor_damps_when_gradients_oppose_the_momentum():
+    n = 80
+    grads = [scaled_grads((-1.0) ** k) for k in range(n)]  # every step reverses the last
+    losses = [2.0] * n
+    _, records, _ = run(lbw_optax.lbw_adamw(1e-2), grads, losses)
+    assert float(records[10]["grad_momentum_cos"]) < -0.9
+    regimes = [int(r["regime"]) for r in records]
+    assert Regime.OSCILLATION in regimes
+    assert float(records[-1]["scale"]) < 0.5
+    # Without the cue the same sequence is left alone.
+    policy = lbw_optax.governor_policy(overshoot_cos=None)
+    _, records, _ = run(lbw_optax.lbw_adamw(1e-2, policy=policy), grads, losses)
+    assert {int(r["regime"]) for r in records} == {Regime.STABLE}
+
+
+def test_alignment_is_not_sensed_without_a_first_moment():
+    n = 40
+    grads = [scaled_grads((-1.0) ** k) for k in range(n)]
+    _, records, _ = run(lbw_optax.guard(optax.sgd(1e-2)), grads, [2.0] * n)
+    assert all(float(r["grad_momentum_cos"]) == 0.0 for r in records)
+    assert {int(r["regime"]) for r in records} == {Regime.STABLE}
