@@ -441,15 +441,21 @@ def write_report(directory: Path) -> Path:
     md += [
         f"- Command: `{meta.get('command', '')}`",
         f"- Machine: {meta.get('machine', '')}",
-        f"- Code: git commit `{meta.get('git_commit', 'unknown')}`",
+        f"- Code: git commit `{meta.get('git_commit', 'unknown')}`"
+        + (
+            f", with the uncommitted changes in `code.patch` "
+            f"({', '.join(f'`{p}`' for p in meta['uncommitted'])})"
+            if meta.get("uncommitted")
+            else ""
+        ),
         f"- Runs: {len(suite.records)} finished "
         f"({sum(r['status'] == 'nonfinite' for r in suite.records)} stopped on NaN/Inf), "
         f"total run wall time {sum(r['wall_time_s'] or 0 for r in suite.records):.0f} s",
     ]
     if meta.get("last_invocation_s"):
         md.append(
-            f"- Wall time of the last `lbw-stress` invocation (Python start-up excluded; runs "
-            f"already finished are skipped): {meta['last_invocation_s']:.0f} s"
+            f"- Wall time of the invocation that ran {meta.get('runs_in_last_invocation', '')} "
+            f"runs (Python start-up excluded): {meta['last_invocation_s']:.0f} s"
         )
     train = spec.get("train", {})
     if train:

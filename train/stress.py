@@ -580,17 +580,26 @@ def choose_base_lr(
     return out
 
 
-def _git_commit() -> str:
+def _git(*args: str) -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             capture_output=True,
             text=True,
             check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
+            cwd=Path(__file__).resolve().parent.parent,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return None
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit of the code and the tracked library/training files changed since it."""
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "lbw_optax", "train")
+    return {
+        "git_commit": (_git("rev-parse", "HEAD") or "unknown").strip(),
+        "uncommitted": sorted(line[3:] for line in (dirty or "").splitlines()),
+    }
 
 
 def _spike_every(spec: SuiteSpec) -> int:
@@ -637,6 +646,11 @@ def run_suite(
     runs_dir = suite_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    version = code_version()  # At the start: the code the runs of this invocation use.
+    if version["uncommitted"]:  # Keep the uncommitted changes the runs use, to reproduce them.
+        patch = _git("diff", "HEAD", "--", *version["uncommitted"]) or ""
+        (suite_dir / "code.patch").write_text(patch)
+    already = {p.parent.name for p in runs_dir.glob("*/summary.json")}
 
     sweep = expand_sweep(spec)
     sweep_ids = {r.run_id for r in sweep}
@@ -668,16 +682,17 @@ def run_suite(
     _write_jsonl(suite_dir / "runs.jsonl", records)
     meta_path = suite_dir / "suite.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    elapsed = time.perf_counter() - start
-    meta.update(
-        spec=spec.to_dict(),
-        base_lr=base,
-        definitions={"spike_factor": SPIKE_FACTOR, "target_factor": TARGET_FACTOR},
-        git_commit=_git_commit(),
-        command=command or meta.get("command", ""),
-        machine=machine or meta.get("machine", ""),
-        last_invocation_s=round(elapsed, 1),
-    )
+    ran = len({r["run_id"] for r in records} - already)
+    meta.update(spec=spec.to_dict(), base_lr=base)
+    meta["definitions"] = {"spike_factor": SPIKE_FACTOR, "target_factor": TARGET_FACTOR}
+    if ran or "git_commit" not in meta:  # A no-op invocation keeps the record of the real one.
+        meta.update(
+            version,
+            command=command,
+            machine=machine,
+            last_invocation_s=round(time.perf_counter() - start, 1),
+            runs_in_last_invocation=ran,
+        )
     _write_json(meta_path, meta)
     report.write_report(suite_dir)
     return suite_dir
@@ -892,10 +907,10 @@ def _machine() -> str:
 
     import jax
 
-    cores = os.cpu_count()
-    return (
-        f"{cores}-core {platform.machine()} {jax.default_backend().upper()}, JAX {jax.__version__}"
-    )
+    backend = jax.default_backend().upper()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    arch = platform.machine().replace("_", "-")
+    return f"{os.cpu_count()}-core {arch} {backend}, {memory:.0f} GiB, JAX {jax.__version__}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
