@@ -4,6 +4,7 @@
 >>> summary = train(TrainConfig(steps=50, out_dir="runs/demo"))  # doctest: +SKIP
 """
 
+from train import peers  # noqa: F401  Registers zclip, skip-step, adagc and spam.
 from train.checkpoint import Checkpointer, CheckpointError
 from train.config import FaultConfig, TrainConfig
 from train.data import Batches, DataError, DataPosition, DataStream, eval_set, load_text, tokenize
