@@ -24,16 +24,44 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be restored (unreadable, corrupted, or not there)."""
 
 
+def _host(x: Any) -> np.ndarray:
+    """The whole value of ``x``; a sharded array spanning several processes is gathered."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def fingerprint(tree: Any) -> list[int]:
     """CRC-32 of the bytes of every array leaf of ``tree``, in leaf order."""
-    leaves = jax.device_get(jax.tree.leaves(tree))
+    leaves = [_host(x) for x in jax.tree.leaves(tree)]
     return [zlib.crc32(np.ascontiguousarray(x).tobytes()) for x in leaves]
+
+
+def _drop_empty(tree: Any) -> Any:
+    """``tree`` with its zero-size arrays (SGG keeps them for tensors it never scales) replaced
+    by ``None``: Orbax cannot save them, and they hold no values."""
+    return jax.tree.map(lambda x: None if np.size(x) == 0 else x, tree)
+
+
+def _empty_like(x: Any) -> Any:
+    value = np.zeros(np.shape(x), x.dtype)
+    sharding = getattr(x, "sharding", None)
+    return value if sharding is None else jax.device_put(value, sharding)
+
+
+def _fill_empty(restored: Any, abstract: Any) -> Any:
+    """The inverse of :func:`_drop_empty`: ``restored`` in the structure of ``abstract``."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    values = jax.tree.leaves(restored, is_leaf=lambda x: x is None)
+    filled = [_empty_like(a) if np.size(a) == 0 else v for a, v in zip(leaves, values, strict=True)]
+    return jax.tree.unflatten(treedef, filled)
 
 
 class Checkpointer:
@@ -71,7 +99,7 @@ class Checkpointer:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(_drop_empty(state)), meta=ocp.args.JsonSave(meta)
             ),
             force=True,
         )
@@ -97,15 +125,19 @@ class Checkpointer:
             if others
             else " There is no earlier checkpoint."
         )
+        # Arrays of abstract_state are restored with their shardings (a checkpoint saved on one
+        # mesh restores onto another).
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         try:
             restored = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    state=ocp.args.StandardRestore(_drop_empty(abstract)),
+                    meta=ocp.args.JsonRestore(),
                 ),
             )
-            state, meta = restored["state"], dict(restored["meta"])
+            state = _fill_empty(restored["state"], abstract_state)
+            meta = dict(restored["meta"])
         except Exception as e:  # orbax/tensorstore raise many types for unreadable files.
             raise CheckpointError(
                 f"The checkpoint of step {step} in {self.directory} is corrupted or unreadable "

@@ -55,6 +55,16 @@ def _override(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _mesh(text: str) -> str:
+    from train.sharding import parse_mesh
+
+    try:
+        parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from train.optimizers import available_optimizers
 
@@ -280,6 +290,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="no progress bar and no messages (the bar is also off when stderr is not a terminal)",
     )
 
+    g = p.add_argument_group("devices (see the README's Scaling out section)")
+    g.add_argument(
+        "--mesh",
+        type=_mesh,
+        default=d.mesh,
+        metavar="data=D,fsdp=F",
+        help="shard over a D×F device mesh: FSDP over 'fsdp', batches over both axes "
+        "(default: one device)",
+    )
+    g.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-process run: address of process 0's coordinator (or JAX_COORDINATOR_ADDRESS)",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="multi-process run: number of processes (or JAX_NUM_PROCESSES)",
+    )
+    g.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help="multi-process run: this process's id, 0 to N-1 (or JAX_PROCESS_ID)",
+    )
+
     f = _FAULT_DEFAULTS
     g = p.add_argument_group("fault injection (steps count from 1)")
     g.add_argument(
@@ -349,9 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
 _FAULT_FIELDS = {f.name for f in dataclasses.fields(FaultConfig)}
 
 
+# Flags of the process launch, not of the run (so not part of the config).
+_DISTRIBUTED_FIELDS = ("coordinator", "num_processes", "process_id")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` of parsed arguments."""
     values = vars(args).copy()
+    for name in _DISTRIBUTED_FIELDS:
+        values.pop(name, None)
     faults = FaultConfig(**{k: values.pop(k) for k in _FAULT_FIELDS})
     values["model_overrides"] = dict(values.pop("model_override"))
     values["lora_targets"] = tuple(t for t in values["lora_targets"].split(",") if t)
@@ -365,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except (TypeError, ValueError) as e:
+        parser.error(str(e))
+
+    from train.sharding import initialize_distributed
+
+    try:  # Before JAX touches a device.
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
         parser.error(str(e))
 
     from train.checkpoint import CheckpointError

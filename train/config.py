@@ -134,6 +134,10 @@ class TrainConfig:
       resume_step: with ``resume``, continue from this checkpoint step instead of the latest.
       quiet: no progress bar and no console messages.
       faults: the :class:`FaultConfig`.
+
+    Devices:
+      mesh: ``""`` (one device) or a device mesh ``"data=D,fsdp=F"`` over all devices of all
+        processes (see :mod:`train.sharding`); may change when a run is resumed.
     """
 
     # Model.
@@ -178,6 +182,8 @@ class TrainConfig:
     resume_step: int | None = None
     quiet: bool = False
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+    # Devices.
+    mesh: str = ""
 
     def __post_init__(self):
         if isinstance(self.faults, dict):

@@ -41,6 +41,7 @@ from flax import nnx
 
 import lbw_optax
 import models
+from train import sharding
 from train.checkpoint import Checkpointer, CheckpointError
 from train.config import FaultConfig, TrainConfig
 from train.data import Batches, DataStream, eval_set, load_text, tokenize
@@ -57,6 +58,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "resume",
         "resume_step",
+        "mesh",
         "quiet",
         "out_dir",
         "log_every",
@@ -105,18 +107,19 @@ def build_model(config: TrainConfig, vocab_size: int) -> tuple[models.Decoder, A
     return model, models.LORA_PARAMS
 
 
-def make_train_step(config: TrainConfig, wrt: Any):
+def make_train_step(config: TrainConfig, wrt: Any, mesh: jax.sharding.Mesh | None = None):
     """The jitted step ``(model, optimizer, tokens [B, T+1]) -> (loss, finite)``.
 
     Faults are decided on device from the optimizer's step counter (see :mod:`train.faults`), so
     the step is traced once. Runs in one process with the same faults and trainable filter share
-    one step function, and so its compilation cache.
+    one step function, and so its compilation cache. With a ``mesh``, the updated model and
+    optimizer state keep the FSDP layout of :func:`train.sharding.param_sharding`.
     """
-    return _train_step(config.faults, wrt)
+    return _train_step(config.faults, wrt, mesh)
 
 
 @functools.lru_cache(maxsize=16)
-def _train_step(faults: FaultConfig, wrt: Any):
+def _train_step(faults: FaultConfig, wrt: Any, mesh: jax.sharding.Mesh | None = None):
 
     @nnx.jit
     def train_step(model, optimizer, tokens):
@@ -132,6 +135,9 @@ def _train_step(faults: FaultConfig, wrt: Any):
         loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
         grads = perturb_grads(grads, step, faults)
         optimizer.update(model, grads, value=loss)
+        if mesh is not None:
+            nnx.update(model, sharding.constrain(nnx.state(model), mesh))
+            nnx.update(optimizer, sharding.constrain(nnx.state(optimizer), mesh))
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         return loss, finite
 
@@ -171,9 +177,13 @@ def _eval_step(model, tokens):
     return models.cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
 
 
-def evaluate(model: models.Decoder, batches: np.ndarray) -> float:
-    """Mean loss of ``model`` over the fixed evaluation ``batches`` [n, B, T+1]."""
-    losses = [_eval_step(model, jnp.asarray(b)) for b in batches]
+def evaluate(
+    model: models.Decoder, batches: np.ndarray, mesh: jax.sharding.Mesh | None = None
+) -> float:
+    """Mean loss of ``model`` over the fixed evaluation ``batches`` [n, B, T+1] (each sharded
+    over the ``mesh``'s batch axes when there is one)."""
+    put = jnp.asarray if mesh is None else (lambda b: sharding.global_batch(b, mesh))
+    losses = [_eval_step(model, put(b)) for b in batches]
     return float(np.mean(jax.device_get(losses)))
 
 
@@ -341,6 +351,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     schedule, tx = _transform(*(getattr(config, f) for f in _OPTIMIZER_FIELDS))
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     guarded = is_guarded(config.optimizer)
+    mesh = None
+    if config.mesh:
+        mesh = sharding.make_mesh(config.mesh)
+        sharding.check_batch(config.batch_size, mesh)
+        nnx.update(model, sharding.shard(nnx.state(model), mesh))
+        nnx.update(optimizer, sharding.shard(nnx.state(optimizer), mesh))
     trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
 
     # Checkpoints and resume.
@@ -349,7 +365,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         checkpointer = Checkpointer(
             out_dir / "checkpoints", keep=config.keep_checkpoints, every=config.checkpoint_every
         )
-    metrics_path = out_dir / "metrics.jsonl"
+    # With several processes, process 0 writes the run's files and the others their own copies.
+    suffix = f".process{jax.process_index()}" if jax.process_index() else ""
+    metrics_path = out_dir / f"metrics{suffix}.jsonl"
     try:
         start_step, elapsed_before = _restore(
             config, checkpointer, model, optimizer, wrt, stream, metrics_path
@@ -367,7 +385,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
 
     # cached_partial traverses the model and optimizer graphs once, not at every call.
-    train_step = nnx.cached_partial(make_train_step(config, wrt), model, optimizer)
+    train_step = nnx.cached_partial(make_train_step(config, wrt, mesh), model, optimizer)
     learning_rate = jax.jit(schedule)  # Compiled here, outside the timed steps.
     learning_rate(0)
     tokens_per_step = config.batch_size * config.seq_len
@@ -405,7 +423,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             return
         summary = finish(step, status="nonfinite")
         summary["nonfinite_step"] = first_nonfinite
-        _write_json(out_dir / "summary.json", summary)
+        _write_json(out_dir / f"summary{suffix}.json", summary)
         raise NonFiniteError(
             f"Step {first_nonfinite}: the loss or gradients are NaN/Inf. Optimizer "
             f"{config.optimizer!r} has no guard, so that update wrote NaN/Inf into the "
@@ -439,7 +457,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     try:
         for step in range(start_step + 1, config.steps + 1):
-            batch = jnp.asarray(stream.batch(step))
+            batch = stream.batch(step)
+            batch = jnp.asarray(batch) if mesh is None else sharding.global_batch(batch, mesh)
             pending.append(train_step(batch))
             progress.update()
             if compile_s is None:  # One sync after the first step: compile time, then steady state.
@@ -494,7 +513,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 now = time.perf_counter()
                 interval_time += now - clock
                 if eval_now:
-                    last_eval = evaluate(model, eval_batches)
+                    last_eval = evaluate(model, eval_batches, mesh)
                     write(
                         {
                             "kind": "eval",
@@ -516,7 +535,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     )
                 clock = time.perf_counter()
         summary = finish(config.steps, status="completed")
-        _write_json(out_dir / "summary.json", summary)
+        _write_json(out_dir / f"summary{suffix}.json", summary)
         return summary
     finally:
         with contextlib.suppress(Exception):
