@@ -72,7 +72,7 @@ class GovernorPolicy(Policy):
 
     min_scale: float = 0.1
     max_scale: float = 1.0
-    warmup: int = 20
+    warmup: int = 10
     fast_decay: float = 0.9
     slow_decay: float = 0.99
     spike_z: float = 4.0
@@ -82,7 +82,7 @@ class GovernorPolicy(Policy):
     oscillation_trend: float = 0.1
     dwell: int = 5
     calm_steps: int = 20
-    damping: float = 0.05
+    damping: float = 0.2
     spike_factor: float = 0.5
     release: float = 0.01
     max_holds: int = 2
@@ -236,7 +236,7 @@ def governor_policy(
     *,
     min_scale: float = 0.1,
     max_scale: float = 1.0,
-    warmup: int = 20,
+    warmup: int = 10,
     fast_decay: float = 0.9,
     slow_decay: float = 0.99,
     spike_z: float = 4.0,
@@ -246,7 +246,7 @@ def governor_policy(
     oscillation_trend: float = 0.1,
     dwell: int = 5,
     calm_steps: int = 20,
-    damping: float = 0.05,
+    damping: float = 0.2,
     spike_factor: float = 0.5,
     release: float = 0.01,
     max_holds: int = 2,
