@@ -1,0 +1,196 @@
+"""Sharded training (``train.sharding``): mesh parsing and FSDP layout in process; equality of
+sharded and one-device runs on 8 fake CPU devices and across two processes, in subprocesses
+(the device count is fixed when JAX starts, and this process has started it with one device).
+
+Tolerances. Losses and evaluation losses match the one-device run to 1e-5 relative (measured:
+3e-7), as do the guard's level statistics; integer and boolean telemetry (regime, holds,
+counters) is equal. Telemetry that subtracts nearly equal numbers (trends: fast minus slow EMA,
+variances, z-scores, cosines, the mean of signed gradients) amplifies the float32 rounding of
+sums taken in another order on another layout; it matches to 1e-3 relative (measured: up to
+5e-4 on 20 steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from tests.train_helpers import PYTHON, ROOT, TINY_FLAGS, cli_env, train_losses
+from train.cli import main
+from train.sharding import leaf_spec, make_mesh, param_sharding, parse_mesh
+
+STRICT = 1e-5
+DERIVED = 1e-3
+# Telemetry read from sums and running averages directly (no cancellation).
+LEVELS = (
+    "loss",
+    "grad_norm",
+    "scale",
+    "loss_fast",
+    "loss_slow",
+    "log_norm_fast",
+    "log_norm_slow",
+    "grad_ms_mean",
+    "model_mda",
+    "control_energy",
+)
+
+
+def test_parse_mesh():
+    assert parse_mesh("data=4,fsdp=2") == {"data": 4, "fsdp": 2}
+    assert parse_mesh("fsdp=8") == {"data": 1, "fsdp": 8}
+    assert parse_mesh("") == {"data": 1, "fsdp": 1}
+    for bad in ("data=4,tensor=2", "data=0", "data=x", "data=2,data=2", "data"):
+        with pytest.raises(ValueError, match="mesh"):
+            parse_mesh(bad)
+
+
+def test_leaf_spec_fsdp_layout():
+    assert leaf_spec((320, 64), fsdp=4) == P("fsdp", None)  # largest divisible dimension
+    assert leaf_spec((64, 320), fsdp=4) == P(None, "fsdp")
+    assert leaf_spec((64, 64), fsdp=2) == P("fsdp", None)  # first of equal ones
+    assert leaf_spec((66, 320), fsdp=8) == P(None, "fsdp")
+    assert leaf_spec((66, 330), fsdp=8) == P()  # no divisible dimension
+    assert leaf_spec((64,), fsdp=2) == P()  # small: replicated
+    assert leaf_spec((), fsdp=2) == P()  # scalars
+    assert leaf_spec((64, 64), fsdp=1) == P()
+    assert leaf_spec((64,), fsdp=2, min_size=1) == P("fsdp")
+
+
+def test_param_sharding_and_mesh_size():
+    mesh = make_mesh("data=1,fsdp=1")
+    tree = {"w": np.zeros((64, 64)), "step": np.zeros((), np.int32)}
+    shardings = param_sharding(tree, mesh)
+    assert shardings["w"].mesh.axis_names == ("data", "fsdp")
+    with pytest.raises(ValueError, match="needs 8 devices"):
+        make_mesh("data=4,fsdp=2")
+
+
+def test_cli_rejects_bad_mesh(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--mesh", "data=2,model=2"])
+    assert e.value.code == 2
+    assert "mesh" in capsys.readouterr().err
+
+
+def _compare(run: dict, ref: dict, steps: list[int]) -> None:
+    for step in steps:
+        s = str(step)
+        np.testing.assert_allclose(run["losses"][s], ref["losses"][s], rtol=STRICT, err_msg=s)
+        tel, ref_tel = run["telemetry"][s], ref["telemetry"][s]
+        assert tel.keys() == ref_tel.keys()
+        for key, value in tel.items():
+            if isinstance(value, bool | int | str):
+                assert value == ref_tel[key], (step, key)
+            else:
+                rtol = STRICT if key in LEVELS else DERIVED
+                np.testing.assert_allclose(value, ref_tel[key], rtol=rtol, err_msg=f"{s} {key}")
+    for s, value in run["eval"].items():
+        np.testing.assert_allclose(value, ref["eval"][s], rtol=STRICT)
+
+
+def _fake_devices(tmp_path, *meshes: str) -> dict:
+    env = cli_env(tmp_path / "cache")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    command = [PYTHON, "-m", "tests.sharding_worker", str(tmp_path / "runs"), *meshes]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.splitlines()[-1])
+    assert results["devices"] == 8
+    return results
+
+
+def _check_meshes(results: dict, meshes: tuple[str, ...]) -> None:
+    ref = results["one"]
+    assert sorted(ref["losses"], key=int) == [str(s) for s in range(1, 21)]
+    assert ref["telemetry"]["20"]["sgg_count"] == 20  # the guard and SGG both ran
+    for mesh in meshes:
+        _compare(results[mesh], ref, list(range(1, 21)))
+    # The checkpoint of step 10 on the first mesh, resumed on data=8,fsdp=1.
+    resumed = results["resumed"]
+    assert sorted(resumed["losses"], key=int) == [str(s) for s in range(1, 21)]
+    _compare(resumed, ref, list(range(11, 21)))
+
+
+def test_fsdp_mesh_matches_one_device_and_resumes_on_another_mesh(tmp_path):
+    """lbw+sgg (guard + SGG), 20 steps on mesh (4, 2); its step-10 checkpoint resumed on (8, 1)."""
+    meshes = ("data=4,fsdp=2",)
+    _check_meshes(_fake_devices(tmp_path, *meshes), meshes)
+
+
+@pytest.mark.slow
+def test_all_meshes_match_one_device(tmp_path):
+    """lbw+sgg, 20 steps on meshes (4, 2), (8, 1), (2, 4); the (4, 2) checkpoint of step 10
+    resumed on (8, 1)."""
+    meshes = ("data=4,fsdp=2", "data=8,fsdp=1", "data=2,fsdp=4")
+    _check_meshes(_fake_devices(tmp_path, *meshes), meshes)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """Two processes (one CPU device each, gloo collectives) joined by ``jax.distributed``
+    on 127.0.0.1 train 10 steps on mesh data=2; each feeds its half of every batch."""
+    env = cli_env(tmp_path / "cache")
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("XLA_FLAGS", None)
+    flags = [
+        *TINY_FLAGS,
+        "--seq-len=32",
+        "--batch-size=8",
+        "--steps=10",
+        "--log-every=1",
+        "--eval-batches=2",
+        "--optimizer=lbw+sgg",
+        "--quiet",
+    ]
+    cli = [PYTHON, "-m", "train.cli", *flags]
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [
+                *cli,
+                f"--out-dir={tmp_path / 'two'}",
+                "--mesh=data=2",
+                f"--coordinator={coordinator}",
+                "--num-processes=2",
+                f"--process-id={i}",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    one = subprocess.run(
+        [*cli, f"--out-dir={tmp_path / 'one'}"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert one.returncode == 0, one.stderr[-3000:]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    ref = train_losses(tmp_path / "one" / "metrics.jsonl")
+    assert sorted(ref) == list(range(1, 11))
+    for name in ("metrics.jsonl", "metrics.process1.jsonl"):
+        losses = train_losses(tmp_path / "two" / name)
+        assert sorted(losses) == sorted(ref)
+        np.testing.assert_allclose([losses[s] for s in ref], list(ref.values()), rtol=STRICT)
+    assert os.path.exists(tmp_path / "two" / "summary.json")
