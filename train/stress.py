@@ -937,7 +937,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("suite", nargs="?", default="quick", choices=sorted(SUITES))
     p.add_argument("--out", default="results", help="output root (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default: %(default)s)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes (default: min(2, CPU count) = %(default)s)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", help="override the suite's seeds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
