@@ -628,7 +628,7 @@ def _write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
 
 def run_suite(
     spec: SuiteSpec,
-    out: str | os.PathLike = "results",
+    out: str | os.PathLike = "runs",
     *,
     workers: int = 1,
     progress: bool = True,
@@ -936,7 +936,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "a report from the JSONL alone.",
     )
     p.add_argument("suite", nargs="?", default="quick", choices=sorted(SUITES))
-    p.add_argument("--out", default="results", help="output root (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default="runs",
+        help="output root (default: %(default)s; the committed results/ used --out results)",
+    )
     p.add_argument(
         "--workers",
         type=int,
