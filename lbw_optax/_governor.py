@@ -77,6 +77,7 @@ class GovernorPolicy(Policy):
     slow_decay: float = 0.99
     spike_z: float = 4.0
     hold_z: float = 8.0
+    hold_ratio: float = 10.0
     min_spike_rise: float = 0.05
     stress_trend: float = 0.02
     oscillation_trend: float = 0.1
@@ -136,8 +137,13 @@ class GovernorPolicy(Policy):
         grad_z = jnp.where(first, 0.0, (log_norm - state.log_norm_slow) / norm_sd)
         loss_rise = jnp.where(first, 0.0, loss / (jnp.abs(state.loss_slow) + _TINY) - 1.0)
         loss_outlier = lambda z: (loss_z > z) & (loss_rise > self.min_spike_rise)
-        severe = warm & (loss_outlier(self.hold_z) | (grad_z > self.hold_z))
-        spike = warm & (loss_outlier(self.spike_z) | (grad_z > self.spike_z))
+        # A gradient norm hold_ratio times its running (geometric) mean is severe whatever the
+        # variance says: early training inflates the variance, and such a step would poison
+        # Adam's moments for hundreds of steps.
+        norm_jump = jnp.where(first, 0.0, log_norm - state.log_norm_slow)
+        huge = norm_jump > jnp.log(self.hold_ratio)
+        severe = warm & (loss_outlier(self.hold_z) | (grad_z > self.hold_z) | huge)
+        spike = warm & (loss_outlier(self.spike_z) | (grad_z > self.spike_z) | huge)
 
         # Statistics, winsorised once warm so one outlier cannot poison them (during warm-up
         # they take every value, so that they learn the signals' real spread).
@@ -241,6 +247,7 @@ def governor_policy(
     slow_decay: float = 0.99,
     spike_z: float = 4.0,
     hold_z: float = 8.0,
+    hold_ratio: float = 10.0,
     min_spike_rise: float = 0.05,
     stress_trend: float = 0.02,
     oscillation_trend: float = 0.1,
@@ -265,7 +272,8 @@ def governor_policy(
 
     - *spike*: loss z-score ``(ℓ - slow)/sd > spike_z`` with the loss at least
       ``min_spike_rise`` above its slow mean, or log-norm z-score ``> spike_z``; *severe* the
-      same with ``hold_z``.
+      same with ``hold_z``, or a gradient norm more than ``hold_ratio`` times its running
+      geometric mean (the variance can be inflated by early training).
     - *stress cue*: the loss is rising, ``loss_fast / loss_slow - 1 > stress_trend``.
     - *oscillation cue*: the gradient norm is growing,
       ``log_norm_fast - log_norm_slow > oscillation_trend`` (the symptom of steps that
@@ -293,6 +301,8 @@ def governor_policy(
       slow_decay: decay of the slow EMAs and variances, in [``fast_decay``, 1).
       spike_z: z-score that marks a spike (> 0).
       hold_z: z-score that marks a severe spike to hold (>= ``spike_z``).
+      hold_ratio: a gradient norm this many times its running geometric mean is a severe
+        spike whatever its z-score (> 1).
       min_spike_rise: relative rise of the loss above its slow mean also required for a loss
         spike (>= 0).
       stress_trend: relative loss rise that is a stress cue (>= 0).
@@ -319,6 +329,7 @@ def governor_policy(
     _validate.check_positive("spike_z", spike_z)
     _validate.check_positive("hold_z", hold_z)
     _validate.check_ordered("spike_z", spike_z, "hold_z", hold_z)
+    _validate.check_in_range("hold_ratio", hold_ratio, 1.0, float("inf"), closed="neither")
     _validate.check_non_negative("min_spike_rise", min_spike_rise)
     _validate.check_non_negative("stress_trend", stress_trend)
     _validate.check_non_negative("oscillation_trend", oscillation_trend)
@@ -339,6 +350,7 @@ def governor_policy(
         slow_decay=float(slow_decay),
         spike_z=float(spike_z),
         hold_z=float(hold_z),
+        hold_ratio=float(hold_ratio),
         min_spike_rise=float(min_spike_rise),
         stress_trend=float(stress_trend),
         oscillation_trend=float(oscillation_trend),

@@ -322,6 +322,7 @@ INVALID = [
     (lbw_optax.governor_policy, "max_holds", -1),
     (lbw_optax.governor_policy, "stress_trend", float("inf")),
     (lbw_optax.governor_policy, "overshoot_cos", 1.5),
+    (lbw_optax.governor_policy, "hold_ratio", 1.0),
     (lbw_optax.governor_policy, "alignment_decay", 1.0),
 ]
 
@@ -371,3 +372,18 @@ def test_alignment_is_not_sensed_without_a_first_moment():
     _, records, _ = run(lbw_optax.guard(optax.sgd(1e-2)), grads, [2.0] * n)
     assert all(float(r["grad_momentum_cos"]) == 0.0 for r in records)
     assert {int(r["regime"]) for r in records} == {Regime.STABLE}
+
+
+def test_governor_holds_a_huge_gradient_spike_even_after_a_noisy_start():
+    # Early training with wildly varying gradient norms inflates the log-norm variance, so a
+    # z-score alone would let a 1000x spike through; the hold_ratio rule still holds it.
+    rng = np.random.default_rng(0)
+    n = 60
+    factors = list(np.exp(rng.uniform(-4.0, 4.0, 40))) + [1.0] * 19 + [1e3]
+    grads = [scaled_grads(f) for f in factors]
+    _, records, _ = run(lbw_optax.lbw_adamw(1e-2), grads, noisy_losses(n))
+    assert float(records[-1]["grad_z"]) < 8.0  # the z-score would not have held it
+    assert bool(records[-1]["held"]) and int(records[-1]["regime"]) == Regime.SPIKE
+    policy = lbw_optax.governor_policy(hold_ratio=1e4)
+    _, records, _ = run(lbw_optax.lbw_adamw(1e-2, policy=policy), grads, noisy_losses(n))
+    assert not bool(records[-1]["held"])
