@@ -14,7 +14,7 @@ from flax import nnx
 
 import lbw_optax
 import models
-from tests.train_helpers import load_checkpoint, read_jsonl, tiny_config, train_losses
+from tests.train_helpers import TINY, load_checkpoint, read_jsonl, tiny_config, train_losses
 from train import (
     FaultConfig,
     NonFiniteError,
@@ -129,6 +129,44 @@ def test_lora_run_checkpoints_only_adapters(tmp_path):
     ]
     assert paths and all("lora_a" in p or "lora_b" in p for p in paths), paths
     assert summary["trainable_params"] == sum(x.size for x in jax.tree.leaves(state["params"]))
+
+
+def test_export_then_lora_on_the_exported_base(tmp_path):
+    base_config = tiny_config(tmp_path / "base", steps=5, export_to=str(tmp_path / "model"))
+    train(base_config)
+    exported = models.load_pretrained(tmp_path / "model")
+    config = tiny_config(tmp_path / "lora", init_from=str(tmp_path / "model"), lora_rank=4)
+    model, wrt = build_model(config, 259)
+    assert wrt is models.LORA_PARAMS
+    # The base weights are the exported ones, not a fresh initialisation...
+    # (LoRA wraps each target in a ``base_module``, so compare the leaves in order.)
+    want = jax.tree.leaves(nnx.state(exported, nnx.Param))
+    got = jax.tree.leaves(nnx.state(model, models.BASE_PARAMS))
+    assert len(want) == len(got)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fresh, _ = build_model(tiny_config("unused"), 259)
+    assert not np.array_equal(
+        nnx.state(fresh, nnx.Param)["embed_tokens"]["embedding"][...],
+        nnx.state(model, models.BASE_PARAMS)["embed_tokens"]["embedding"][...],
+    )
+    # ... and the zero-initialised adapters leave the function unchanged.
+    tokens = jnp.arange(32)[None] % 200
+    np.testing.assert_allclose(model(tokens), exported(tokens), rtol=1e-5, atol=1e-5)
+    summary = train(config)
+    assert summary["status"] == "completed"
+    assert summary["trainable_params"] < sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_init_from_a_checkpoint_of_another_shape_names_the_field(tmp_path):
+    train(tiny_config(tmp_path / "base", steps=1, export_to=str(tmp_path / "model")))
+    config = tiny_config(
+        tmp_path / "x", init_from=str(tmp_path / "model"), model_overrides={**TINY, "num_layers": 3}
+    )
+    with pytest.raises(ValueError, match="num_layers: checkpoint 2, model 3"):
+        build_model(config, 259)
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        build_model(tiny_config(tmp_path / "y", init_from=str(tmp_path / "nothing")), 259)
 
 
 def test_guard_holds_injected_nan_and_training_continues(tmp_path):

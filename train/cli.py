@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated projections that get adapters (default: %(default)s)",
     )
 
+    g.add_argument(
+        "--init-from",
+        default=d.init_from,
+        metavar="DIR",
+        help="start from the weights of this Hugging Face-format model directory (e.g. an "
+        "earlier run's --export-to) instead of a random initialisation; LoRA adapters go on top",
+    )
+
     g = p.add_argument_group("optimizer")
     g.add_argument(
         "--optimizer",
@@ -258,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.out_dir,
         help="run directory for metrics.jsonl, "
         "summary.json and checkpoints/ (default: %(default)s)",
+    )
+    g.add_argument(
+        "--export-to",
+        default=d.export_to,
+        metavar="DIR",
+        help="at the end, write the trained model there in Hugging Face format (LoRA merged)",
     )
     g.add_argument(
         "--checkpoint-every",

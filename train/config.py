@@ -93,6 +93,10 @@ class TrainConfig:
       lora_rank: 0 trains every parameter; r > 0 adds rank-r LoRA adapters and trains only them.
       lora_alpha: LoRA scale numerator (the adapter output is scaled by ``alpha / rank``).
       lora_targets: projections that get adapters (names from ``models.ALL_TARGETS``).
+      init_from: a Hugging Face-format model directory (``config.json`` and safetensors, as
+        written by ``export_to`` or ``models.save_pretrained``) whose weights replace the random
+        initialisation before LoRA adapters are added; its shapes and numerics must match the
+        preset with its overrides. ``None``: random initialisation.
 
     Optimizer:
       optimizer: a registered name (see ``train.optimizers.available_optimizers()``).
@@ -133,6 +137,8 @@ class TrainConfig:
       resume: continue from the latest checkpoint in ``out_dir``.
       resume_step: with ``resume``, continue from this checkpoint step instead of the latest.
       quiet: no progress bar and no console messages.
+      export_to: at the end of a completed run, write the model there in Hugging Face format
+        (LoRA adapters merged), e.g. the base of a later ``init_from`` run. ``None``: no export.
       faults: the :class:`FaultConfig`.
 
     Devices:
@@ -147,6 +153,7 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    init_from: str | None = None
     # Optimizer.
     optimizer: str = "adamw"
     learning_rate: float = 1e-3
@@ -181,6 +188,7 @@ class TrainConfig:
     resume: bool = False
     resume_step: int | None = None
     quiet: bool = False
+    export_to: str | None = None
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     # Devices.
     mesh: str = ""

@@ -24,6 +24,7 @@ step (zero update) and training continues; the line counts it in ``nonfinite``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -60,6 +61,7 @@ RESUMABLE_CHANGES = frozenset(
         "resume_step",
         "mesh",
         "quiet",
+        "export_to",
         "out_dir",
         "log_every",
         "eval_every",
@@ -95,6 +97,8 @@ def build_model(config: TrainConfig, vocab_size: int) -> tuple[models.Decoder, A
             f"{model_config.vocab_size} embeddings."
         )
     model = models.Decoder(model_config, rngs=nnx.Rngs(config.seed))
+    if config.init_from is not None:
+        load_weights(model, config.init_from)
     if config.lora_rank == 0:
         return model, nnx.Param
     models.add_lora(
@@ -105,6 +109,30 @@ def build_model(config: TrainConfig, vocab_size: int) -> tuple[models.Decoder, A
         rngs=nnx.Rngs(config.seed + 1),
     )
     return model, models.LORA_PARAMS
+
+
+def load_weights(model: models.Decoder, path: str | os.PathLike) -> None:
+    """Replaces the parameters of ``model`` by those of the Hugging Face-format checkpoint at
+    ``path`` (``models.save_pretrained``'s layout).
+
+    Raises:
+      FileNotFoundError: if ``path`` holds no ``config.json`` or weights.
+      ValueError: if the checkpoint's architecture differs from ``model``'s (the fields that
+        differ are named).
+    """
+    mine = model.config
+    base = models.load_pretrained(path, dtype=mine.dtype, param_dtype=mine.param_dtype)
+    differs = {
+        f.name: (getattr(base.config, f.name), getattr(mine, f.name))
+        for f in dataclasses.fields(mine)
+        if f.name != "name" and getattr(base.config, f.name) != getattr(mine, f.name)
+    }
+    if differs:
+        detail = ", ".join(f"{k}: checkpoint {a!r}, model {b!r}" for k, (a, b) in differs.items())
+        raise ValueError(
+            f"init_from {path}: the checkpoint does not fit model {mine.name!r}: {detail}."
+        )
+    nnx.update(model, nnx.state(base, nnx.Param))
 
 
 def make_train_step(config: TrainConfig, wrt: Any, mesh: jax.sharding.Mesh | None = None):
@@ -324,6 +352,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     start_time = time.perf_counter()
     models.get_config(config.model, **config.model_overrides)  # Fail fast on bad names,
     check_optimizer(config.optimizer)  # before reading any data.
+    if config.export_to is not None and jax.process_count() > 1:
+        raise ValueError(
+            "export_to works in one process only; export from a checkpoint restored on one host."
+        )
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr))
@@ -534,6 +566,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                         },
                     )
                 clock = time.perf_counter()
+        if config.export_to is not None and jax.process_index() == 0:
+            models.save_pretrained(model, config.export_to)
         summary = finish(config.steps, status="completed")
         _write_json(out_dir / f"summary{suffix}.json", summary)
         return summary
