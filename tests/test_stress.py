@@ -102,6 +102,84 @@ def test_faults_and_sweep_expansion():
         micro(methods=(Method(name="c", optimizer="adamw", control="replay", source="x"),))
 
 
+def test_per_setting_methods_multipliers_and_fault_methods():
+    faults = {"none": {}, "spike": {"grad_spike_steps": (3,)}}
+    spec = micro(
+        methods=CONTROLS,
+        settings=(
+            Setting(name="a", model="tiny_qwen2_5_3b", base_lr=1e-3),
+            Setting(
+                name="b",
+                model="tiny_qwen2_5_3b",
+                base_lr=1e-3,
+                methods=("governor",),
+                lr_multipliers=(3.0,),
+            ),
+        ),
+        faults=faults,
+        fault_methods=("governor",),
+        fault_settings=("a",),
+    )
+    runs = stress.expand(spec)
+    a = [r for r in runs if r.setting == "a"]
+    b = [r for r in runs if r.setting == "b"]
+    assert len(a) == 3 * 2 + 2  # Every method at ×1 and ×10, the fault only for the governor.
+    assert {r.method for r in a if r.fault == "spike"} == {"governor"}
+    assert [(r.method, r.lr_multiplier) for r in b] == [("governor", 3.0)]
+    assert runs == a + b  # Setting by setting, each with its controls last.
+    assert [r.stage for r in a][-2:] == ["control", "control"]
+    with pytest.raises(ValueError, match="without its source 'governor'"):
+        micro(
+            methods=CONTROLS,
+            settings=(Setting(name="c", model="m", base_lr=1.0, methods=("replay",)),),
+        )
+    with pytest.raises(ValueError, match="unknown methods"):
+        micro(settings=(Setting(name="c", model="m", base_lr=1.0, methods=("nope",)),))
+    with pytest.raises(ValueError, match="for LoRA settings"):
+        Setting(name="c", model="m", base_lr=1.0, pretrain={})
+
+
+def test_lora_setting_runs_on_its_cached_base(tmp_path):
+    spec = micro(
+        settings=(
+            Setting(
+                name="lora",
+                model="tiny_qwen2_5_3b",
+                model_overrides=MICRO_MODEL,
+                lora_rank=2,
+                pretrain={"learning_rate": 3e-3, "steps": 4},
+                lr_grid=(1e-3, 3e-3),
+            ),
+        ),
+        methods=(Method(name="adamw", optimizer="adamw"),),
+        lr_multipliers=(1.0,),
+    )
+    suite_dir = stress.run_suite(spec, tmp_path, progress=False)
+    base = stress.expand_pretrain(spec)[0]
+    base_dir = suite_dir / "runs" / base.run_id
+    base_summary = json.loads((base_dir / "summary.json").read_text())
+    assert base_summary["config"]["lora_rank"] == 0 and base_summary["step"] == 4
+    assert (base_dir / stress.BASE_MODEL / "config.json").is_file()
+    records = stress.read_jsonl(suite_dir / "runs.jsonl")
+    assert len(records) == 2 and all(r["lora_rank"] == 2 for r in records)  # No pre-training.
+    for r in records:
+        config = json.loads((suite_dir / "runs" / r["run_id"] / "summary.json").read_text())
+        assert config["config"]["init_from"] == str(base_dir / stress.BASE_MODEL)
+    meta = json.loads((suite_dir / "suite.json").read_text())
+    assert meta["pretrain"]["lora"]["run_id"] == base.run_id
+    assert "cached base" in (suite_dir / "summary.md").read_text()
+    # A fresh clone has the results but not the exported base: it is re-made only when a run
+    # that needs it is not finished.
+    import shutil
+
+    shutil.rmtree(base_dir / stress.BASE_MODEL)
+    stress.run_suite(spec, tmp_path, progress=False)
+    assert not (base_dir / stress.BASE_MODEL).exists()
+    (suite_dir / "runs" / records[0]["run_id"] / "summary.json").unlink()
+    stress.run_suite(spec, tmp_path, progress=False)
+    assert (base_dir / stress.BASE_MODEL / "config.json").is_file()
+
+
 def test_loss_spikes_and_scale_helpers():
     lines = [{"kind": "train", "step": s, "loss": v} for s, v in enumerate([5, 4, 2, 4, 4, 2], 1)]
     assert stress.count_loss_spikes(lines, warmup=0, every=1) == 1  # One excursion of 2 lines.
@@ -291,3 +369,9 @@ def test_suite_definitions():
     assert {m.name for m in full.methods} >= {"replay", "effective-lr", "adagc", "spam"}
     assert full.lr_multipliers == (1.0, 3.0, 10.0, 30.0) and len(full.seeds) == 3
     assert set(full.faults) == {"none", "grad-spike", "nan-loss", "corrupt", "lr-shock"}
+    models_run = {s.model for s in full.settings}
+    assert models_run >= {"tiny_qwen2_5_3b", "tiny_qwen2_5_7b", "tiny_qwen2_5_14b"}
+    assert "tiny_tinyllama_1_1b" in models_run
+    assert any(s.lora_rank and s.pretrain is not None for s in full.settings)
+    clips = {m.overrides.get("clip_threshold") for m in full.methods if m.optimizer == "adamw+clip"}
+    assert clips == {0.5, 1.0}

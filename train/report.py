@@ -448,7 +448,9 @@ def write_report(directory: Path) -> Path:
             if meta.get("uncommitted")
             else ""
         ),
-        f"- Runs: {len(suite.records)} finished "
+        f"- Runs: {len(suite.records)} finished"
+        + (f" of the {meta['planned_runs']} the suite plans" if meta.get("planned_runs") else "")
+        + " "
         f"({sum(r['status'] == 'nonfinite' for r in suite.records)} stopped on NaN/Inf), "
         f"total run wall time {sum(r['wall_time_s'] or 0 for r in suite.records):.0f} s",
     ]
@@ -498,6 +500,13 @@ def write_report(directory: Path) -> Path:
                 )
             md.append(line)
         md.append("")
+    for name, info in meta.get("pretrain", {}).items():
+        md += [
+            f"- {name}: LoRA on a cached base, pre-trained by `{info['run_id']}` (AdamW, full "
+            f"parameters, {info['steps']} steps at LR {info['learning_rate']:.0e}; final eval "
+            f"ppl {fmt(info['final_eval_ppl'] or math.inf)}).",
+            "",
+        ]
 
     for setting in suite.settings:
         for fault in suite.faults:
@@ -537,7 +546,9 @@ def write_report(directory: Path) -> Path:
             md += [f"![{p}]({p})" for p in pngs] + [""]
     if len(suite.settings) > 1:
         methods = [
-            m for m in ("adamw", "adamw+clip", "reference", "governor") if m in suite.methods
+            m
+            for m in suite.methods
+            if m in ("adamw", "reference", "governor", "effective-lr") or m.startswith("adamw+clip")
         ]
         md += ["## Size ladder and LoRA vs full (fault: none)", ""]
         md += [*ladder_table(suite, "none", methods), ""]

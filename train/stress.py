@@ -99,6 +99,12 @@ class Setting:
         over ``lr_grid`` as the suite's first stage.
       lr_grid: the AdamW sweep grid of :func:`choose_base_lr`.
       base_lr_note: how a fixed ``base_lr`` was measured (the command), for the report.
+      pretrain: for LoRA, :class:`TrainConfig` fields of the cached base pre-training (full
+        parameters, AdamW, the suite's first seed, no fault), e.g. ``{"learning_rate": 1e-3}``;
+        it runs once, before everything else, and every run of the setting starts from its
+        exported weights (``init_from``). ``None``: the runs start from a random base.
+      methods: the names of the suite's methods this setting runs (empty: all of them).
+      lr_multipliers: this setting's learning-rate multipliers (empty: the suite's).
     """
 
     name: str
@@ -108,10 +114,17 @@ class Setting:
     base_lr: float | None = None
     lr_grid: tuple[float, ...] = ()
     base_lr_note: str = ""
+    pretrain: Mapping[str, Any] | None = None
+    methods: tuple[str, ...] = ()
+    lr_multipliers: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.base_lr is None and not self.lr_grid:
             raise ValueError(f"setting {self.name!r}: give base_lr or an lr_grid to sweep.")
+        if self.pretrain is not None and self.lora_rank == 0:
+            raise ValueError(
+                f"setting {self.name!r}: a base pre-training is for LoRA settings (lora_rank > 0)."
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,6 +140,7 @@ class SuiteSpec:
       faults: fault name → :class:`FaultConfig` fields (``"none"``: ``{}``).
       fault_settings: settings that run the faults other than ``"none"`` (empty: all).
       fault_multipliers: multipliers at which the faults run (empty: all).
+      fault_methods: methods that run the faults other than ``"none"`` (empty: all).
       seeds: the seeds.
       train: :class:`TrainConfig` fields shared by every run (steps, data, sizes, …).
       device: the kind of machine the suite is meant for (for the report).
@@ -142,6 +156,7 @@ class SuiteSpec:
     )
     fault_settings: tuple[str, ...] = ()
     fault_multipliers: tuple[float, ...] = ()
+    fault_methods: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)
     train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     device: str = "CPU"
@@ -155,6 +170,23 @@ class SuiteSpec:
                 raise ValueError(f"control {m.name!r} reads {m.source!r}, not in the suite.")
             if m.source is not None and self.method(m.source).control is not None:
                 raise ValueError(f"control {m.name!r} reads another control.")
+        for s in self.settings:
+            unknown = sorted(set(s.methods) - set(names))
+            if unknown:
+                raise ValueError(f"setting {s.name!r} names unknown methods {unknown}.")
+            for name in self.methods_of(s):
+                source = self.method(name).source
+                if source is not None and source not in self.methods_of(s):
+                    raise ValueError(
+                        f"setting {s.name!r} runs control {name!r} without its source {source!r}."
+                    )
+        unknown = sorted(set(self.fault_methods) - set(names))
+        if unknown:
+            raise ValueError(f"fault_methods names unknown methods {unknown}.")
+        for name in self.fault_methods:
+            source = self.method(name).source
+            if source is not None and source not in self.fault_methods:
+                raise ValueError(f"fault_methods has control {name!r} without {source!r}.")
         if "none" not in self.faults:
             raise ValueError("faults must include 'none'.")
         for fault in self.faults.values():
@@ -165,6 +197,10 @@ class SuiteSpec:
 
     def setting(self, name: str) -> Setting:
         return next(s for s in self.settings if s.name == name)
+
+    def methods_of(self, setting: Setting) -> list[str]:
+        """The names of the methods ``setting`` runs, in the suite's order."""
+        return [m.name for m in self.methods if not setting.methods or m.name in setting.methods]
 
     def replaced(self, **changes) -> SuiteSpec:
         return dataclasses.replace(self, **changes)
@@ -189,6 +225,10 @@ class Run:
     config: Mapping[str, Any]
     depends_on: str | None = None
     control: str | None = None
+    base: str | None = None  # The run id of the setting's base pre-training, if any.
+
+
+PRETRAIN = "base-pretrain"
 
 
 def _slug(text: str) -> str:
@@ -218,6 +258,47 @@ def _config(spec: SuiteSpec, setting: Setting, method: Method, lr: float, fault:
     return values
 
 
+def pretrain_id(setting: Setting, spec: SuiteSpec) -> str | None:
+    """The run id of ``setting``'s base pre-training, or ``None`` if it has none."""
+    if setting.pretrain is None:
+        return None
+    lr = float(setting.pretrain.get("learning_rate", TrainConfig.learning_rate))
+    return run_id(setting.name, PRETRAIN, lr, "none", spec.seeds[0])
+
+
+def expand_pretrain(spec: SuiteSpec) -> list[Run]:
+    """The base pre-training runs of the LoRA settings that have one: full parameters, AdamW,
+    the suite's first seed, no fault, the suite's ``train`` fields then ``pretrain``'s."""
+    runs = []
+    for s in spec.settings:
+        if s.pretrain is None:
+            continue
+        values = dict(spec.train)
+        values.update(
+            model=s.model,
+            model_overrides=dict(s.model_overrides),
+            optimizer="adamw",
+            seed=spec.seeds[0],
+            quiet=True,
+        )
+        values.update(s.pretrain)
+        values.update(lora_rank=0, faults={})
+        runs.append(
+            Run(
+                run_id=pretrain_id(s, spec),
+                stage="pretrain",
+                setting=s.name,
+                method=PRETRAIN,
+                lr_multiplier=None,
+                learning_rate=float(values.get("learning_rate", TrainConfig.learning_rate)),
+                fault="none",
+                seed=spec.seeds[0],
+                config=values,
+            )
+        )
+    return runs
+
+
 def expand_sweep(spec: SuiteSpec) -> list[Run]:
     """The AdamW runs of :func:`choose_base_lr` for the settings without a fixed base LR."""
     adamw = Method(name="adamw", optimizer="adamw")
@@ -233,6 +314,7 @@ def expand_sweep(spec: SuiteSpec) -> list[Run]:
             fault="none",
             seed=seed,
             config=_config(spec, s, adamw, lr, "none", seed),
+            base=pretrain_id(s, spec),
         )
         for s in spec.settings
         if s.base_lr is None
@@ -248,23 +330,26 @@ def expand(spec: SuiteSpec, base_lrs: Mapping[str, float] | None = None) -> list
       base_lrs: base learning rate per setting name, for settings without a fixed one.
 
     Returns:
-      The runs in execution order: every run that reads no other run first (grouped so that
-      the seeds of one configuration are adjacent and share a compiled step), then the
-      controls. Ids are stable: the same spec and base LRs give the same ids.
+      The runs in execution order, setting by setting: the setting's runs that read no other
+      run first (grouped so that the seeds of one configuration are adjacent and share a
+      compiled step), then its controls. Ids are stable: the same spec and base LRs give the
+      same ids.
 
     Raises:
       ValueError: if a setting's base learning rate is unknown.
     """
     base_lrs = dict(base_lrs or {})
-    methods, controls = [], []
+    out = []
     for setting in spec.settings:
+        methods, controls = [], []
         base = setting.base_lr if setting.base_lr is not None else base_lrs.get(setting.name)
         if base is None:
             raise ValueError(f"setting {setting.name!r} has no base learning rate yet.")
+        names = spec.methods_of(setting)
         for fault in spec.faults:
             if fault != "none" and spec.fault_settings and setting.name not in spec.fault_settings:
                 continue
-            for mult in spec.lr_multipliers:
+            for mult in setting.lr_multipliers or spec.lr_multipliers:
                 if (
                     fault != "none"
                     and spec.fault_multipliers
@@ -273,6 +358,12 @@ def expand(spec: SuiteSpec, base_lrs: Mapping[str, float] | None = None) -> list
                     continue
                 lr = float(f"{base * mult:.6g}")
                 for method in spec.methods:
+                    if method.name not in names or (
+                        fault != "none"
+                        and spec.fault_methods
+                        and method.name not in spec.fault_methods
+                    ):
+                        continue
                     for seed in spec.seeds:
                         run = Run(
                             run_id=run_id(setting.name, method.name, lr, fault, seed),
@@ -288,9 +379,11 @@ def expand(spec: SuiteSpec, base_lrs: Mapping[str, float] | None = None) -> list
                             if method.source
                             else None,
                             control=method.control,
+                            base=pretrain_id(setting, spec),
                         )
                         (controls if method.control else methods).append(run)
-    return methods + controls
+        out += methods + controls
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,9 +555,26 @@ def add_targets(records: list[dict[str, Any]], factor: float = TARGET_FACTOR) ->
 # Running.
 
 
+BASE_MODEL = "model"  # The exported weights of a base pre-training run, in its run folder.
+
+
+def _finished(runs_dir: Path, rid: str, stage: str) -> bool:
+    """Whether run ``rid`` is done: a complete summary and, for a base pre-training, the
+    exported model (not committed with results, so a fresh clone re-creates it)."""
+    if read_summary(runs_dir / rid) is None:
+        return False
+    return stage != "pretrain" or (runs_dir / rid / BASE_MODEL / "config.json").is_file()
+
+
 def _resolve(run: Run, runs_dir: Path) -> dict[str, Any]:
     """The run's TrainConfig fields, a control's learning rate/optimizer read from its source."""
     config = dict(run.config)
+    if run.stage == "pretrain":
+        config["export_to"] = str(runs_dir / run.run_id / BASE_MODEL)
+    if run.base is not None:
+        if not _finished(runs_dir, run.base, "pretrain"):
+            raise RuntimeError(f"{run.run_id} needs the base {run.base}, which has not finished.")
+        config["init_from"] = str(runs_dir / run.base / BASE_MODEL)
     if run.control is None:
         return config
     source_dir = runs_dir / run.depends_on
@@ -490,7 +600,7 @@ def _execute(runs: Sequence[Run], runs_dir: str) -> list[str]:
     done = []
     for run in runs:
         out_dir = Path(runs_dir) / run.run_id
-        if read_summary(out_dir) is None:
+        if not _finished(Path(runs_dir), run.run_id, run.stage):
             config = _resolve(run, Path(runs_dir))
             try:
                 train(TrainConfig(**config, out_dir=str(out_dir)))
@@ -529,7 +639,7 @@ class _Bar:
 
 
 def _run_stage(runs: Sequence[Run], runs_dir: Path, workers: int, bar: _Bar) -> None:
-    todo = [r for r in runs if read_summary(runs_dir / r.run_id) is None]
+    todo = [r for r in runs if not _finished(runs_dir, r.run_id, r.stage)]
     groups = _groups(todo)
     if workers <= 1 or len(groups) <= 1:
         for group in groups:
@@ -659,8 +769,17 @@ def run_suite(
     total = len({r.run_id for r in expand(spec, guess)} | sweep_ids)
     done = sum(read_summary(runs_dir / i) is not None for i in sweep_ids)
     bar = _Bar(total, done, progress, spec.name)
+    pretrain = {r.run_id: r for r in expand_pretrain(spec)}
+
+    def stage(runs: Sequence[Run]) -> None:
+        """Runs ``runs``, after the base pre-trainings that their unfinished runs start from."""
+        todo = [r for r in runs if not _finished(runs_dir, r.run_id, r.stage)]
+        bases = [pretrain[b] for b in dict.fromkeys(r.base for r in todo if r.base)]
+        _run_stage(bases, runs_dir, workers, _Bar(0, 0, False, ""))
+        _run_stage(todo, runs_dir, workers, bar)
+
     try:
-        _run_stage(sweep, runs_dir, workers, bar)
+        stage(sweep)
         base = choose_base_lr(spec, {r["run_id"]: r for r in collect(spec, sweep, runs_dir)})
         runs = expand(spec, {k: v["base_lr"] for k, v in base.items()})
         ids = [r.run_id for r in runs]
@@ -673,8 +792,10 @@ def run_suite(
                 + len(sweep_ids & set(ids))
             )
             bar.bar.refresh()
-        _run_stage([r for r in runs if r.control is None], runs_dir, workers, bar)
-        _run_stage([r for r in runs if r.control is not None], runs_dir, workers, bar)
+        for setting in spec.settings:  # Setting by setting: an interrupted suite has whole ones.
+            mine = [r for r in runs if r.setting == setting.name]
+            stage([r for r in mine if r.control is None])
+            stage([r for r in mine if r.control is not None])
     finally:
         bar.close()
 
@@ -683,7 +804,19 @@ def run_suite(
     meta_path = suite_dir / "suite.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     ran = len({r["run_id"] for r in records} - already)
-    meta.update(spec=spec.to_dict(), base_lr=base)
+    meta.update(spec=spec.to_dict(), base_lr=base, planned_runs=len(set(ids) | sweep_ids))
+    bases = {}
+    for r in pretrain.values():
+        summary = read_summary(runs_dir / r.run_id)
+        if summary is not None:
+            bases[r.setting] = {
+                "run_id": r.run_id,
+                "steps": summary["step"],
+                "learning_rate": r.learning_rate,
+                "final_eval_ppl": summary.get("eval_perplexity"),
+            }
+    if bases:
+        meta["pretrain"] = bases
     meta["definitions"] = {"spike_factor": SPIKE_FACTOR, "target_factor": TARGET_FACTOR}
     if ran or "git_commit" not in meta:  # A no-op invocation keeps the record of the real one.
         meta.update(
@@ -712,10 +845,10 @@ QUICK_TRAIN = dict(
     data="wikitext2",
     seq_len=64,
     batch_size=8,
-    steps=100,
-    warmup_steps=10,
+    steps=200,
+    warmup_steps=20,
     schedule="cosine",
-    eval_every=25,
+    eval_every=50,
     eval_batches=4,
     log_every=5,
     checkpoint_every=0,
@@ -747,7 +880,7 @@ def quick() -> SuiteSpec:
         name="quick",
         description=(
             "CPU suite: the shipped WikiText-2 sample, a 2-layer cut of the tiny Qwen2.5-3B-style "
-            "preset (byte-level), full-parameter training, 100 steps of 8×64 tokens; nine methods "
+            "preset (byte-level), full-parameter training, 200 steps of 8×64 tokens; nine methods "
             "(the effective-LR control included) at the sweep's base learning rate and two "
             "stress multipliers, two seeds."
         ),
@@ -773,12 +906,12 @@ def quick() -> SuiteSpec:
 
 FULL_TRAIN = dict(
     data="wikitext2",
-    seq_len=128,
-    batch_size=16,
+    seq_len=64,
+    batch_size=8,
     steps=300,
     warmup_steps=30,
     schedule="cosine",
-    eval_every=25,
+    eval_every=50,
     eval_batches=8,
     log_every=5,
     checkpoint_every=0,
@@ -793,13 +926,28 @@ FULL_FAULTS = {
     "lr-shock": {"lr_shock_start": 150, "lr_shock_steps": 10, "lr_shock_factor": 10.0},
 }
 
+# What the size ladder, TinyLlama and LoRA settings run: the baselines, both rules, the control.
+LADDER_METHODS = ("adamw", "adamw+clip1", "reference", "governor", "effective-lr")
+
 
 def full() -> SuiteSpec:
-    """CPU, hours: every method and control, the size ladder, TinyLlama, every fault, 3 seeds."""
-    grid = (3e-4, 1e-3, 3e-3, 1e-2)
-    settings = tuple(
-        Setting(name=p, model=p, lr_grid=grid)
-        for p in ("tiny_qwen2_5_3b", "tiny_qwen2_5_7b", "tiny_qwen2_5_14b", "tiny_tinyllama_1_1b")
+    """CPU, hours: every method and control, the size ladder, TinyLlama, LoRA, faults, 3 seeds."""
+    qwen_grid = (3e-4, 1e-3, 3e-3, 1e-2)
+    ladder = dict(methods=LADDER_METHODS, lr_multipliers=(1.0, 10.0), lr_grid=qwen_grid[:3])
+    settings = (
+        Setting(name="tiny_qwen2_5_3b", model="tiny_qwen2_5_3b", lr_grid=qwen_grid),
+        Setting(
+            name="tiny_qwen2_5_3b+lora8",
+            model="tiny_qwen2_5_3b",
+            lora_rank=8,
+            pretrain={"learning_rate": 1e-3},
+            methods=LADDER_METHODS,
+            lr_multipliers=(1.0, 10.0),
+            lr_grid=(1e-3, 3e-3, 1e-2),
+        ),
+        Setting(name="tiny_tinyllama_1_1b", model="tiny_tinyllama_1_1b", **ladder),
+        Setting(name="tiny_qwen2_5_7b", model="tiny_qwen2_5_7b", **ladder),
+        Setting(name="tiny_qwen2_5_14b", model="tiny_qwen2_5_14b", **ladder),
     )
     methods = (
         *_core_methods([1.0, 0.5]),
@@ -817,18 +965,31 @@ def full() -> SuiteSpec:
     return SuiteSpec(
         name="full",
         description=(
-            "CPU suite (hours): the size ladder (tiny Qwen2.5 3B/7B/14B-style presets) and the "
-            "TinyLlama-style preset, full-parameter, 300 steps of 16×128 tokens on the shipped "
-            "sample; every method and control; learning rates ×1/×3/×10/×30 of each preset's "
-            "AdamW-swept base; clipping at 1.0 and 0.5; each fault type (on the first preset at "
-            "×1 and ×10); three seeds."
+            "CPU suite (about two hours on two cores): 300 steps of 8×64 byte-level tokens of the "
+            "shipped WikiText-2 sample. The tiny Qwen2.5-3B-style preset (4 layers, full "
+            "parameters) runs every method and control at ×1/×3/×10/×30 of its AdamW-swept base "
+            "learning rate, clipping at 1.0 and 0.5, and each fault type (at ×1, the baselines, "
+            "both rules and the peers). LoRA (rank 8, on a base pre-trained by AdamW for 300 "
+            "steps), the TinyLlama-style preset (full parameters) and the size ladder (tiny "
+            "Qwen2.5 7B/14B-style presets) run AdamW, clipping at 1.0, both rules and the "
+            "effective-LR control at ×1 and ×10. Three seeds."
         ),
         settings=settings,
         methods=methods,
         lr_multipliers=(1.0, 3.0, 10.0, 30.0),
         faults=FULL_FAULTS,
         fault_settings=("tiny_qwen2_5_3b",),
-        fault_multipliers=(1.0, 10.0),
+        fault_multipliers=(1.0,),
+        fault_methods=(
+            "adamw",
+            "adamw+clip1",
+            "reference",
+            "governor",
+            "zclip",
+            "skip-step",
+            "adagc",
+            "spam",
+        ),
         seeds=(0, 1, 2),
         train=FULL_TRAIN,
     )
