@@ -21,6 +21,7 @@ from train import train
 STEPS = 20
 RESUME_STEP = 10
 RESUME_MESH = "data=8,fsdp=1"
+TRANSFORM_STEPS = 12
 
 
 def config(out_dir, mesh: str, **overrides):
@@ -39,9 +40,49 @@ def lines(out_dir: Path) -> dict:
     }
 
 
+def transform_telemetry(mesh: str, steps: int = TRANSFORM_STEPS) -> dict:
+    """The guard + SGG transformation alone, fed the same gradients and losses on ``mesh``
+    (``""``: one device): its per-step telemetry. Isolates the transformation's statistics from
+    the gradients' rounding, which differs with the layout."""
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    import lbw_optax
+    from train import build_model, build_optimizer, learning_rate_schedule, sharding
+
+    cfg = config("unused", mesh, steps=steps)
+    model, wrt = build_model(cfg, 259)
+    params = nnx.state(model, wrt)
+    tx = build_optimizer(cfg, learning_rate_schedule(cfg))
+    rng = np.random.default_rng(0)
+    place = (lambda t: t) if not mesh else (lambda t: sharding.shard(t, sharding.make_mesh(mesh)))
+    params = place(params)
+    state = place(tx.init(params))
+    losses = 3.0 + rng.random(steps)
+    losses[steps // 2] = 30.0  # A loss spike, so the regime logic runs too.
+
+    @jax.jit
+    def step(params, state, grads, loss):
+        updates, state = tx.update(grads, state, params, value=loss)
+        return optax.apply_updates(params, updates), state
+
+    out = {}
+    for k in range(steps):
+        grads = jax.tree.map(
+            lambda p: jnp.asarray(1e-3 + rng.standard_normal(p.shape) * 1e-2, p.dtype), params
+        )
+        params, state = step(params, state, place(grads), jnp.float32(losses[k]))
+        tel = jax.device_get(lbw_optax.telemetry(state))
+        out[k + 1] = {name: np.asarray(v).item() for name, v in tel.items() if np.ndim(v) == 0}
+    return out
+
+
 def main(out: str, *meshes: str) -> None:
     out = Path(out)
     results = {"devices": jax.device_count()}
+    results["transform"] = {m: transform_telemetry(m) for m in ("", *meshes)}
     train(config(out / "one", ""))
     results["one"] = lines(out / "one")
     for i, mesh in enumerate(meshes):

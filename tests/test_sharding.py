@@ -2,17 +2,29 @@
 sharded and one-device runs on 8 fake CPU devices and across two processes, in subprocesses
 (the device count is fixed when JAX starts, and this process has started it with one device).
 
-Tolerances. Losses and evaluation losses match the one-device run to 1e-5 relative (measured:
-3e-7), as do the guard's level statistics; integer and boolean telemetry (regime, holds,
-counters) is equal. Telemetry that subtracts nearly equal numbers (trends: fast minus slow EMA,
-variances, z-scores, cosines, the mean of signed gradients) amplifies the float32 rounding of
-sums taken in another order on another layout; it matches to 1e-3 relative (measured: up to
-5e-4 on 20 steps).
+Tolerances: 1e-5 relative, relative to the operands. Losses, evaluation losses and telemetry
+read from sums and running averages directly match to 1e-5 of their own value; integer and
+boolean telemetry (regime, holds, counters) is equal. Telemetry that subtracts nearly equal
+numbers (trends: fast minus slow EMA, variances, z-scores, the mean of signed gradients) has a
+value far smaller than its operands, so float32 rounding of sums taken in another order on
+another layout is large relative to the value but not to the operands: such a field must be
+within 1e-5 × the scale of what it is computed from (:func:`operand_scale`; variances are
+compared as standard deviations). Measured on 20 steps: within 0.3 of that bound.
+
+Two levels are checked. The transformation alone (guard + SGG fed the same gradients and losses
+on each mesh) meets the bound for every field: its statistics are global, not per shard. The
+end-to-end runs compute their gradients on the layout itself, and those gradients differ from
+the one-device ones by up to 7e-6 relative in norm (4e-6 at step 1) and 1.3e-5 in mean square,
+because the backward pass sums the batch in another order. End to end, the loss-based fields
+meet the 1e-5 bound (measured: within 0.03 of it) and the gradient-based ones (``grad_*``,
+``log_norm_*``, the cosines) are checked at 3e-5 × their operand scale (measured: up to
+1.7e-5, the gradient–momentum cosine).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -26,20 +38,45 @@ from train.cli import main
 from train.sharding import leaf_spec, make_mesh, param_sharding, parse_mesh
 
 STRICT = 1e-5
-DERIVED = 1e-3
-# Telemetry read from sums and running averages directly (no cancellation).
-LEVELS = (
-    "loss",
-    "grad_norm",
-    "scale",
-    "loss_fast",
-    "loss_slow",
-    "log_norm_fast",
-    "log_norm_slow",
-    "grad_ms_mean",
-    "model_mda",
-    "control_energy",
-)
+COSINES = ("grad_momentum_cos", "alignment")
+END_TO_END_GRADIENT = 3e-5  # The end-to-end bound of the gradient-based fields.
+
+
+def operand_scale(key: str, tel: dict) -> float:
+    """The magnitude of what telemetry field ``key`` is computed from (one-device values)."""
+    loss_std = math.sqrt(max(tel["loss_var"], 1e-30))
+    log_std = math.sqrt(max(tel["log_norm_var"], 1e-30))
+    if key in ("loss_trend", "loss_var"):  # fast − slow; (loss − slow)², as a std
+        return abs(tel["loss_slow"])
+    if key == "loss_z":  # (loss − slow) / std
+        return abs(tel["loss"]) * (1 + abs(tel["loss_z"])) / loss_std
+    if key in ("grad_trend", "log_norm_var", "log_norm_fast", "log_norm_slow"):
+        return 1.0  # Logs of the norm: absolute error = relative error of the norm.
+    if key == "grad_z":
+        return (1 + abs(tel["grad_z"])) / log_std
+    if key in COSINES:
+        return 1.0
+    if key == "grad_mean":  # a signed sum; its operands are of the rms gradient's size
+        return math.sqrt(tel["grad_ms_mean"])
+    return abs(tel[key])
+
+
+def _is_gradient_based(key: str) -> bool:
+    return key.startswith(("grad_", "log_norm_")) or key in COSINES
+
+
+def _compare_telemetry(tel: dict, ref: dict, where: str, gradient_rtol: float = STRICT) -> None:
+    assert tel.keys() == ref.keys(), where
+    for key, value in tel.items():
+        if isinstance(value, bool | int | str):
+            assert value == ref[key], (where, key)
+            continue
+        want = ref[key]
+        if key.endswith("_var"):
+            value, want = math.sqrt(max(value, 0.0)), math.sqrt(max(want, 0.0))
+        rtol = gradient_rtol if _is_gradient_based(key) else STRICT
+        bound = rtol * operand_scale(key, ref)
+        assert abs(value - want) <= bound, f"{where} {key}: {value} vs {want} (bound {bound:.2e})"
 
 
 def test_parse_mesh():
@@ -83,14 +120,7 @@ def _compare(run: dict, ref: dict, steps: list[int]) -> None:
     for step in steps:
         s = str(step)
         np.testing.assert_allclose(run["losses"][s], ref["losses"][s], rtol=STRICT, err_msg=s)
-        tel, ref_tel = run["telemetry"][s], ref["telemetry"][s]
-        assert tel.keys() == ref_tel.keys()
-        for key, value in tel.items():
-            if isinstance(value, bool | int | str):
-                assert value == ref_tel[key], (step, key)
-            else:
-                rtol = STRICT if key in LEVELS else DERIVED
-                np.testing.assert_allclose(value, ref_tel[key], rtol=rtol, err_msg=f"{s} {key}")
+        _compare_telemetry(run["telemetry"][s], ref["telemetry"][s], s, END_TO_END_GRADIENT)
     for s, value in run["eval"].items():
         np.testing.assert_allclose(value, ref["eval"][s], rtol=STRICT)
 
@@ -108,6 +138,10 @@ def _fake_devices(tmp_path, *meshes: str) -> dict:
 
 
 def _check_meshes(results: dict, meshes: tuple[str, ...]) -> None:
+    transform = results["transform"]
+    for mesh in meshes:
+        for step, tel in transform[mesh].items():
+            _compare_telemetry(tel, transform[""][step], f"transform {mesh} step {step}")
     ref = results["one"]
     assert sorted(ref["losses"], key=int) == [str(s) for s in range(1, 21)]
     assert ref["telemetry"]["20"]["sgg_count"] == 20  # the guard and SGG both ran
