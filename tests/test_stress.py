@@ -216,6 +216,25 @@ def finished(tmp_path_factory):
     return spec, suite_dir
 
 
+def test_collect_reports_an_interrupted_suite_without_running(finished, tmp_path):
+    import shutil
+
+    spec, suite_dir = finished
+    copy = tmp_path / suite_dir.name
+    shutil.copytree(suite_dir, copy)
+    for name in ("runs.jsonl", "summary.md"):
+        (copy / name).unlink()
+    meta = json.loads((copy / "suite.json").read_text())
+    assert meta["started"]["git_commit"] == meta["git_commit"]  # Written before any run.
+    lost = stress.expand(spec)[-1].run_id  # Interrupted: its summary was never written.
+    (copy / "runs" / lost / "summary.json").unlink()
+    stress.run_suite(spec, tmp_path, progress=False, command="collect", collect_only=True)
+    assert not (copy / "runs" / lost / "summary.json").exists()  # Nothing ran.
+    assert len(stress.read_jsonl(copy / "runs.jsonl")) == 2
+    text = (copy / "summary.md").read_text()
+    assert "2 finished of the 3 the suite plans" in text and "`collect`" in text
+
+
 def test_controls_read_the_governor_run(finished):
     _, suite_dir = finished
     records = {r["run_id"]: r for r in stress.read_jsonl(suite_dir / "runs.jsonl")}
@@ -351,6 +370,22 @@ def test_report_from_fixture_jsonl(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
         assert f"]({png})" in text
     assert report.headline(tmp_path).splitlines()[0].startswith("Final validation perplexity")
+    assert "replay control" not in text  # No replay runs: no empty comparison line.
+
+
+def test_targets_when_adamw_diverged_everywhere(tmp_path):
+    _fixture_suite(tmp_path)
+    path = tmp_path / "runs.jsonl"
+    records = stress.read_jsonl(path)
+    for r in records:
+        if r["method"] == "adamw":
+            r["status"], r["final_eval_ppl"] = "nonfinite", None
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = report.targets_block(report.Suite(tmp_path), "m", "none")
+    assert lines == [
+        "- AdamW diverged or did not run at every learning rate here; "
+        "governor: ×1 11.00; ×10 16.00."
+    ]
 
 
 def test_cli_report(tmp_path, capsys):

@@ -141,8 +141,11 @@ def targets_block(suite: Suite, setting: str, fault: str) -> list[str]:
 
     adamw = {m: mean("adamw", m) for m in mults}
     finite = [v for v in adamw.values() if math.isfinite(v)]
-    if not finite or "governor" not in suite.methods:
-        return ["(no AdamW or governor runs)"]
+    if "governor" not in suite.methods:
+        return ["(no governor runs)"]
+    if not finite:
+        gov = "; ".join(f"×{m:g} {fmt(mean('governor', m))}" for m in mults)
+        return [f"- AdamW diverged or did not run at every learning rate here; governor: {gov}."]
     best = min(finite)
     best_m = min(adamw, key=lambda m: adamw[m])
     out.append(
@@ -183,7 +186,8 @@ def targets_block(suite: Suite, setting: str, fault: str) -> list[str]:
             g, c = mean("governor", m), mean(control, m)
             if math.isfinite(g) and math.isfinite(c):
                 parts.append(f"×{m:g}: {g:.2f} vs {c:.2f} ({g / c:.3f})")
-        out.append(f"- Governor vs {control} control (governor / control): " + "; ".join(parts))
+        if parts:
+            out.append(f"- Governor vs {control} control (governor / control): " + "; ".join(parts))
     return out
 
 
@@ -279,7 +283,8 @@ def ladder_table(suite: Suite, fault: str, methods: Sequence[str]) -> list[str]:
         lora = next(r["lora_rank"] for r in suite.select(setting=setting))
         for method in methods:
             cells = [fmt(*suite.cell(setting, fault, method, m)[0]) for m in mults]
-            rows.append([setting, f"LoRA r{lora}" if lora else "full", method, *cells])
+            if any(c != "–" for c in cells):  # Methods a setting does not run: no row.
+                rows.append([setting, f"LoRA r{lora}" if lora else "full", method, *cells])
     return _table(["setting", "training", "method", *[f"×{m:g}" for m in mults]], rows)
 
 
@@ -454,6 +459,12 @@ def write_report(directory: Path) -> Path:
         f"({sum(r['status'] == 'nonfinite' for r in suite.records)} stopped on NaN/Inf), "
         f"total run wall time {sum(r['wall_time_s'] or 0 for r in suite.records):.0f} s",
     ]
+    if meta.get("collected_by"):
+        md.append(
+            f"- Interrupted before every planned run finished; this report was collected from "
+            f"the finished runs with `{meta['collected_by']}` (the same command without "
+            "`--collect` resumes the suite)"
+        )
     if meta.get("last_invocation_s"):
         md.append(
             f"- Wall time of the invocation that ran {meta.get('runs_in_last_invocation', '')} "

@@ -744,8 +744,12 @@ def run_suite(
     progress: bool = True,
     command: str = "",
     machine: str = "",
+    collect_only: bool = False,
 ) -> Path:
     """Runs (or resumes) ``spec`` under ``out/<name>`` and writes the report.
+
+    With ``collect_only``, nothing runs: the finished runs of an interrupted suite are collected
+    into ``runs.jsonl`` and the report (which says how many of the planned runs finished).
 
     Returns:
       The suite directory (``runs/``, ``runs.jsonl``, ``suite.json``, ``summary.md``, PNGs).
@@ -761,6 +765,12 @@ def run_suite(
         patch = _git("diff", "HEAD", "--", *version["uncommitted"]) or ""
         (suite_dir / "code.patch").write_text(patch)
     already = {p.parent.name for p in runs_dir.glob("*/summary.json")}
+    meta_path = suite_dir / "suite.json"
+    if not collect_only:  # Written first, so that an interrupted suite keeps its record.
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta.setdefault("spec", spec.to_dict())
+        meta["started"] = dict(version, command=command, machine=machine)
+        _write_json(meta_path, meta)
 
     sweep = expand_sweep(spec)
     sweep_ids = {r.run_id for r in sweep}
@@ -773,6 +783,8 @@ def run_suite(
 
     def stage(runs: Sequence[Run]) -> None:
         """Runs ``runs``, after the base pre-trainings that their unfinished runs start from."""
+        if collect_only:
+            return
         todo = [r for r in runs if not _finished(runs_dir, r.run_id, r.stage)]
         bases = [pretrain[b] for b in dict.fromkeys(r.base for r in todo if r.base)]
         _run_stage(bases, runs_dir, workers, _Bar(0, 0, False, ""))
@@ -780,7 +792,12 @@ def run_suite(
 
     try:
         stage(sweep)
-        base = choose_base_lr(spec, {r["run_id"]: r for r in collect(spec, sweep, runs_dir)})
+        swept = {r["run_id"]: r for r in collect(spec, sweep, runs_dir)}
+        if collect_only and sweep_ids - set(swept):
+            raise ValueError(
+                f"{suite_dir}: the base learning-rate sweep has not finished; nothing to collect."
+            )
+        base = choose_base_lr(spec, swept)
         runs = expand(spec, {k: v["base_lr"] for k, v in base.items()})
         ids = [r.run_id for r in runs]
         extra = len(sweep_ids - set(ids))
@@ -801,7 +818,6 @@ def run_suite(
 
     records = collect(spec, [*runs, *sweep], runs_dir)
     _write_jsonl(suite_dir / "runs.jsonl", records)
-    meta_path = suite_dir / "suite.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     ran = len({r["run_id"] for r in records} - already)
     meta.update(spec=spec.to_dict(), base_lr=base, planned_runs=len(set(ids) | sweep_ids))
@@ -818,7 +834,11 @@ def run_suite(
     if bases:
         meta["pretrain"] = bases
     meta["definitions"] = {"spike_factor": SPIKE_FACTOR, "target_factor": TARGET_FACTOR}
-    if ran or "git_commit" not in meta:  # A no-op invocation keeps the record of the real one.
+    if collect_only:
+        if "git_commit" not in meta:  # The record of the interrupted invocation, if written.
+            meta.update(meta.get("started") or dict(version, command=command, machine=machine))
+        meta["collected_by"] = command
+    elif ran or "git_commit" not in meta:  # A no-op invocation keeps the record of the real one.
         meta.update(
             version,
             command=command,
@@ -1110,6 +1130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--seeds", type=int, nargs="+", help="override the suite's seeds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: write runs.jsonl and the report from the finished runs of an "
+        "interrupted suite",
+    )
     args = p.parse_args(argv)
     spec = SUITES[args.suite]()
     if args.seeds:
@@ -1122,6 +1148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.quiet,
         command=command.strip(),
         machine=_machine(),
+        collect_only=args.collect,
     )
     from train import report
 
