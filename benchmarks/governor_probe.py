@@ -1,51 +1,98 @@
-"""One training run of the governor with chosen knobs: the probe used to pick its defaults.
+"""The probe used to choose the governor's defaults: quick-suite runs of policy variants.
 
-Usage: ``python benchmarks/governor_probe.py LR '{"damping": 0.2}' TAG``; prints the eval
-perplexity, the mean logged scale and the control counters. Every other setting is fixed:
-``tiny_qwen2_5_3b``, seq 64, batch 8, 200 steps, warm-up 20, cosine, seed 0, the shipped data.
+Usage::
+
+    python benchmarks/governor_probe.py VARIANTS.json [--lrs 1e-3,3e-3,1e-2,3e-2] [--seeds 0,1]
+
+``VARIANTS.json`` maps a variant name to ``{"optimizer": NAME, "knobs": {...}, "config": {...}}``:
+``optimizer`` is a registered ``lbw-train`` optimizer, or ``"governor"`` to build
+``lbw_optax.guard(adamw, policy=lbw_optax.governor_policy(**knobs))``; ``config`` overrides
+:class:`~train.config.TrainConfig` fields. Every run uses the quick suite's setting (the shipped
+WikiText-2 sample, the 2-layer tiny Qwen2.5-3B-style preset, 200 steps of 8×64 tokens, warm-up
+20, cosine) and prints its final eval perplexity and mean effective scale; the last lines are a
+table of means over seeds per variant and learning rate.
 """
 
+import argparse
+import concurrent.futures
 import json
-import sys
+import os
+import statistics
 
-import lbw_optax
-from train.config import TrainConfig
-from train.loop import train
-from train.optimizers import register_optimizer
+from train.stress import QUICK_TRAIN
+
+
+def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
+    import lbw_optax
+    from train.config import TrainConfig
+    from train.loop import train
+    from train.optimizers import _adamw, register_optimizer
+
+    optimizer = variant.get("optimizer", "governor")
+    if optimizer == "governor":
+        optimizer = f"probe-{name}"
+        knobs = variant.get("knobs", {})
+
+        @register_optimizer(optimizer, guarded=True)
+        def _probe(config, schedule):
+            policy = lbw_optax.governor_policy(**knobs)
+            return lbw_optax.guard(_adamw(config, schedule), policy=policy)
+
+    fields = dict(QUICK_TRAIN, eval_every=200)
+    fields.update(variant.get("config", {}))
+    config = TrainConfig(
+        model="tiny_qwen2_5_3b",
+        model_overrides={"num_layers": 2},
+        optimizer=optimizer,
+        learning_rate=lr,
+        seed=seed,
+        quiet=True,
+        out_dir=os.path.join(out, f"{name}_{lr:g}_s{seed}"),
+        **fields,
+    )
+    try:
+        summary = train(config)
+    except Exception as error:  # A diverged unguarded run is a result, not a crash.
+        return name, lr, seed, float("nan"), None, type(error).__name__
+    tel = summary.get("telemetry") or {}
+    scale = None
+    if tel.get("step"):
+        scale = 1.0 - tel["control_energy"] / tel["step"]
+    return name, lr, seed, summary["eval_perplexity"], scale, ""
 
 
 def main() -> None:
-    lr, knobs, tag = float(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
-
-    @register_optimizer("governor-probe", guarded=True)
-    def _probe(config, schedule):
-        policy = lbw_optax.governor_policy(**knobs)
-        return lbw_optax.lbw_adamw(schedule, weight_decay=config.weight_decay, policy=policy)
-
-    config = TrainConfig(
-        optimizer="governor-probe",
-        learning_rate=lr,
-        steps=200,
-        seq_len=64,
-        batch_size=8,
-        warmup_steps=20,
-        log_every=10,
-        quiet=True,
-        out_dir=f"runs/governor-probe/{tag}_{lr}",
-    )
-    summary = train(config)
-    with open(f"{config.out_dir}/metrics.jsonl") as f:
-        lines = [json.loads(line) for line in f]
-    scales = [d["telemetry"]["scale"] for d in lines if d.get("kind") == "train"]
-    t = summary["telemetry"]
-    print(
-        tag,
-        lr,
-        round(summary["eval_perplexity"], 3),
-        "mean scale",
-        round(sum(scales) / len(scales), 3),
-        {k: t.get(k) for k in ("control_active_steps", "regime_switches")},
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("variants")
+    parser.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--out", default="runs/governor-probe")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    with open(args.variants) as f:
+        variants = json.load(f)
+    lrs = [float(x) for x in args.lrs.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    jobs = [(n, v, lr, s) for n, v in variants.items() for lr in lrs for s in seeds]
+    results = []
+    with concurrent.futures.ProcessPoolExecutor(args.workers) as pool:
+        futures = [pool.submit(_run, *job, args.out) for job in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            r = future.result()
+            results.append(r)
+            print(*r, flush=True)
+    print("\nvariant | " + " | ".join(f"{lr:g}" for lr in lrs) + " | mean")
+    for name in variants:
+        cells = []
+        for lr in lrs:
+            ppl = [r[3] for r in results if r[0] == name and r[1] == lr]
+            sc = [r[4] for r in results if r[0] == name and r[1] == lr and r[4] is not None]
+            cell = f"{statistics.mean(ppl):.2f}"
+            if sc:
+                cell += f" ({statistics.mean(sc):.2f})"
+            cells.append(cell)
+        grid = statistics.mean(r[3] for r in results if r[0] == name)
+        print(f"{name} | " + " | ".join(cells) + f" | {grid:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,13 @@ class GovernorState(NamedTuple):
       loss_trend: float32, the latest ``loss_fast / loss_slow - 1``.
       grad_trend: float32, the latest ``log_norm_fast - log_norm_slow``.
       alignment: float32, EMA of the gradient–momentum cosine.
+      own_scale: float32, the statistical rules' scale (spikes, stress, oscillation).
+      pace: float32, the pace controller's scale (slow start, then AIMD on overshoot).
+      slow_start: bool, whether the pace is still in its slow start (no overshoot yet).
+      since_cut: int32, steps since the pace was last cut.
+      update_ratio: float32, the largest per-tensor relative update ``‖Δθ‖/‖θ‖`` the global
+        scale alone would have applied (before the per-tensor limiter).
+      limited_tensors: int32, tensors the per-tensor limiter cut at the latest step.
     """
 
     observed: jax.Array
@@ -55,6 +62,12 @@ class GovernorState(NamedTuple):
     loss_trend: jax.Array
     grad_trend: jax.Array
     alignment: jax.Array
+    own_scale: jax.Array
+    pace: jax.Array
+    slow_start: jax.Array
+    since_cut: jax.Array
+    update_ratio: jax.Array
+    limited_tensors: jax.Array
 
 
 def _ema(mean: jax.Array, x: jax.Array, decay: float) -> jax.Array:
@@ -89,12 +102,28 @@ class GovernorPolicy(Policy):
     max_holds: int = 2
     overshoot_cos: float | None = 0.0
     alignment_decay: float = 0.9
+    initial_scale: float = 1.0
+    growth: float = 1.0
+    pace_cut: float = 1.0
+    pace_release: float = 0.01
+    cooldown: int = 10
+    max_update_ratio: float | None = None
+    param_floor: float = 0.02
 
     needs_value = True
 
     @property
     def needs_momentum(self) -> bool:
         return self.overshoot_cos is not None
+
+    @property
+    def needs_tensor_norms(self) -> bool:
+        return self.max_update_ratio is not None
+
+    @property
+    def paced(self) -> bool:
+        """Whether the overshoot cue drives the pace (AIMD) instead of the damping rules."""
+        return self.pace_cut < 1.0 and self.overshoot_cos is not None
 
     @property
     def scale_bounds(self) -> tuple[float, float]:
@@ -119,6 +148,12 @@ class GovernorPolicy(Policy):
             loss_trend=zero,
             grad_trend=zero,
             alignment=zero,
+            own_scale=jnp.ones([], jnp.float32),
+            pace=jnp.asarray(self.initial_scale, jnp.float32),
+            slow_start=jnp.asarray(self.growth > 1.0),
+            since_cut=izero,
+            update_ratio=zero,
+            limited_tensors=izero,
         )
 
     def decide(self, signals: Signals, state: GovernorState, *, step, scale, regime):
@@ -165,15 +200,16 @@ class GovernorPolicy(Policy):
         loss_trend = loss_fast / (jnp.abs(loss_slow) + _TINY) - 1.0
         grad_trend = log_norm_fast - log_norm_slow
         alignment = jnp.where(
-            first,
+            state.observed <= 1,  # The first step has no momentum to align with.
             signals.grad_momentum_cos,
             _ema(state.alignment, signals.grad_momentum_cos, self.alignment_decay),
         )
-        overshooting = (
-            warm & (alignment < self.overshoot_cos)
-            if self.overshoot_cos is not None
-            else jnp.array(False)
+        overshoot = (
+            alignment < self.overshoot_cos if self.overshoot_cos is not None else jnp.array(False)
         )
+        # Paced, the overshoot cue is read from the second step on (a cosine needs no
+        # statistics; the first step has no momentum yet) and drives the pace below.
+        overshooting = jnp.array(False) if self.paced else warm & overshoot
         stressed = warm & (loss_trend > self.stress_trend)
         oscillating = (warm & (grad_trend > self.oscillation_trend)) | overshooting
         pressure = stressed | oscillating
@@ -199,6 +235,7 @@ class GovernorPolicy(Policy):
         ).astype(jnp.int32)
 
         # Control: a bounded, slew-limited scale.
+        scale = state.own_scale
         cut = jnp.select(
             [spike, engaged & stressed, engaged],
             [self.spike_factor, 1.0 - self.damping, 1.0 - 0.5 * self.damping],
@@ -211,7 +248,40 @@ class GovernorPolicy(Policy):
             scale * cut,
             jnp.where(sticky, scale, scale + self.release),
         )
-        new_scale = jnp.clip(new_scale, self.min_scale, self.max_scale)
+        own_scale = jnp.clip(new_scale, self.min_scale, self.max_scale)
+
+        # Pace: slow start (multiplicative growth until the first overshoot), then additive
+        # increase and a multiplicative cut on overshoot, at most once per `cooldown` steps.
+        congested = (
+            (state.observed >= 1) & overshoot & (state.since_cut >= self.cooldown)
+            if self.paced
+            else jnp.array(False)
+        )
+        slow_start = state.slow_start & ~congested
+        grown = jnp.where(slow_start, state.pace * self.growth, state.pace + self.pace_release)
+        calm_pace = jnp.where(overshoot & self.paced, state.pace, grown)
+        pace = jnp.clip(
+            jnp.where(congested, state.pace * self.pace_cut, calm_pace), self.min_scale, 1.0
+        )
+        since_cut = jnp.where(congested, 0, jnp.minimum(state.since_cut + 1, self.cooldown))
+        new_scale = jnp.clip(own_scale * pace, self.min_scale, self.max_scale)
+
+        # Per-tensor limiter: no tensor moves more than max_update_ratio of its norm (floored
+        # at param_floor·√size, for tensors that start at zero) in one step.
+        if self.max_update_ratio is None:
+            tensor_scale, update_ratio, limited = 1.0, jnp.zeros([], jnp.float32), 0
+        else:
+            ref = jnp.maximum(
+                signals.tensor_param_norms, self.param_floor * jnp.sqrt(signals.tensor_sizes)
+            )
+            ratio = new_scale * signals.tensor_update_norms / ref
+            tensor_scale = jnp.where(
+                ratio > self.max_update_ratio,
+                self.max_update_ratio / jnp.where(ratio > 0, ratio, 1.0),
+                1.0,
+            ).astype(jnp.float32)
+            update_ratio = jnp.max(ratio, initial=0.0)
+            limited = jnp.sum(ratio > self.max_update_ratio)
 
         # A hold is a cut to zero, so a policy pinned to one scale never holds.
         can_hold = self.min_scale < self.max_scale
@@ -232,10 +302,20 @@ class GovernorPolicy(Policy):
             loss_trend=loss_trend,
             grad_trend=grad_trend,
             alignment=alignment,
+            own_scale=own_scale.astype(jnp.float32),
+            pace=pace.astype(jnp.float32),
+            slow_start=slow_start,
+            since_cut=since_cut.astype(jnp.int32),
+            update_ratio=jnp.asarray(update_ratio, jnp.float32),
+            limited_tensors=jnp.asarray(limited, jnp.int32),
         )
-        return Decision(
-            regime=new_regime, scale=new_scale.astype(jnp.float32), hold=hold
-        ), new_state
+        decision = Decision(
+            regime=new_regime,
+            scale=new_scale.astype(jnp.float32),
+            hold=hold,
+            tensor_scale=tensor_scale,
+        )
+        return decision, new_state
 
 
 def governor_policy(
@@ -259,6 +339,13 @@ def governor_policy(
     max_holds: int = 2,
     overshoot_cos: float | None = 0.0,
     alignment_decay: float = 0.9,
+    initial_scale: float = 1.0,
+    growth: float = 1.0,
+    pace_cut: float = 1.0,
+    pace_release: float = 0.01,
+    cooldown: int = 10,
+    max_update_ratio: float | None = None,
+    param_floor: float = 0.02,
 ) -> GovernorPolicy:
     r"""Our governance policy: senses loss and gradient norm, interprets with hysteresis.
 
@@ -342,6 +429,19 @@ def governor_policy(
     if overshoot_cos is not None:
         _validate.check_in_range("overshoot_cos", overshoot_cos, -1.0, 1.0)
     _validate.check_in_range("alignment_decay", alignment_decay, 0.0, 1.0, closed="left")
+    _validate.check_in_range("initial_scale", initial_scale, min_scale, 1.0)
+    _validate.check_in_range("growth", growth, 1.0, float("inf"), closed="left")
+    _validate.check_in_range("pace_cut", pace_cut, 0.0, 1.0, closed="right")
+    _validate.check_non_negative("pace_release", pace_release)
+    _validate.check_non_negative_int("cooldown", cooldown)
+    if max_update_ratio is not None:
+        _validate.check_positive("max_update_ratio", max_update_ratio)
+    _validate.check_non_negative("param_floor", param_floor)
+    if initial_scale < 1.0 and growth == 1.0 and pace_release == 0.0:
+        raise ValueError(
+            f"initial_scale={initial_scale} < 1 needs growth > 1 or pace_release > 0, "
+            "or the pace never reaches 1"
+        )
     return GovernorPolicy(
         min_scale=float(min_scale),
         max_scale=float(max_scale),
@@ -362,4 +462,11 @@ def governor_policy(
         max_holds=max_holds,
         overshoot_cos=None if overshoot_cos is None else float(overshoot_cos),
         alignment_decay=float(alignment_decay),
+        initial_scale=float(initial_scale),
+        growth=float(growth),
+        pace_cut=float(pace_cut),
+        pace_release=float(pace_release),
+        cooldown=cooldown,
+        max_update_ratio=None if max_update_ratio is None else float(max_update_ratio),
+        param_floor=float(param_floor),
     )

@@ -11,7 +11,14 @@ from lbw_optax._governor import governor_policy
 from lbw_optax._policy import Policy
 from lbw_optax._reference import reference_policy
 from lbw_optax._regime import Regime
-from lbw_optax._sense import Signals, empty_signals, find_first_moment, sense
+from lbw_optax._sense import (
+    Signals,
+    empty_signals,
+    find_first_moment,
+    num_sensed_tensors,
+    sense,
+    sense_updates,
+)
 
 _POLICIES = {"governor": governor_policy, "reference": reference_policy}
 
@@ -24,13 +31,15 @@ class GuardState(NamedTuple):
       regime: int32, the :class:`~lbw_optax.Regime` of the latest step.
       scale: float32, the policy's scale in force at the latest step.
       held: bool, whether the latest step was held (zero update, inner state kept).
+      effective_scale: float32, what the latest update really got: ``scale`` times the
+        norm-weighted per-tensor factors of the decision (``‖applied update‖ / ‖inner
+        update‖``), 0 on a held step.
       control_active_steps: int32, steps with ``scale != 1`` or a held update.
       regime_switches: int32, steps whose regime differs from the previous step's (the
         regime before the first step is ``STABLE``).
-      control_energy: float32, Σ |1 − applied scale| over steps, the applied scale being 0 on
-        a held step.
+      control_energy: float32, Σ |1 − effective_scale| over steps.
       skipped_steps: int32, held steps (non-finite ones included).
-      nonfinite_steps: int32, steps whose loss or gradients were NaN/Inf.
+      nonfinite_steps: int32, steps whose loss, gradients or inner update were NaN/Inf.
       signals: :class:`~lbw_optax.Signals`, the latest *finite* sensed signals.
       policy_state: the policy's own state (NamedTuple of scalars).
       inner_state: the wrapped transformation's state.
@@ -40,6 +49,7 @@ class GuardState(NamedTuple):
     regime: jax.Array
     scale: jax.Array
     held: jax.Array
+    effective_scale: jax.Array
     control_active_steps: jax.Array
     regime_switches: jax.Array
     control_energy: jax.Array
@@ -65,22 +75,50 @@ def _count_if(counter: jax.Array, condition: jax.Array) -> jax.Array:
     return jnp.where(condition, optax.safe_increment(counter), counter)
 
 
-def actuate(updates: Any, scale: jax.Array, hold: jax.Array) -> Any:
-    """Multiplies the inner updates by the scale, or zeroes them on a held step; keeps dtypes."""
-    return jax.tree.map(
-        lambda u: jnp.where(hold, jnp.zeros_like(u), (u * scale).astype(u.dtype)), updates
-    )
+def _per_tensor(tensor_scale: Any) -> bool:
+    return not isinstance(tensor_scale, int | float) and jnp.ndim(tensor_scale) == 1
 
 
-def record(state: GuardState, regime, scale, hold, finite, signals, policy_state, inner_state):
-    """Advances the governance record by one step."""
-    applied = jnp.where(hold, 0.0, scale)
+def actuate(updates: Any, scale: jax.Array, hold: jax.Array, tensor_scale: Any = 1.0) -> Any:
+    """Multiplies the inner updates by the scale (times each non-empty tensor's factor in
+    ``tensor_scale``), or zeroes them on a held step; keeps dtypes."""
+    leaves, treedef = jax.tree.flatten(updates)
+    factors, k = [], 0
+    for u in leaves:
+        if _per_tensor(tensor_scale) and u.size > 0:
+            factors.append(scale * tensor_scale[k])
+            k += 1
+        else:
+            factors.append(scale * tensor_scale if not _per_tensor(tensor_scale) else scale)
+    out = [
+        jnp.where(hold, jnp.zeros_like(u), (u * f).astype(u.dtype))
+        for u, f in zip(leaves, factors, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def effective_scale(scale: jax.Array, tensor_scale: Any, signals: Signals) -> jax.Array:
+    """``‖applied update‖ / ‖inner update‖`` before a hold: the scale times the norm-weighted
+    per-tensor factors (1 when the inner update is zero)."""
+    if not _per_tensor(tensor_scale):
+        return scale * tensor_scale
+    norms = signals.tensor_update_norms
+    total = jnp.sum(jnp.square(norms))
+    kept = jnp.sum(jnp.square(tensor_scale * norms))
+    return scale * jnp.where(total > 0, jnp.sqrt(kept / jnp.where(total > 0, total, 1.0)), 1.0)
+
+
+def record(
+    state: GuardState, regime, scale, applied, hold, finite, signals, policy_state, inner_state
+):
+    """Advances the governance record by one step; ``applied`` is the effective scale."""
     return GuardState(
         step=optax.safe_increment(state.step),
         regime=regime,
         scale=scale,
         held=hold,
-        control_active_steps=_count_if(state.control_active_steps, hold | (scale != 1.0)),
+        effective_scale=applied,
+        control_active_steps=_count_if(state.control_active_steps, hold | (applied != 1.0)),
         regime_switches=_count_if(state.regime_switches, regime != state.regime),
         control_energy=state.control_energy + jnp.abs(1.0 - applied),
         skipped_steps=_count_if(state.skipped_steps, hold),
@@ -126,21 +164,27 @@ def guard(
       >>> int(lbw_optax.telemetry(state)["step"])
       1
     """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise ValueError(
+            f"inner must be an optax.GradientTransformation (e.g. optax.adamw(1e-3)), got {inner!r}"
+        )
     policy = resolve_policy(policy)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
+        tensors = num_sensed_tensors(params) if policy.needs_tensor_norms else 0
         return GuardState(
             step=jnp.zeros([], jnp.int32),
             regime=jnp.asarray(Regime.STABLE, jnp.int32),
             scale=jnp.ones([], jnp.float32),
             held=jnp.array(False),
+            effective_scale=jnp.ones([], jnp.float32),
             control_active_steps=jnp.zeros([], jnp.int32),
             regime_switches=jnp.zeros([], jnp.int32),
             control_energy=jnp.zeros([], jnp.float32),
             skipped_steps=jnp.zeros([], jnp.int32),
             nonfinite_steps=jnp.zeros([], jnp.int32),
-            signals=empty_signals(),
+            signals=empty_signals(tensors),
             policy_state=policy.init(),
             inner_state=inner.init(params),
         )
@@ -151,23 +195,40 @@ def guard(
                 f"the {type(policy).__name__} senses the loss: pass it as "
                 "tx.update(grads, state, params, value=loss)"
             )
-        step = optax.safe_increment(state.step)
-        momentum = find_first_moment(state.inner_state, updates) if policy.needs_momentum else None
-        signals, finite = sense(updates, value, momentum)
-        decision, policy_state = policy.decide(
-            signals, state.policy_state, step=step, scale=state.scale, regime=state.regime
-        )
+        if params is None and policy.needs_tensor_norms:
+            raise ValueError(
+                f"the {type(policy).__name__} limits each tensor's update relative to the "
+                "tensor: pass the parameters, tx.update(grads, state, params, value=loss)"
+            )
         if value is not None:
             extra_args["value"] = value
         inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        if num_sensed_tensors(updates) == 0:
+            # Nothing to govern (e.g. a multi_transform group with no parameters): identity.
+            step = optax.safe_increment(state.step)
+            return inner_updates, state._replace(step=step, inner_state=inner_state)
+
+        step = optax.safe_increment(state.step)
+        momentum = find_first_moment(state.inner_state, updates) if policy.needs_momentum else None
+        signals, grads_finite = sense(updates, value, momentum)
+        # The inner update is sensed too: a NaN that the inner optimizer makes from finite
+        # gradients (e.g. bf16 moments) is held like a NaN gradient, never applied.
+        sensed_params = params if policy.needs_tensor_norms else None
+        signals, updates_finite = sense_updates(signals, inner_updates, sensed_params)
+        finite = grads_finite & updates_finite
+        decision, policy_state = policy.decide(
+            signals, state.policy_state, step=step, scale=state.scale, regime=state.regime
+        )
 
         hold = ~finite | decision.hold
         keep_old = lambda new, old: optax.tree.where(finite, new, old)
-        new_updates = actuate(inner_updates, decision.scale, hold)
+        new_updates = actuate(inner_updates, decision.scale, hold, decision.tensor_scale)
+        applied = effective_scale(decision.scale, decision.tensor_scale, signals)
         new_state = record(
             state,
             regime=jnp.where(finite, decision.regime, Regime.NONFINITE).astype(jnp.int32),
             scale=jnp.where(finite, decision.scale, state.scale),
+            applied=jnp.where(hold, 0.0, applied).astype(jnp.float32),
             hold=hold,
             finite=finite,
             signals=keep_old(signals, state.signals),

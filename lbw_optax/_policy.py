@@ -22,11 +22,15 @@ class Decision(NamedTuple):
       scale: float32 scalar in ``[policy.min_scale, policy.max_scale]``, the factor applied to
         the inner optimizer's update.
       hold: bool scalar; when true the step is held: zero update, inner state not advanced.
+      tensor_scale: a further factor per sensed tensor (float32 ``[n]``, leaf order of the
+        non-empty update tensors, each in ``(0, 1]``), for policies that limit tensors one by
+        one; the scalar 1 (the default) leaves every tensor at ``scale``.
     """
 
     regime: jax.Array
     scale: jax.Array
     hold: jax.Array
+    tensor_scale: jax.Array | float = 1.0
 
 
 class Policy(abc.ABC):
@@ -38,10 +42,13 @@ class Policy(abc.ABC):
     - ``needs_value``: the policy senses the loss, so the guard requires ``value=``.
     - ``needs_momentum``: the policy reads ``Signals.grad_momentum_cos``, so the guard senses
       the alignment of the gradients with the inner optimizer's first moment.
+    - ``needs_tensor_norms``: the policy reads ``Signals.tensor_update_norms`` and
+      ``tensor_param_norms``, so the guard senses them (it needs ``params``).
     """
 
     needs_value = False
     needs_momentum = False
+    needs_tensor_norms = False
 
     @property
     @abc.abstractmethod

@@ -8,7 +8,7 @@ import optax
 
 
 class Signals(NamedTuple):
-    """What the guard sensed at a step. Every field is a float32 scalar.
+    """What the guard sensed at a step: float32 scalars, and two small per-tensor vectors.
 
     Attributes:
       loss: the loss passed as ``value=`` (0 when no loss is given).
@@ -21,6 +21,14 @@ class Signals(NamedTuple):
         *before* this step (``mu``), when the policy asks for it and the inner state has one
         (0 otherwise). Negative values mean the new gradient opposes the direction the
         optimizer has been moving in: the steps overshoot.
+      update_norm: global L2 norm of the inner optimizer's update, before the guard scales it.
+      tensor_update_norms: float32 ``[n]``, the L2 norm of each non-empty tensor of the inner
+        update (leaf order), when the policy asks for per-tensor signals; shape ``[0]``
+        otherwise.
+      tensor_param_norms: float32 ``[n]``, the L2 norm of each matching parameter tensor
+        before the step; shape ``[0]`` when not sensed.
+      tensor_sizes: float32 ``[n]``, the element count of each sensed tensor (a constant), so
+        that a policy can turn norms into root-mean-squares; shape ``[0]`` when not sensed.
     """
 
     loss: jax.Array
@@ -29,20 +37,40 @@ class Signals(NamedTuple):
     grad_ms_mean: jax.Array
     grad_mean: jax.Array
     grad_momentum_cos: jax.Array
+    update_norm: jax.Array
+    tensor_update_norms: jax.Array
+    tensor_param_norms: jax.Array
+    tensor_sizes: jax.Array
 
 
-def empty_signals() -> Signals:
+def empty_signals(num_tensors: int = 0) -> Signals:
     zero = jnp.zeros([], jnp.float32)
-    return Signals(zero, zero, zero, zero, zero, zero)
+    vector = jnp.zeros([num_tensors], jnp.float32)
+    return Signals(zero, zero, zero, zero, zero, zero, zero, vector, vector, vector)
+
+
+def num_sensed_tensors(tree: Any) -> int:
+    """How many tensors of ``tree`` are sensed (the non-empty arrays)."""
+    return sum(1 for x in jax.tree.leaves(tree) if x.size > 0)
+
+
+def first_moments(inner_state: Any) -> list[Any]:
+    """Every first moment in ``inner_state``: the NamedTuple fields named ``mu``.
+
+    Only state fields count, never dictionary keys, so a model with a parameter called ``mu``
+    does not add candidates (``optax.tree.get`` alone would match its key in every moment).
+    """
+    is_field = lambda path, _: isinstance(path[-1], optax.tree_utils.NamedTupleKey)
+    return [v for _, v in optax.tree.get_all_with_path(inner_state, "mu", filtering=is_field)]
 
 
 def find_first_moment(inner_state: Any, grads: Any) -> Any | None:
-    """The inner optimizer's first moment (a field named ``mu`` shaped like the gradients), or
+    """The inner optimizer's first moment (a ``mu`` state field shaped like the gradients), or
     ``None`` when there is none or more than one."""
-    found = optax.tree.get_all_with_path(inner_state, "mu")
+    found = first_moments(inner_state)
     if len(found) != 1:
         return None
-    mu = found[0][1]
+    mu = found[0]
     if jax.tree.structure(mu) != jax.tree.structure(grads):
         return None
     shapes_match = all(
@@ -123,5 +151,61 @@ def sense(
         grad_ms_mean=jnp.mean(mean_squares),
         grad_mean=total / count,
         grad_momentum_cos=cos,
+        update_norm=jnp.zeros([], jnp.float32),
+        tensor_update_norms=jnp.zeros([0], jnp.float32),
+        tensor_param_norms=jnp.zeros([0], jnp.float32),
+        tensor_sizes=jnp.zeros([0], jnp.float32),
     )
     return signals, finite
+
+
+def _sum_of_squares(u: jax.Array) -> jax.Array:
+    u = u.astype(jnp.float32)
+    return jnp.sum(u * u)
+
+
+def _sums_of_squares(u: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Σu² and Σθ² in one variadic reduction: one read of the update and one of the parameter.
+    u, p = u.astype(jnp.float32), p.astype(jnp.float32)
+    zero = jnp.zeros([], jnp.float32)
+    add_pairs = lambda a, b: (a[0] + b[0], a[1] + b[1])
+    return jax.lax.reduce((u * u, p * p), (zero, zero), add_pairs, tuple(range(u.ndim)))
+
+
+def sense_updates(
+    signals: Signals, updates: Any, params: Any | None = None
+) -> tuple[Signals, jax.Array]:
+    """Adds the inner update's norms to ``signals``; tells whether the update is finite.
+
+    One reduction per update tensor (fused with a read of the matching parameter when
+    ``params`` is given, for the per-tensor norms a trust-ratio limiter needs). A NaN or Inf in
+    the update makes its sum of squares non-finite.
+
+    Args:
+      signals: the gradient signals of the step.
+      updates: the inner optimizer's update.
+      params: the parameters before the step, to sense per-tensor norms; ``None`` senses only
+        the global update norm.
+
+    Returns:
+      ``(signals, finite)``: the signals with ``update_norm`` (and, with ``params``, the
+      per-tensor vectors) filled in, and whether every update element is finite.
+    """
+    leaves = [u for u in jax.tree.leaves(updates) if u.size > 0]
+    if params is None:
+        sq = [_sum_of_squares(u) for u in leaves]
+        vectors = {}
+    else:
+        param_leaves = [p for p in jax.tree.leaves(params) if p.size > 0]
+        if len(param_leaves) != len(leaves):
+            raise ValueError("the updates and the parameters must have the same tensors")
+        pairs = zip(leaves, param_leaves, strict=True)
+        sq, p_sq = zip(*(_sums_of_squares(u, p) for u, p in pairs), strict=True)
+        vectors = dict(
+            tensor_update_norms=jnp.sqrt(jnp.stack(sq)),
+            tensor_param_norms=jnp.sqrt(jnp.stack(p_sq)),
+            tensor_sizes=jnp.asarray([u.size for u in leaves], jnp.float32),
+        )
+    total_sq = sum(sq, jnp.zeros([], jnp.float32))
+    finite = jnp.isfinite(total_sq)
+    return signals._replace(update_norm=jnp.sqrt(total_sq), **vectors), finite

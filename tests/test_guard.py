@@ -387,3 +387,162 @@ def test_governor_holds_a_huge_gradient_spike_even_after_a_noisy_start():
     policy = lbw_optax.governor_policy(hold_ratio=1e4)
     _, records, _ = run(lbw_optax.lbw_adamw(1e-2, policy=policy), grads, noisy_losses(n))
     assert not bool(records[-1]["held"])
+
+
+# --- safety of the guard itself ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inner", [None, "adamw", optax.adamw])
+def test_guard_rejects_what_is_not_a_transformation(inner):
+    with pytest.raises(ValueError, match=r"inner must be an optax\.GradientTransformation"):
+        lbw_optax.guard(inner)
+
+
+def test_guard_over_an_empty_tree_is_the_identity():
+    # e.g. a multi_transform group that holds no parameters.
+    for tx in (lbw_optax.lbw_adamw(1e-3), lbw_optax.guard(optax.adamw(1e-3), policy="reference")):
+        state = tx.init({})
+        updates, state = jax.jit(tx.update)({}, state, {}, value=jnp.float32(1.0))
+        assert updates == {} and int(state.step) == 1 and not bool(state.held)
+    groups = optax.multi_transform(
+        {"a": lbw_optax.lbw_adamw(1e-3), "b": optax.adamw(1e-3)}, {"w": "b", "b": "b"}
+    )
+    state = groups.init(PARAMS)
+    updates, _ = groups.update(scaled_grads(1.0), state, PARAMS, value=jnp.float32(1.0))
+    chex.assert_tree_all_finite(updates)
+
+
+def _nan_above(limit):
+    """A transformation whose update turns NaN, from finite gradients, when one exceeds
+    ``limit`` (as an optimizer whose arithmetic overflows would)."""
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        bad = jnp.any(jnp.stack([jnp.max(g) > limit for g in jax.tree.leaves(updates)]))
+        out = jax.tree.map(lambda g: jnp.where(bad, jnp.nan, -0.1 * g), updates)
+        return out, optax.ScaleByScheduleState(count=state.count + 1)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def test_a_nonfinite_inner_update_is_held_and_never_reaches_the_parameters():
+    for policy in ("governor", "reference"):
+        tx = lbw_optax.guard(_nan_above(1.0), policy=policy)
+        params, state = PARAMS, tx.init(PARAMS)
+        update = jax.jit(tx.update)
+        for k in range(5):
+            grads = scaled_grads(100.0 if k == 2 else 1.0)
+            updates, state = update(grads, state, params, value=jnp.float32(2.0))
+            params = optax.apply_updates(params, updates)
+            chex.assert_tree_all_finite(params)
+            if k == 2:
+                assert bool(state.held) and int(state.regime) == Regime.NONFINITE
+                assert int(state.inner_state.count) == 2  # The inner state was not advanced.
+        assert int(state.nonfinite_steps) == 1 and int(state.skipped_steps) == 1
+        chex.assert_tree_all_finite(state)
+
+
+def test_bf16_moments_that_overflow_never_reach_the_parameters():
+    # bf16(0.999) rounds to 1, so AdamW's bias correction divides by zero: NaN updates from
+    # finite gradients. The guard holds every such step instead of applying it.
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
+    tx = optax.inject_hyperparams(lbw_optax.lbw_adamw)(learning_rate=1e-3)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(5):
+        grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+        updates, state = update(grads, state, params, value=jnp.float32(2.0))
+        params = optax.apply_updates(params, updates)
+        chex.assert_tree_all_finite(params)
+    assert int(lbw_optax.telemetry(state)["nonfinite_steps"]) >= 1
+
+
+def test_a_parameter_called_mu_does_not_hide_the_first_moment():
+    params = {"mu": jnp.ones((3,)), "w": jnp.ones((2, 2))}
+    grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+    state = optax.adamw(1e-3).init(params)
+    found = lbw_optax._sense.find_first_moment(state, grads)
+    assert found is not None
+    chex.assert_trees_all_equal(found, state[0].mu)
+    tx = lbw_optax.lbw_adamw(1e-2)
+    _, records, _ = run(tx, [grads] * 3, [2.0] * 3, params=params)
+    assert float(records[-1]["grad_momentum_cos"]) > 0.99
+
+
+# --- governor v2: per-tensor limiter and pace, restated in NumPy --------------------------------
+
+
+def test_per_tensor_limiter_matches_its_numpy_restatement():
+    r, floor = 0.05, 0.02
+    policy = lbw_optax.governor_policy(max_update_ratio=r, param_floor=floor, overshoot_cos=None)
+    tx = lbw_optax.guard(optax.sgd(0.1), policy=policy)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros((4,))}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        grads = {k: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for k, p in params.items()}
+        updates, state = update(grads, state, params, value=jnp.float32(2.0))
+        limited = 0
+        for k in params:
+            u = -0.1 * np.asarray(grads[k])
+            ref = max(np.linalg.norm(np.asarray(params[k])), floor * np.sqrt(u.size))
+            ratio = np.linalg.norm(u) / ref
+            factor = r / ratio if ratio > r else 1.0
+            limited += ratio > r
+            np.testing.assert_allclose(np.asarray(updates[k]), factor * u, rtol=1e-5, atol=1e-7)
+        assert int(state.policy_state.limited_tensors) == limited
+        params = optax.apply_updates(params, updates)
+    applied = np.sqrt(sum(np.sum(np.square(np.asarray(updates[k]))) for k in params))
+    inner = 0.1 * np.sqrt(sum(np.sum(np.square(np.asarray(grads[k]))) for k in params))
+    np.testing.assert_allclose(float(state.effective_scale), applied / inner, rtol=1e-5)
+
+
+def _numpy_pace(cosines, *, initial, growth, cut, release, cooldown, decay, low):
+    """The pace controller restated: EMA of the cosine seeded at step 2, slow start until the
+    first overshoot, then AIMD with a cooldown between cuts."""
+    pace, slow, since, align, out = initial, growth > 1.0, 0, 0.0, []
+    for k, c in enumerate(cosines):
+        align = c if k <= 1 else align + (1 - decay) * (c - align)
+        over = align < low
+        congested = k >= 1 and over and since >= cooldown
+        slow = slow and not congested
+        if congested:
+            pace *= cut
+        elif not over:
+            pace = pace * growth if slow else pace + release
+        pace = min(max(pace, 0.1), 1.0)
+        since = 0 if congested else min(since + 1, cooldown)
+        out.append(pace)
+    return out
+
+
+def test_pace_matches_its_numpy_restatement():
+    knobs = dict(initial_scale=0.2, growth=1.3, pace_cut=0.5, pace_release=0.02, cooldown=4)
+    # The statistics never engage (warm-up 1000): only the pace acts.
+    policy = lbw_optax.governor_policy(**knobs, alignment_decay=0.3, warmup=1000)
+    tx = lbw_optax.guard(optax.adam(1e-3), policy=policy)
+    # Aligned for 8 steps, then reversed, then aligned again.
+    signs = [1.0] * 8 + [-1.0] * 12 + [1.0] * 20
+    grads = [scaled_grads(s) for s in signs]
+    _, records, _ = run(tx, grads, [2.0] * len(grads))
+    cosines = [float(r["grad_momentum_cos"]) for r in records]
+    want = _numpy_pace(
+        cosines,
+        initial=0.2,
+        growth=1.3,
+        cut=0.5,
+        release=0.02,
+        cooldown=4,
+        decay=0.3,
+        low=0.0,
+    )
+    got = [float(r["pace"]) for r in records]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose([float(r["scale"]) for r in records], want, rtol=1e-5)
+    assert min(got[8:20]) < max(got[:8])  # The reversals cut the pace.
+    assert got[-1] > min(got)  # Additive increase afterwards.
