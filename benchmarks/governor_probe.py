@@ -26,17 +26,18 @@ def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
     import lbw_optax
     from train.config import TrainConfig
     from train.loop import train
-    from train.optimizers import _adamw, register_optimizer
+    from train.optimizers import _adamw, available_optimizers, register_optimizer
 
     optimizer = variant.get("optimizer", "governor")
     if optimizer == "governor":
         optimizer = f"probe-{name}"
         knobs = variant.get("knobs", {})
+        if optimizer not in available_optimizers():
 
-        @register_optimizer(optimizer, guarded=True)
-        def _probe(config, schedule):
-            policy = lbw_optax.governor_policy(**knobs)
-            return lbw_optax.guard(_adamw(config, schedule), policy=policy)
+            @register_optimizer(optimizer, guarded=True)
+            def _probe(config, schedule):
+                policy = lbw_optax.governor_policy(**knobs)
+                return lbw_optax.guard(_adamw(config, schedule), policy=policy)
 
     fields = dict(QUICK_TRAIN, eval_every=200)
     fields.update(variant.get("config", {}))

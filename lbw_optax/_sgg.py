@@ -9,6 +9,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from lbw_optax._sense import first_moments
 from lbw_optax._validate import (
     check_in_range,
     check_non_negative_int,
@@ -54,22 +55,20 @@ class SGGState(NamedTuple):
 
 def _first_moment(inner_state: Any) -> Any:
     """The inner state's first moment: the one NamedTuple field named ``mu``."""
-    is_field = lambda path, _: isinstance(path[-1], optax.tree_utils.NamedTupleKey)
-    try:
-        mu = optax.tree.get(inner_state, "mu", filtering=is_field)
-    except KeyError as error:
+    found = first_moments(inner_state)
+    if len(found) > 1:
         raise ValueError(
             "sgg reads the first moment of the inner transformation from its state field "
             "'mu', but the inner state holds more than one (e.g. two Adam-like "
             "transformations chained); wrap the single Adam-like transformation instead"
-        ) from error
-    if mu is None:
+        )
+    if not found:
         raise ValueError(
             "sgg needs an inner transformation whose state holds a first moment in a field "
             "named 'mu' (e.g. optax.scale_by_adam, optax.adamw, optax.lion, optax.nadam); the "
             f"given one's state ({type(inner_state).__name__}) has none"
         )
-    return mu
+    return found[0]
 
 
 # Order statistics by bisection on the float's bits (no sort: sorts are slow on CPU). For
