@@ -1172,6 +1172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"lbw-stress: error: {one_line(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "lbw-stress: interrupted; finished runs are kept: the same command resumes the suite, "
+            "and --collect reports the finished runs",
+            file=sys.stderr,
+        )
+        return 130
     from train import report
 
     print(report.headline(suite_dir))
