@@ -32,6 +32,7 @@ def main() -> None:
         log_every=10,
         quiet=True,
         out_dir=f"runs/governor-probe/{tag}_{lr}",
+        overwrite=True,  # A probe re-run replaces the last one.
     )
     summary = train(config)
     with open(f"{config.out_dir}/metrics.jsonl") as f:
