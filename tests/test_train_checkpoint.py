@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from train import checkpoint
 from train.checkpoint import block_checksum, checksums
 
 
@@ -45,3 +47,22 @@ def test_checksums_of_a_state():
     assert sums[0] == "0" * 16  # Leaves in key order: "empty" first.
     assert sums == checksums(tree)
     assert checksums({**tree, "step": jnp.int32(8)}) != sums
+
+
+def test_processes_exchange_only_per_leaf_sums(monkeypatch):
+    """Two processes, each owning half of the rows: only one (hi, lo) pair per leaf travels."""
+    x = _array(np.float32)
+    halves = [block_checksum(x.shape, (0, 0, 0), x[:2]), block_checksum(x.shape, (2, 0, 0), x[2:])]
+    sent = []
+
+    def allgather(words):
+        sent.append(np.asarray(words))
+        other = np.array([[halves[1] >> 32, halves[1] & 0xFFFFFFFF]], np.uint32)
+        return np.stack([words, other])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(checkpoint, "_local_checksum", lambda leaf: halves[0])
+    monkeypatch.setattr(checkpoint.multihost_utils, "process_allgather", allgather)
+    whole = block_checksum(x.shape, (0, 0, 0), x)
+    assert checksums({"w": jnp.asarray(x)}) == [f"{whole:016x}"]
+    assert [w.shape for w in sent] == [(1, 2)]
