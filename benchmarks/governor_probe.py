@@ -49,6 +49,7 @@ def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
         seed=seed,
         quiet=True,
         out_dir=os.path.join(out, f"{name}_{lr:g}_s{seed}"),
+        overwrite=True,  # A probe re-run replaces the last one.
         **fields,
     )
     try:

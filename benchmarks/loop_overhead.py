@@ -95,6 +95,7 @@ def main() -> None:
             log_every=args.log_every,
             eval_batches=1,
             out_dir=out_dir,
+            overwrite=True,  # Every repeat trains afresh in the same folder.
             quiet=True,
         )
         tokens = tokenize(load_text(config).train, models.ByteTokenizer())

@@ -71,6 +71,13 @@ def _compare_telemetry(tel: dict, ref: dict, where: str, gradient_rtol: float = 
         if isinstance(value, bool | int | str):
             assert value == ref[key], (where, key)
             continue
+        if isinstance(value, dict):  # Per tensor (SGG's cluster fields): {path: [per cluster]}.
+            assert value.keys() == ref[key].keys(), (where, key)
+            for path, values in value.items():
+                want = np.asarray(ref[key][path], float)
+                bound = STRICT * max(1.0, float(np.max(np.abs(want))))
+                np.testing.assert_allclose(values, want, rtol=0, atol=bound, err_msg=where + key)
+            continue
         want = ref[key]
         if key.endswith("_var"):
             value, want = math.sqrt(max(value, 0.0)), math.sqrt(max(want, 0.0))

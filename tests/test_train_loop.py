@@ -219,3 +219,19 @@ def test_cli_exit_status_and_message_for_nonfinite_loss(tmp_path, capsys):
     ]
     assert main(args) == 3
     assert "lbw-train: error: Step 2: the loss or gradients are NaN/Inf" in capsys.readouterr().err
+
+
+def test_lbw_sgg_lines_log_per_tensor_cluster_fields(tmp_path):
+    """Every telemetry field is logged, SGG's per-tensor ones by parameter path."""
+    train(tiny_config(tmp_path, optimizer="lbw+sgg", steps=2))
+    line = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    tel = line["telemetry"]
+    assert {"model_mda", "sgg_count", "regime_name"} <= set(tel)
+    model, _ = build_model(tiny_config("unused"), 259)
+    kernel = "layers/0/mlp/down_proj/kernel"
+    assert kernel.split("/")[-1] in nnx.state(model, nnx.Param)["layers"][0]["mlp"]["down_proj"]
+    for field in ("cluster_scales", "cluster_sizes", "cluster_mda"):
+        assert kernel in tel[field], sorted(tel[field])
+        assert len(tel[field][kernel]) == 3  # One value per cluster.
+    assert all(math.isfinite(x) for v in tel["cluster_scales"].values() for x in v)
+    assert not any("layernorm" in k for k in tel["cluster_scales"])  # Skipped: no empty lists.

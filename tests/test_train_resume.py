@@ -109,6 +109,8 @@ def test_corrupted_latest_checkpoint_errors_and_previous_resumes(tmp_path):
     train(config)
     reference = read_jsonl(tmp_path / "metrics.jsonl")
     _corrupt(tmp_path / "checkpoints" / "20")
+    # As if killed after its last checkpoint: a resume of a completed run does nothing.
+    (tmp_path / "summary.json").unlink()
 
     resumed = dataclasses.replace(config, resume=True)
     with pytest.raises(CheckpointError, match=r"step 20 .* corrupted") as e:
@@ -129,7 +131,7 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path):
     train(config)
     with pytest.raises(ValueError, match="learning_rate"):
         train(dataclasses.replace(config, resume=True, learning_rate=0.1))
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match=r"already holds the results of a run \(checkpoints/"):
         train(config)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         train(tiny_config(tmp_path / "empty", resume=True))

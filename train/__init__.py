@@ -6,9 +6,9 @@
 
 from train import peers  # noqa: F401  Registers zclip, skip-step, adagc and spam.
 from train.checkpoint import Checkpointer, CheckpointError
-from train.config import FaultConfig, TrainConfig
+from train.config import FaultConfig, TrainConfig, UserError
 from train.data import Batches, DataError, DataPosition, DataStream, eval_set, load_text, tokenize
-from train.loop import NonFiniteError, build_model, evaluate, make_train_step, train
+from train.loop import Interrupted, NonFiniteError, build_model, evaluate, make_train_step, train
 from train.optimizers import (
     available_optimizers,
     build_optimizer,
@@ -25,8 +25,10 @@ __all__ = [
     "DataPosition",
     "DataStream",
     "FaultConfig",
+    "Interrupted",
     "NonFiniteError",
     "TrainConfig",
+    "UserError",
     "available_optimizers",
     "build_model",
     "build_optimizer",

@@ -11,14 +11,20 @@ A checkpoint holds two items:
   adapters only, for a LoRA run; the frozen base weights are rebuilt from the config and seed)
   and the ``nnx.Optimizer`` state (step counter and optax state, governance state included);
 * ``meta``: JSON with the step, the data stream state (position and RNG), the elapsed wall time,
-  the config and a CRC-32 of every array of ``state``, checked on restore, so that a corrupted
-  file is reported instead of silently resuming from wrong numbers.
+  the config and a 64-bit checksum of every array of ``state`` (:func:`checksums`), checked on
+  restore, so that a corrupted file is reported instead of silently resuming from wrong numbers.
+
+The checksum of an array is a sum, modulo 2**64, of a hash of each element's bits and global
+position. Each process sums over the shards it owns (one replica of each), and only those small
+sums travel between processes: no array is gathered, and a checkpoint saved on one mesh verifies
+on another.
 """
 
 from __future__ import annotations
 
 import os
 import zlib
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -26,22 +32,104 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from train.config import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be restored (unreadable, corrupted, or not there)."""
 
 
-def _host(x: Any) -> np.ndarray:
-    """The whole value of ``x``; a sharded array spanning several processes is gathered."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+def has_checkpoints(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a finished step directory (looked at without Orbax, so
+    nothing is created; Orbax names an unfinished one ``<step>.orbax-checkpoint-tmp-*``)."""
+    path = Path(directory)
+    return path.is_dir() and any(p.name.isdigit() and p.is_dir() for p in path.iterdir())
 
 
-def fingerprint(tree: Any) -> list[int]:
-    """CRC-32 of the bytes of every array leaf of ``tree``, in leaf order."""
-    leaves = [_host(x) for x in jax.tree.leaves(tree)]
-    return [zlib.crc32(np.ascontiguousarray(x).tobytes()) for x in leaves]
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_CHUNK = 1 << 20  # Elements hashed at a time, to bound the host memory of a large shard.
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise on uint64 (arithmetic wraps modulo 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def block_checksum(shape: tuple[int, ...], start: tuple[int, ...], block: np.ndarray) -> int:
+    """Sum modulo 2**64 of ``mix(mix(position) ^ bits)`` over the elements of ``block``, the
+    block of an array of global ``shape`` that starts at index ``start``. Sums of disjoint
+    blocks that cover the array add up (modulo 2**64) to the checksum of the whole array."""
+    if np.ndim(block) == 0:
+        block, shape, start = np.reshape(block, 1), (1,), (0,)
+    block = np.ascontiguousarray(block)
+    if block.dtype.itemsize not in (1, 2, 4, 8):
+        raise TypeError(f"no checksum for arrays of dtype {block.dtype}")
+    if block.size == 0:
+        return 0
+    rows = max(1, _CHUNK // max(1, block[0].size))
+    total = np.uint64(0)
+    with np.errstate(over="ignore"):
+        for r in range(0, block.shape[0], rows):
+            chunk = block[r : r + rows]
+            bits = chunk.view(f"u{chunk.dtype.itemsize}").astype(np.uint64)
+            position = np.zeros((), np.uint64)
+            stride = 1
+            for d in reversed(range(chunk.ndim)):
+                first = start[d] + (r if d == 0 else 0)
+                axis = np.arange(first, first + chunk.shape[d], dtype=np.uint64)
+                position = position + (axis * np.uint64(stride)).reshape(
+                    (-1,) + (1,) * (chunk.ndim - 1 - d)
+                )
+                stride *= shape[d]
+            hashed = _mix64(_mix64(position * _GOLDEN) ^ bits)
+            total = total + np.sum(hashed, dtype=np.uint64)
+    return int(total)
+
+
+def _local_checksum(x: Any) -> int:
+    """The sum of :func:`block_checksum` over the shards of ``x`` this process owns (replica 0
+    of each shard only, so that every element counts once over all processes)."""
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)
+        return block_checksum(x.shape, (0,) * x.ndim, x) if jax.process_index() == 0 else 0
+    total = 0
+    for shard in x.addressable_shards:
+        if shard.replica_id != 0:
+            continue
+        start = tuple(s.indices(n)[0] for s, n in zip(shard.index, x.shape, strict=True))
+        total += block_checksum(x.shape, start, np.asarray(shard.data))
+    return total % 2**64
+
+
+def checksums(tree: Any) -> list[str]:
+    """The 64-bit checksum of every array leaf of ``tree``, in leaf order, as hex strings.
+
+    Each process hashes only the shards it owns; with several processes the per-leaf sums (two
+    uint32 words each) are the only values exchanged. The result does not depend on how the
+    arrays are sharded.
+    """
+    sums = [_local_checksum(x) for x in jax.tree.leaves(tree)]
+    if jax.process_count() > 1:
+        words = np.array([[s >> 32, s & 0xFFFFFFFF] for s in sums], np.uint32).reshape(-1, 2)
+        gathered = np.asarray(multihost_utils.process_allgather(words))  # [processes, leaves, 2]
+        sums = [
+            sum((int(hi) << 32) | int(lo) for hi, lo in gathered[:, i]) % 2**64
+            for i in range(len(sums))
+        ]
+    return [f"{s:016x}" for s in sums]
+
+
+def _legacy_fingerprint(tree: Any) -> list[int]:
+    """CRC-32 of every whole array (what checkpoints saved before :func:`checksums` hold)."""
+
+    def host(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return [zlib.crc32(np.ascontiguousarray(host(x)).tobytes()) for x in jax.tree.leaves(tree)]
 
 
 def _drop_empty(tree: Any) -> Any:
@@ -86,6 +174,12 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
+        # Orbax removes unfinished checkpoints of an earlier run in a background thread that
+        # close() does not wait for; a process that exits soon after (a refused resume) would
+        # end that thread at interpreter shutdown, with a traceback. Wait for it here.
+        wait_for_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if wait_for_cleanup is not None:
+            wait_for_cleanup()
 
     def steps(self) -> list[int]:
         """Steps with a complete checkpoint, ascending."""
@@ -95,7 +189,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Saves ``state`` (a pytree of arrays) and ``meta`` (JSON) as the checkpoint of ``step``;
         returns once it is on disk."""
-        meta = {**meta, "step": step, "fingerprint": fingerprint(state)}
+        meta = {**meta, "step": step, "checksums": checksums(state)}
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -143,7 +237,11 @@ class Checkpointer:
                 f"The checkpoint of step {step} in {self.directory} is corrupted or unreadable "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:300]}).{hint}"
             ) from e
-        if meta.get("fingerprint") != fingerprint(state):
+        if "checksums" in meta:
+            intact = meta["checksums"] == checksums(state)
+        else:  # Saved before per-shard checksums.
+            intact = meta.get("fingerprint") == _legacy_fingerprint(state)
+        if not intact:
             raise CheckpointError(
                 f"The checkpoint of step {step} in {self.directory} is corrupted: its arrays do "
                 f"not match the checksums saved with them.{hint}"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
-from train.config import FaultConfig, TrainConfig
+from train.config import FaultConfig, TrainConfig, UserError
 
 _DEFAULTS = TrainConfig()
 _FAULT_DEFAULTS = FaultConfig()
@@ -29,12 +30,31 @@ files written to --out-dir:
   summary.json    the final summary
   checkpoints/    Orbax checkpoints (with --checkpoint-every)
 
+errors: a bad flag, a data file that is missing, empty, binary or not UTF-8, an --out-dir that
+is a file or holds another run's results, a --resume without a checkpoint: one line
+"lbw-train: error: ..." naming what to fix, and nothing written. Ctrl-C stops the run between
+two steps, saves a checkpoint (with --checkpoint-every) and prints the command that resumes it.
+
 non-finite loss: with a guarded optimizer (lbw, lbw+sgg) the step is held and training goes on;
 otherwise the run stops at the next log interval or checkpoint with exit status 3 and a
 message naming the first non-finite step.
 
-exit status: 0 done, 1 error (data, checkpoint, config), 2 bad arguments, 3 non-finite loss.
+exit status: 0 done (or --resume of a finished run: nothing to do), 1 error (data, checkpoint,
+output folder), 2 bad arguments, 3 non-finite loss, 130 interrupted (Ctrl-C).
 """
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line, ``prog: error: ...`` (pointing to
+    ``--help`` instead of printing the usage), with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(message: Any) -> str:
+    """``message`` on one line (the lines of a multi-line message joined by spaces)."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -68,7 +88,7 @@ def _mesh(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from train.optimizers import available_optimizers
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="lbw-train",
         description="Train a Qwen2.5/LLaMA-style decoder (full or LoRA) with a governed optimizer, "
         "logging telemetry as JSON lines and saving resumable Orbax checkpoints.",
@@ -289,7 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in --out-dir from its "
-        "latest checkpoint (same flags as the original run)",
+        "latest checkpoint (same flags as the original run); a finished run is left as it is",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out-dir that holds another run's results (its metrics.jsonl, "
+        "summary.json and checkpoints/ are replaced); without it such a folder is refused",
     )
     g.add_argument(
         "--resume-step",
@@ -416,13 +442,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(faults=faults, **values)
 
 
+def _resume_command(argv: list[str]) -> str:
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return shlex.join(["lbw-train", *args, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lbw-train``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
     except (TypeError, ValueError) as e:
+        parser.error(str(e))
+
+    from train.loop import check_config
+
+    try:
+        check_config(config)
+    except UserError as e:
         parser.error(str(e))
 
     from train.sharding import initialize_distributed
@@ -432,20 +471,32 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
 
-    from train.checkpoint import CheckpointError
-    from train.loop import NonFiniteError, train
+    from train.checkpoint import has_checkpoints
+    from train.loop import Interrupted, NonFiniteError, train
+
+    def fail(message: Any, status: int) -> int:
+        print(f"lbw-train: error: {one_line(message)}", file=sys.stderr)
+        return status
 
     try:
         summary = train(config)
     except NonFiniteError as e:
-        print(f"lbw-train: error: {e}", file=sys.stderr)
-        return 3
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"lbw-train: error: {e}", file=sys.stderr)
-        return 1
+        return fail(e, 3)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        return fail(e, 1)
+    except KeyboardInterrupt as e:
+        resumable = (
+            e.checkpoint
+            if isinstance(e, Interrupted)
+            else has_checkpoints(f"{config.out_dir}/checkpoints")
+        )
+        what = str(e) if isinstance(e, Interrupted) else "interrupted"
+        hint = f"; resume with: {_resume_command(argv)}" if resumable else ""
+        print(f"lbw-train: {what}{hint}", file=sys.stderr)
+        return 130
     if not config.quiet:
         keys = ("status", "step", "loss", "eval_loss", "eval_perplexity", "tokens_per_s")
-        print(json.dumps({k: summary[k] for k in keys}))
+        print(json.dumps({k: summary.get(k) for k in keys}))
     return 0
 
 

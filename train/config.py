@@ -13,6 +13,14 @@ from typing import Any
 SCHEDULES = ("cosine", "constant")
 
 
+class UserError(ValueError):
+    """An input the user can fix: a flag, a file, a folder, a run to resume.
+
+    The message names the thing and what to do; ``lbw-train`` and ``lbw-stress`` print it as
+    one line ``prog: error: ...`` and exit with a non-zero status, without a traceback.
+    """
+
+
 def _steps(value: Any, name: str) -> tuple[int, ...]:
     steps = tuple(int(s) for s in value)
     if any(s < 1 for s in steps):
@@ -136,6 +144,9 @@ class TrainConfig:
       keep_checkpoints: how many of the latest checkpoints to keep.
       resume: continue from the latest checkpoint in ``out_dir``.
       resume_step: with ``resume``, continue from this checkpoint step instead of the latest.
+      overwrite: start afresh in an ``out_dir`` that holds the results of another run (its
+        ``metrics.jsonl``, ``summary.json`` and ``checkpoints/`` are replaced); without it such
+        an ``out_dir`` is refused.
       quiet: no progress bar and no console messages.
       export_to: at the end of a completed run, write the model there in Hugging Face format
         (LoRA adapters merged), e.g. the base of a later ``init_from`` run. ``None``: no export.
@@ -187,6 +198,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: bool = False
     resume_step: int | None = None
+    overwrite: bool = False
     quiet: bool = False
     export_to: str | None = None
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
@@ -224,6 +236,8 @@ class TrainConfig:
             raise ValueError(f"clip_threshold must be positive, got {self.clip_threshold!r}.")
         if self.resume_step is not None and not self.resume:
             raise ValueError("resume_step needs resume=True (--resume).")
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite and resume exclude each other: resume continues a run.")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (what checkpoints and ``summary.json`` store)."""

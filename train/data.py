@@ -21,6 +21,7 @@ position in that order is a :class:`DataPosition` that checkpoints save and rest
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import os
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from train.config import FaultConfig, TrainConfig
+from train.config import FaultConfig, TrainConfig, UserError
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "data" / "wikitext-2"
 WIKITEXT103 = ("Salesforce/wikitext", "wikitext-103-raw-v1")
@@ -38,7 +39,7 @@ NAMED_SOURCES = ("wikitext2", "wikitext103", "files")
 PREFIXED_SOURCES = ("hf:", "tfds:")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Data that cannot be used: unknown source, missing files, empty or too-short text."""
 
 
@@ -86,13 +87,42 @@ def _hf(name: str, config_name: str | None, cfg: TrainConfig, defaults: tuple[st
     return TextSplits(out[0], out[1], f"{where}: train on {train_split!r}, eval on {eval_split!r}")
 
 
+def _check_text_file(kind: str, path: str) -> None:
+    """Raises :class:`DataError` naming ``path`` unless it is a non-empty UTF-8 text file (read
+    in chunks: the ``datasets`` text loader would fail later with an error that names no file)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{kind}: no such file {path!r}; give an existing text file.")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    has_text, offset = False, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if b"\0" in chunk:
+                raise DataError(
+                    f"{kind}: {path!r} holds NUL bytes at byte {offset + chunk.index(0)}: "
+                    "it looks binary, not text; give UTF-8 text files."
+                )
+            try:
+                has_text = bool(decoder.decode(chunk).strip()) or has_text
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{kind}: {path!r} is not UTF-8 text (an invalid byte near byte "
+                    f"{offset + e.start}); re-save it as UTF-8."
+                ) from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{kind}: {path!r} ends in a truncated UTF-8 character.") from None
+    if not has_text:
+        raise DataError(f"{kind}: {path!r} is empty (no text); give a file with text in it.")
+
+
 def _files(cfg: TrainConfig) -> TextSplits:
     for kind, files in (("train_files", cfg.train_files), ("eval_files", cfg.eval_files)):
         if not files:
             raise DataError(f"data='files' needs {kind} (--{kind.replace('_', '-')}).")
         for f in files:
-            if not os.path.isfile(f):
-                raise DataError(f"{kind}: no such file {f!r}.")
+            _check_text_file(kind, f)
     import datasets
 
     files = {"train": list(cfg.train_files), "eval": list(cfg.eval_files)}

@@ -29,7 +29,10 @@ import functools
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,8 +46,8 @@ from flax import nnx
 import lbw_optax
 import models
 from train import sharding
-from train.checkpoint import Checkpointer, CheckpointError
-from train.config import FaultConfig, TrainConfig
+from train.checkpoint import Checkpointer, CheckpointError, has_checkpoints
+from train.config import FaultConfig, TrainConfig, UserError
 from train.data import Batches, DataStream, eval_set, load_text, tokenize
 from train.faults import loss_factor, perturb_grads
 from train.optimizers import (
@@ -59,6 +62,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "resume",
         "resume_step",
+        "overwrite",
         "mesh",
         "quiet",
         "export_to",
@@ -81,6 +85,63 @@ class NonFiniteError(RuntimeError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the run between two steps.
+
+    Attributes:
+      step: the last step done.
+      checkpoint: whether a checkpoint of that step is on disk (the run can be resumed).
+    """
+
+    def __init__(self, message: str, step: int, checkpoint: bool):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@contextlib.contextmanager
+def _stop_on_sigint():
+    """Turns the first Ctrl-C into a request (``requested`` becomes non-empty) that the loop
+    honours between two steps, where the run is consistent and can be checkpointed; a second
+    Ctrl-C interrupts at once. Only in the main thread, and only over Python's default
+    handler (an application's own handler is left alone)."""
+    requested: list[bool] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield requested
+        return
+
+    def handler(signum, frame):
+        del signum, frame
+        requested.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raises :class:`~train.config.UserError` for names the run cannot use: an unknown model
+    preset or model field, an unknown optimizer. Cheap: reads no data and builds nothing."""
+    fields = {f.name for f in dataclasses.fields(models.ModelConfig)}
+    unknown = sorted(set(config.model_overrides) - fields)
+    if unknown:
+        raise UserError(
+            f"--model-override: the model config has no field {', '.join(map(repr, unknown))}; "
+            f"fields: {', '.join(sorted(fields))}."
+        )
+    try:
+        models.get_config(config.model, **config.model_overrides)
+        check_optimizer(config.optimizer)
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from e
 
 
 def build_model(config: TrainConfig, vocab_size: int) -> tuple[models.Decoder, Any]:
@@ -233,11 +294,33 @@ def _perplexity(loss: float | None) -> float | None:
     return None if loss is None else _json_float(math.exp(min(loss, 700.0)))
 
 
+def _numbers(x: Any) -> list[Any]:
+    x = np.asarray(x)
+    if x.dtype == bool or np.issubdtype(x.dtype, np.integer):
+        return x.ravel().tolist()
+    return [_json_float(v) for v in x.ravel().tolist()]
+
+
+def _telemetry_value(value: Any) -> Any:
+    """A telemetry field as JSON: a scalar as a number, an array as a list, and a per-tensor
+    field (a tree of small arrays matching the parameters, e.g. SGG's ``cluster_scales``) as
+    ``{"layers/0/mlp/down_proj/kernel": [...], ...}`` without the tensors whose array is empty
+    (those SGG skips)."""
+    if isinstance(value, np.ndarray | np.generic | int | float | bool):
+        return _scalar(value) if np.ndim(value) == 0 else _numbers(value)
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): _numbers(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(value)
+        if np.size(leaf)
+    }
+
+
 def read_telemetry(optimizer: nnx.Optimizer) -> dict[str, Any]:
-    """``lbw_optax.telemetry`` of the optimizer as plain Python scalars (``{}`` without a guard),
-    with ``regime_name`` added when a regime is reported."""
-    fields = lbw_optax.telemetry(optimizer.opt_state)
-    out = {k: _scalar(v) for k, v in jax.device_get(fields).items() if np.ndim(v) == 0}
+    """``lbw_optax.telemetry`` of the optimizer as plain Python values (``{}`` without a guard):
+    scalars as numbers, per-tensor fields (SGG's ``cluster_scales``, ...) by parameter path
+    (see :func:`_telemetry_value`), with ``regime_name`` added when a regime is reported."""
+    fields = jax.device_get(lbw_optax.telemetry(optimizer.opt_state))
+    out = {k: _telemetry_value(v) for k, v in fields.items()}
     if "regime" in out:
         out["regime_name"] = lbw_optax.Regime(out["regime"]).name
     return out
@@ -300,39 +383,106 @@ class _Progress:
             self.bar.close()
 
 
-def _restore(config, checkpointer, model, optimizer, wrt, stream, metrics_path):
-    """Restores model, optimizer and data stream from the checkpoint to resume from, or checks
-    that a fresh run overwrites no checkpoint. Returns ``(start_step, elapsed_before)``."""
+def _changed_fields(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """The config fields that differ from a ``saved`` run's and may not change on resume."""
+    current = _normalised(config)
+    return sorted(k for k in current if saved.get(k) != current[k] and k not in RESUMABLE_CHANGES)
+
+
+def _refuse_changes(saved: dict[str, Any], config: TrainConfig) -> None:
+    changed = _changed_fields(saved, config)
+    if changed:
+        raise UserError(
+            f"Cannot resume {config.out_dir}: the config differs from the run's in {changed} "
+            f"(saved: {[saved.get(k) for k in changed]}); resume with the run's flags, or start "
+            "a new run in another --out-dir."
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _check_out_dir(config: TrainConfig, summary_path: Path, metrics_path: Path) -> Path:
+    """Checks, before anything is read or written, that ``config.out_dir`` can hold this run:
+    a folder (or a path where one can be created), with a checkpoint to resume from when
+    resuming, and without another run's results otherwise (unless ``overwrite``)."""
     out_dir = Path(config.out_dir)
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == out_dir else f"is under {path}, which is a file"
+                raise UserError(
+                    f"--out-dir {out_dir} {where}; give a folder (it is created if missing)."
+                )
+            break
+    checkpoints = out_dir / "checkpoints"
+    summary = _read_json(summary_path)
     if config.resume:
-        steps = checkpointer.steps()
-        if not steps:
-            raise CheckpointError(f"--resume: no checkpoint in {checkpointer.directory}.")
-        start_step = config.resume_step if config.resume_step is not None else steps[-1]
-        abstract = {"params": nnx.state(model, wrt), "optimizer": nnx.state(optimizer)}
-        state, meta = checkpointer.restore(start_step, abstract)
-        saved, current = meta["config"], _normalised(config)
-        changed = sorted(
-            k for k in current if saved.get(k) != current[k] and k not in RESUMABLE_CHANGES
-        )
-        if changed:
-            raise ValueError(
-                f"Cannot resume {out_dir}: the config differs from the checkpoint's in {changed} "
-                f"(saved: {[saved.get(k) for k in changed]})."
+        if not has_checkpoints(checkpoints):
+            if summary is not None and summary.get("status") == "completed":
+                raise CheckpointError(
+                    f"--resume: {out_dir} holds a finished run (step {summary.get('step')}) "
+                    "with no checkpoint to resume from; its results are in summary.json."
+                )
+            raise CheckpointError(
+                f"--resume: no checkpoint in {checkpoints}; check --out-dir, or start the run "
+                "without --resume (with --checkpoint-every N to make it resumable)."
             )
-        nnx.update(model, state["params"])
-        nnx.update(optimizer, state["optimizer"])
-        stream.restore(meta["data"])
-        checkpointer.discard_after(start_step)
-        _truncate_jsonl(metrics_path, start_step)
-        return start_step, float(meta["elapsed_s"])
-    if checkpointer is not None and checkpointer.steps():
-        raise ValueError(
-            f"{out_dir} already holds checkpoints (steps {checkpointer.steps()}); pass "
-            "--resume to continue that run, or choose another --out-dir."
-        )
-    metrics_path.write_text("")
-    return 0, 0.0
+    elif not config.overwrite:
+        found = [
+            name
+            for name, there in (
+                ("checkpoints/", has_checkpoints(checkpoints)),
+                (summary_path.name, summary_path.exists()),
+                (metrics_path.name, metrics_path.exists() and metrics_path.stat().st_size > 0),
+            )
+            if there
+        ]
+        if found:
+            raise UserError(
+                f"{out_dir} already holds the results of a run ({', '.join(found)}); pass "
+                "--resume to continue it, --overwrite to replace them, or choose another "
+                "--out-dir."
+            )
+    return out_dir
+
+
+def _last_values(metrics_path: Path) -> tuple[float | None, float | None]:
+    """The last training loss and evaluation loss logged in ``metrics_path``."""
+    last_loss, last_eval = None, None
+    for line in metrics_path.read_text().splitlines() if metrics_path.exists() else ():
+        record = json.loads(line)
+        if record.get("kind") == "train":
+            last_loss = record.get("loss")
+        elif record.get("kind") == "eval":
+            last_eval = record.get("eval_loss")
+    return last_loss, last_eval
+
+
+def _restore(config, checkpointer, model, optimizer, wrt, stream, metrics_path):
+    """Restores model, optimizer and data stream from the checkpoint to resume from, or starts
+    ``metrics_path`` afresh. Returns ``(start_step, elapsed_before)``."""
+    if not config.resume:
+        metrics_path.write_text("")
+        return 0, 0.0
+    steps = checkpointer.steps()
+    if not steps:
+        raise CheckpointError(f"--resume: no checkpoint in {checkpointer.directory}.")
+    start_step = config.resume_step if config.resume_step is not None else steps[-1]
+    abstract = {"params": nnx.state(model, wrt), "optimizer": nnx.state(optimizer)}
+    state, meta = checkpointer.restore(start_step, abstract)
+    _refuse_changes(meta["config"], config)
+    nnx.update(model, state["params"])
+    nnx.update(optimizer, state["optimizer"])
+    stream.restore(meta["data"])
+    checkpointer.discard_after(start_step)
+    _truncate_jsonl(metrics_path, start_step)
+    return start_step, float(meta["elapsed_s"])
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -344,21 +494,40 @@ def train(config: TrainConfig) -> dict[str, Any]:
     Raises:
       NonFiniteError: the loss or gradients became non-finite under an optimizer without a
         guard (the message names the step).
+      Interrupted: Ctrl-C stopped the run between two steps (after saving a checkpoint of the
+        last step done when ``checkpoint_every`` is set).
       CheckpointError: ``resume`` found no checkpoint, or an unreadable or corrupted one.
-      train.data.DataError: unknown data source, missing files, empty or too-short text.
-      ValueError: invalid names or settings (unknown optimizer or preset, a resumed run whose
-        config differs in a field that cannot change).
+      train.data.DataError: unknown data source; missing, empty, binary or non-UTF-8 files;
+        too-short text.
+      train.config.UserError: (the base of the two above) unknown names (optimizer, preset,
+        model field), an ``out_dir`` that is a file or holds another run's results (without
+        ``overwrite``), a resumed run whose config differs in a field that cannot change.
+
+    A run that fails to start writes nothing: the output folder and ``checkpoints/`` are
+    created only once the data is read and the model built. ``resume`` (without
+    ``resume_step``) of a run that has completed returns its summary and rewrites nothing.
     """
     start_time = time.perf_counter()
-    models.get_config(config.model, **config.model_overrides)  # Fail fast on bad names,
-    check_optimizer(config.optimizer)  # before reading any data.
+    check_config(config)  # Fail fast on bad names, before reading any data.
     if config.export_to is not None and jax.process_count() > 1:
         raise ValueError(
             "export_to works in one process only; export from a checkpoint restored on one host."
         )
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr))
+    # With several processes, process 0 writes the run's files and the others their own copies.
+    suffix = f".process{jax.process_index()}" if jax.process_index() else ""
+    summary_path = Path(config.out_dir) / f"summary{suffix}.json"
+    metrics_path = Path(config.out_dir) / f"metrics{suffix}.jsonl"
+    out_dir = _check_out_dir(config, summary_path, metrics_path)
+    if config.resume and config.resume_step is None:
+        done = _read_json(summary_path)
+        if done is not None and done.get("status") == "completed":
+            _refuse_changes(done.get("config", {}), config)
+            say(
+                f"lbw-train: {out_dir} already finished (step {done.get('step')}); nothing to "
+                "resume, its summary.json and metrics.jsonl are left as they are."
+            )
+            return done
 
     # Data.
     tokenizer = models.load_tokenizer(config.tokenizer)
@@ -391,15 +560,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
         nnx.update(optimizer, sharding.shard(nnx.state(optimizer), mesh))
     trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
 
-    # Checkpoints and resume.
+    # The output folder, checkpoints and resume: the first writes of the run.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.overwrite:  # The earlier run's results go; the folder's other files stay.
+        if jax.process_index() == 0:
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        summary_path.unlink(missing_ok=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("lbw-train overwrite")
     checkpointer = None
     if config.checkpoint_every or config.resume:
         checkpointer = Checkpointer(
             out_dir / "checkpoints", keep=config.keep_checkpoints, every=config.checkpoint_every
         )
-    # With several processes, process 0 writes the run's files and the others their own copies.
-    suffix = f".process{jax.process_index()}" if jax.process_index() else ""
-    metrics_path = out_dir / f"metrics{suffix}.jsonl"
     try:
         start_step, elapsed_before = _restore(
             config, checkpointer, model, optimizer, wrt, stream, metrics_path
@@ -408,8 +583,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if checkpointer is not None:
             checkpointer.close()
         raise
+    last_loss, last_eval = None, None
     if start_step:
         say(f"lbw-train: resumed {out_dir} from step {start_step}")
+        last_loss, last_eval = _last_values(metrics_path)  # Until this run logs its own.
     what = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full"
     say(
         f"lbw-train: {config.model} ({what}, "
@@ -435,7 +612,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     fetched: list[tuple[float, bool]] = []  # ... read, and not yet logged.
     interval_steps, interval_time = 0, 0.0  # Timed training steps since the last log line.
     timed_steps, timed_time = 0, 0.0  # Totals after the first (compiling) step.
-    last_loss, last_eval, compile_s = None, None, None
+    compile_s = None
     first_nonfinite = None
     clock = time.perf_counter()
 
@@ -487,6 +664,28 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "config": _normalised(config),
         }
 
+    def save(step: int) -> None:
+        checkpointer.save(
+            step,
+            {"params": nnx.state(model, wrt), "optimizer": nnx.state(optimizer)},
+            {"data": stream.state(), "elapsed_s": wall(), "config": _normalised(config)},
+        )
+
+    def interrupted(step: int, saved: bool) -> Interrupted:
+        if not saved and checkpointer is not None and config.checkpoint_every:
+            fetch(step)
+            stop_if_nonfinite(step)  # Never checkpoint parameters that a NaN step broke.
+            save(step)
+            saved = True
+        where = (
+            f"checkpoint of step {step} saved in {checkpointer.directory}"
+            if saved
+            else "no checkpoint saved (--checkpoint-every N makes a run resumable)"
+        )
+        return Interrupted(f"interrupted after step {step} of {config.steps}; {where}", step, saved)
+
+    sigint = contextlib.ExitStack()
+    stop_requested = sigint.enter_context(_stop_on_sigint())
     try:
         for step in range(start_step + 1, config.steps + 1):
             batch = stream.batch(step)
@@ -556,22 +755,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
                         }
                     )
                 if save_now:
-                    checkpointer.save(
-                        step,
-                        {"params": nnx.state(model, wrt), "optimizer": nnx.state(optimizer)},
-                        {
-                            "data": stream.state(),
-                            "elapsed_s": wall(),
-                            "config": _normalised(config),
-                        },
-                    )
+                    save(step)
                 clock = time.perf_counter()
+            if stop_requested and step < config.steps:  # Ctrl-C: stop between two steps.
+                raise interrupted(step, saved=bool(save_now))
         if config.export_to is not None and jax.process_index() == 0:
             models.save_pretrained(model, config.export_to)
         summary = finish(config.steps, status="completed")
         _write_json(out_dir / f"summary{suffix}.json", summary)
         return summary
     finally:
+        sigint.close()
         with contextlib.suppress(Exception):
             metrics.close()
             progress.close()

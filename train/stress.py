@@ -37,7 +37,6 @@ Definitions (also written into ``summary.md``):
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from train import peers  # Registers the peers and the replay control.
-from train.config import FaultConfig, TrainConfig
+from train.config import FaultConfig, TrainConfig, UserError
 
 SPIKE_FACTOR = 1.5
 TARGET_FACTOR = 1.10
@@ -603,7 +602,8 @@ def _execute(runs: Sequence[Run], runs_dir: str) -> list[str]:
         if not _finished(Path(runs_dir), run.run_id, run.stage):
             config = _resolve(run, Path(runs_dir))
             try:
-                train(TrainConfig(**config, out_dir=str(out_dir)))
+                # An unfinished run (killed, or a base without its export) starts afresh.
+                train(TrainConfig(**config, out_dir=str(out_dir), overwrite=True))
             except NonFiniteError:
                 pass  # summary.json records "nonfinite"; the suite goes on.
         done.append(run.run_id)
@@ -794,8 +794,9 @@ def run_suite(
         stage(sweep)
         swept = {r["run_id"]: r for r in collect(spec, sweep, runs_dir)}
         if collect_only and sweep_ids - set(swept):
-            raise ValueError(
-                f"{suite_dir}: the base learning-rate sweep has not finished; nothing to collect."
+            raise UserError(
+                f"{suite_dir}: the base learning-rate sweep has not finished; nothing to collect "
+                "(run the suite without --collect)."
             )
         base = choose_base_lr(spec, swept)
         runs = expand(spec, {k: v["base_lr"] for k, v in base.items()})
@@ -1097,20 +1098,31 @@ def _machine() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``lbw-stress [quick|full|paper] [--out results] [--workers N] [--seeds ...] [--quiet]``,
     or ``lbw-stress report DIR``."""
+    from train.cli import ArgumentParser, one_line
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
-        p = argparse.ArgumentParser(
+        p = ArgumentParser(
             prog="lbw-stress report", description="Regenerate a suite's report from its JSONL."
         )
         p.add_argument("directory", help="a suite directory, e.g. results/quick")
         args = p.parse_args(argv[1:])
+        directory = Path(args.directory)
+        if not directory.is_dir():
+            p.error(f"no suite folder {str(directory)!r}; give the folder of a suite run")
+        if not read_jsonl(directory / "runs.jsonl"):
+            p.error(
+                f"{str(directory)!r} holds no runs.jsonl with finished runs; give the folder of "
+                "a suite run (e.g. results/quick), or write one from an interrupted suite's "
+                "finished runs with 'lbw-stress SUITE --out ROOT --collect'"
+            )
         from train import report
 
-        path = report.write_report(Path(args.directory))
-        print(report.headline(Path(args.directory)))
+        path = report.write_report(directory)
+        print(report.headline(directory))
         print(f"\nreport: {path}")
         return 0
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="lbw-stress",
         description="Run a stress suite (resumable: finished runs are not redone), then write "
         "summary.md, runs.jsonl and plots under OUT/SUITE. 'lbw-stress report DIR' regenerates "
@@ -1141,15 +1153,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seeds:
         spec = spec.replaced(seeds=tuple(args.seeds))
     command = "lbw-stress " + " ".join(argv) if argv else "lbw-stress"
-    suite_dir = run_suite(
-        spec,
-        args.out,
-        workers=args.workers,
-        progress=not args.quiet,
-        command=command.strip(),
-        machine=_machine(),
-        collect_only=args.collect,
-    )
+    out = Path(args.out)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                p.error(f"--out {str(out)!r}: {str(path)!r} is a file; give a folder")
+            break
+    try:
+        suite_dir = run_suite(
+            spec,
+            args.out,
+            workers=args.workers,
+            progress=not args.quiet,
+            command=command.strip(),
+            machine=_machine(),
+            collect_only=args.collect,
+        )
+    except UserError as e:
+        print(f"lbw-stress: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "lbw-stress: interrupted; finished runs are kept: the same command resumes the suite, "
+            "and --collect reports the finished runs",
+            file=sys.stderr,
+        )
+        return 130
     from train import report
 
     print(report.headline(suite_dir))
