@@ -215,4 +215,4 @@ def set_peak_learning_rate(opt_state: Any, value: float) -> None:
         raise ValueError(
             f"expected one scale_by_peak_learning_rate state in the optimizer, found {len(found)}."
         )
-    found[0].peak_learning_rate.value = jnp.asarray(value, jnp.float32)
+    found[0].peak_learning_rate[...] = jnp.asarray(value, jnp.float32)
