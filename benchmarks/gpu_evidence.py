@@ -20,12 +20,13 @@ every stage, so a run that is cut short keeps what it measured:
    1.5B-style presets, full and LoRA rank 8, bf16 compute, float32 parameters.
 
 Stages 2–4 share ``--cost-budget-s``; a stage that would not fit what is left is skipped with
-its reason. OUT_DIR receives at most seven files, no folders: ``summary.md``, ``evidence.json``
-(every figure, the command, the machine, the code version), the suite's ``suite.json``,
-``runs.jsonl`` and ``suite-summary.md``, ``suite-runs.tar.gz`` (the suite folder with every
-run's metrics and the plots, and the probe) and ``log.txt``. The runs themselves go to
-``--work-dir`` (default: a new temporary folder). Exit status: 0, or 2 when the suite's plan
-was refused, 1 when a stage failed (the others still run).
+its reason; ``--stages`` runs some of them only (e.g. ``--stages model_step`` to finish what a
+first run skipped). OUT_DIR receives at most seven files, no folders: ``summary.md``,
+``evidence.json`` (every figure, the command, the machine, the code version), the suite's
+``suite.json``, ``runs.jsonl`` and ``suite-summary.md``, ``suite-runs.tar.gz`` (the suite
+folder with every run's metrics and the plots, and the probe) and ``log.txt``. The runs
+themselves go to ``--work-dir`` (default: a new temporary folder). Exit status: 0, or 2 when
+the suite's plan was refused, 1 when a stage failed (the others still run).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from train.config import TrainConfig  # noqa: E402
 
 SGG_INTERVAL = 500  # sgg_adamw's default recluster_every, for the mean over an interval.
 SGG_TIMED_INTERVAL = 4  # The timed states: a re-clustering step's work does not depend on it.
+STAGES = ("suite", "guard", "sgg", "model_step")
 OUTPUTS = ("summary.md", "evidence.json", "suite.json", "runs.jsonl", "suite-summary.md")
 
 
@@ -87,8 +89,8 @@ class Sizes:
 
 GPU_SIZES = Sizes(
     scale=gpu_suite.GPU,
-    suite_budget_s=330.0,
-    cost_budget_s=150.0,
+    suite_budget_s=360.0,
+    cost_budget_s=120.0,
     guard_rounds=6,
     guard_steps=5,
     sgg_repeats=10,
@@ -574,8 +576,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", help="where the runs go (default: a new temporary folder)")
     parser.add_argument("--suite-budget-s", type=float, help="the suite's budget, probe included")
     parser.add_argument("--cost-budget-s", type=float, help="the budget of stages 2-4 together")
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="comma-separated stages to run, of: %(default)s (a re-run can finish what a first "
+        "run skipped)",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    stages = [x for x in args.stages.split(",") if x]
+    if set(stages) - set(STAGES):
+        parser.error(f"--stages: unknown {sorted(set(stages) - set(STAGES))}; known: {STAGES}")
     sizes = SMOKE_SIZES if args.smoke else GPU_SIZES
     if args.suite_budget_s is not None:
         sizes = dataclasses.replace(sizes, suite_budget_s=args.suite_budget_s)
@@ -635,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(out, state)
         say(f"stage {name}: skipped ({reason})")
 
-    run_stage("suite", stage_suite, sizes, work, out, state)
+    if "suite" in stages:
+        run_stage("suite", stage_suite, sizes, work, out, state)
     plan, probe = state.get("plan"), state.get("probe")
     steps = plan.steps if plan is not None else sizes.scale.floor_steps
     compile_guess = probe.compile_s if probe is not None else 60.0
@@ -647,12 +659,16 @@ def main(argv: list[str] | None = None) -> int:
     # Estimates (seconds) of each cost stage before it starts; compilations dominate.
     reused = plan is not None  # The suite compiled the loop steps stage 2 times.
     guard_need = (0 if reused else 3 * compile_guess) + 30.0
-    if left() >= guard_need:
+    if "guard" not in stages:
+        pass
+    elif left() >= guard_need:
         run_stage("guard", stage_guard, sizes, steps, state)
     else:
         skip("guard", f"needs about {guard_need:.0f} s, {left():.0f} s left")
     sgg_need = 0.5 * compile_guess + 10.0
-    if left() >= sgg_need:
+    if "sgg" not in stages:
+        pass
+    elif left() >= sgg_need:
         run_stage("sgg", stage_sgg, sizes, state)
     else:
         skip("sgg", f"needs about {sgg_need:.0f} s, {left():.0f} s left")
@@ -662,7 +678,9 @@ def main(argv: list[str] | None = None) -> int:
         name = f"model_step {label}"
         factor = 1.0 if i == 0 else 1.5  # The larger preset compiles and steps longer.
         need = factor * 2 * compile_guess * (0.1 if args.smoke else 1.0)
-        if left() >= need:
+        if "model_step" not in stages:
+            pass
+        elif left() >= need:
             run_stage(name, stage_model_step, sizes, label, preset)
         else:
             skip(name, f"needs about {need:.0f} s, {left():.0f} s left")

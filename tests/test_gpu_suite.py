@@ -61,7 +61,7 @@ def test_plan_takes_the_most_steps_that_fit_and_refuses_below_the_floor():
     # Below the floor: refused, with the numbers that explain why.
     with pytest.raises(gpu_suite.BudgetError, match=r"does not fit its 200 s budget") as e:
         gpu_suite.plan(PROBE, 200.0, scale)
-    assert "the floor of 100 steps" in str(e.value) and "step 60.0 ms" in str(e.value)
+    assert "the floor of 50 steps" in str(e.value) and "step 60.0 ms" in str(e.value)
     # A fixed step count is checked, not chosen.
     assert gpu_suite.plan(PROBE, 360.0, scale, steps=120).steps == 120
     with pytest.raises(gpu_suite.BudgetError, match="at 900 steps per run"):

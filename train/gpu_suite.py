@@ -95,7 +95,7 @@ GPU = Scale(
     evals=4,
     log_every=5,
     probe_steps=10,
-    floor_steps=100,
+    floor_steps=50,
     max_steps=1000,
     device="GPU",
 )
