@@ -650,7 +650,10 @@ def main(argv: list[str] | None = None) -> int:
         run_stage("suite", stage_suite, sizes, work, out, state)
     plan, probe = state.get("plan"), state.get("probe")
     steps = plan.steps if plan is not None else sizes.scale.floor_steps
-    compile_guess = probe.compile_s if probe is not None else 60.0
+    if probe is not None:  # The probe's first compilation: the unit of the estimates below.
+        compile_guess = probe.compile_s
+    else:  # No suite this time: a guess (a 0.5B train step on one H200; a micro one on a CPU).
+        compile_guess = 5.0 if args.smoke else 40.0
     cost_start = time.perf_counter()
 
     def left() -> float:
