@@ -202,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("governor", "reference"),
         help="governance policy of lbw and lbw+sgg (default: %(default)s)",
     )
+    g.add_argument(
+        "--peak-lr-in-state",
+        action="store_true",
+        help="hold the peak learning rate in the optimizer state, not in the compiled step, so "
+        "that runs in one process that differ only in it share one compilation",
+    )
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="data source, see below (default: %(default)s)")

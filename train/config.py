@@ -116,6 +116,13 @@ class TrainConfig:
       weight_decay, b1, b2, eps: AdamW hyperparameters (used by every AdamW-based optimizer).
       clip_threshold: global-norm threshold of ``adamw+clip``.
       policy: governance policy of ``lbw`` and ``lbw+sgg``: ``"governor"`` or ``"reference"``.
+      peak_lr_in_state: hold the peak learning rate in the optimizer state (a run-time value)
+        instead of in the compiled step: the optimizer runs with a peak-1 schedule, then its
+        update is multiplied by the state's peak (see
+        :func:`train.optimizers.scale_by_peak_learning_rate`; the same update, up to rounding,
+        for every optimizer whose update is linear in the learning rate, as every built-in one
+        is). Runs in one process that differ only in their learning rate then share one
+        compiled step (a suite on a GPU pays one compilation per optimizer, not per run).
 
     Data:
       data: ``"wikitext2"`` (the shipped sample: trains on its validation split, evaluates on
@@ -177,6 +184,7 @@ class TrainConfig:
     eps: float = 1e-8
     clip_threshold: float = 1.0
     policy: str = "governor"
+    peak_lr_in_state: bool = False
     # Data.
     data: str = "wikitext2"
     train_files: tuple[str, ...] = ()

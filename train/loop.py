@@ -55,6 +55,8 @@ from train.optimizers import (
     check_optimizer,
     is_guarded,
     learning_rate_schedule,
+    scale_by_peak_learning_rate,
+    set_peak_learning_rate,
 )
 
 # Config fields that may change when a run is resumed; any other difference is an error.
@@ -246,6 +248,7 @@ _OPTIMIZER_FIELDS = (
     "eps",
     "clip_threshold",
     "policy",
+    "peak_lr_in_state",
     "steps",
     "faults",
 )
@@ -258,7 +261,19 @@ def _transform(*values):
     it lets such runs reuse the compiled step."""
     config = TrainConfig(**dict(zip(_OPTIMIZER_FIELDS, values, strict=True)))
     schedule = learning_rate_schedule(config)
-    return schedule, build_optimizer(config, schedule)
+    tx = build_optimizer(config, schedule)
+    if config.peak_lr_in_state:  # Here learning_rate is 1: the peak is set in the state.
+        tx = optax.with_extra_args_support(optax.chain(tx, scale_by_peak_learning_rate()))
+    return schedule, tx
+
+
+def _optimizer_fields(config: TrainConfig) -> list[Any]:
+    """The values of ``_OPTIMIZER_FIELDS`` of ``config``, the peak learning rate left out (set to
+    1) when it lives in the optimizer state."""
+    values = [getattr(config, f) for f in _OPTIMIZER_FIELDS]
+    if config.peak_lr_in_state:
+        values[_OPTIMIZER_FIELDS.index("learning_rate")] = 1.0
+    return values
 
 
 @nnx.jit
@@ -549,8 +564,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # Model and optimizer.
     model, wrt = build_model(config, tokenizer.vocab_size)
-    schedule, tx = _transform(*(getattr(config, f) for f in _OPTIMIZER_FIELDS))
+    unit_schedule, tx = _transform(*_optimizer_fields(config))
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+    peak = 1.0
+    if config.peak_lr_in_state:
+        peak = config.learning_rate
+        set_peak_learning_rate(optimizer.opt_state, peak)
     guarded = is_guarded(config.optimizer)
     mesh = None
     if config.mesh:
@@ -595,8 +614,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # cached_partial traverses the model and optimizer graphs once, not at every call.
     train_step = nnx.cached_partial(make_train_step(config, wrt, mesh), model, optimizer)
-    learning_rate = jax.jit(schedule)  # Compiled here, outside the timed steps.
-    learning_rate(0)
+    schedule = jax.jit(unit_schedule)  # Compiled here, outside the timed steps.
+    schedule(0)
+    learning_rate = lambda count: peak * float(schedule(count))
     tokens_per_step = config.batch_size * config.seq_len
     metrics = metrics_path.open("a")
     progress = _Progress(config, start_step)

@@ -24,7 +24,10 @@ loss as ``value=``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 import lbw_optax
@@ -162,3 +165,54 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
             [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
         )
     return shock_schedule(schedule, config.faults)
+
+
+class PeakLearningRateState(NamedTuple):
+    """State of :func:`scale_by_peak_learning_rate`."""
+
+    peak_learning_rate: jax.Array  # [] float32
+
+
+def scale_by_peak_learning_rate() -> optax.GradientTransformation:
+    """Multiplies the updates by a peak learning rate held in the state.
+
+    ``chain(inner built with a peak-1 schedule, scale_by_peak_learning_rate())`` computes
+    ``peak × inner_update``: the inner update with the peak learning rate whenever that update is
+    linear in its learning rate (AdamW, clipping, the guard, SGG, the peers). The peak is data,
+    not a constant of the compiled step, so runs that differ only in it share one compilation.
+    ``init`` sets it to 1; :func:`set_peak_learning_rate` sets the run's value.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+    """
+
+    def init_fn(params):
+        del params
+        return PeakLearningRateState(peak_learning_rate=jnp.ones([], jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        peak = state.peak_learning_rate
+        updates = jax.tree.map(lambda u: (peak * u).astype(u.dtype), updates)
+        return updates, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def set_peak_learning_rate(opt_state: Any, value: float) -> None:
+    """Sets the peak of the :func:`scale_by_peak_learning_rate` state inside ``opt_state`` (an
+    ``nnx.Optimizer``'s ``opt_state``, whose leaves are variables), in place.
+
+    Raises:
+      ValueError: if ``opt_state`` holds no such state, or more than one.
+    """
+    found = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PeakLearningRateState))
+        if isinstance(s, PeakLearningRateState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected one scale_by_peak_learning_rate state in the optimizer, found {len(found)}."
+        )
+    found[0].peak_learning_rate[...] = jnp.asarray(value, jnp.float32)

@@ -1077,7 +1077,19 @@ def paper() -> SuiteSpec:
     )
 
 
-SUITES: dict[str, Callable[[], SuiteSpec]] = {"quick": quick, "full": full, "paper": paper}
+def gpu() -> SuiteSpec:
+    """For one GPU, within a budget (:mod:`train.gpu_suite`; its step count is set by a plan)."""
+    from train import gpu_suite
+
+    return gpu_suite.gpu()
+
+
+SUITES: dict[str, Callable[[], SuiteSpec]] = {
+    "quick": quick,
+    "full": full,
+    "paper": paper,
+    "gpu": gpu,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1096,8 +1108,8 @@ def _machine() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lbw-stress [quick|full|paper] [--out results] [--workers N] [--seeds ...] [--quiet]``,
-    or ``lbw-stress report DIR``."""
+    """``lbw-stress [quick|full|paper|gpu] [--out results] [--workers N] [--seeds ...] [--quiet]
+    [--budget-s S] [--steps N]``, or ``lbw-stress report DIR``."""
     from train.cli import ArgumentParser, one_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1148,8 +1160,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run nothing: write runs.jsonl and the report from the finished runs of an "
         "interrupted suite",
     )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="gpu suite: its time budget in seconds, probe and compilation included (default: "
+        "360); a plan that does not fit is refused before any run starts",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="gpu suite: steps per run (default: the most that fit the budget)",
+    )
     args = p.parse_args(argv)
     spec = SUITES[args.suite]()
+    plan = None
+    if args.suite == "gpu" and not args.collect:
+        from train import gpu_suite
+
+        try:
+            budget = gpu_suite.DEFAULT_BUDGET_S if args.budget_s is None else args.budget_s
+            plan = gpu_suite.prepare(args.out, budget, steps=args.steps)
+        except gpu_suite.BudgetError as e:
+            print(f"lbw-stress: error: {e}", file=sys.stderr)
+            return 2
+        spec = plan.spec
     if args.seeds:
         spec = spec.replaced(seeds=tuple(args.seeds))
     command = "lbw-stress " + " ".join(argv) if argv else "lbw-stress"
@@ -1163,7 +1199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         suite_dir = run_suite(
             spec,
             args.out,
-            workers=args.workers,
+            workers=1 if args.suite == "gpu" else args.workers,  # One process shares compilations.
             progress=not args.quiet,
             command=command.strip(),
             machine=_machine(),
@@ -1179,6 +1215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    if plan is not None:
+        from train import gpu_suite
+
+        gpu_suite.record_plan(suite_dir, plan)
     from train import report
 
     print(report.headline(suite_dir))
