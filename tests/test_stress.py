@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from train import peers, report, stress
+from train import archive, peers, report, stress
 from train.stress import Method, Setting, SuiteSpec
 
 MICRO_MODEL = {
@@ -233,6 +233,32 @@ def test_collect_reports_an_interrupted_suite_without_running(finished, tmp_path
     assert len(stress.read_jsonl(copy / "runs.jsonl")) == 2
     text = (copy / "summary.md").read_text()
     assert "2 finished of the 3 the suite plans" in text and "`collect`" in text
+
+
+def test_a_suite_without_its_run_folders_reports_and_resumes_from_the_archive(finished, tmp_path):
+    import shutil
+
+    spec, suite_dir = finished
+    copy = tmp_path / suite_dir.name
+    shutil.copytree(suite_dir, copy)
+    shutil.rmtree(copy / "runs")  # What a committed suite holds.
+    assert (copy / archive.NAME).is_file()
+    packed = archive.read(copy)
+    assert list(packed) == [r.run_id for r in stress.expand(spec)]
+    for rid, run in packed.items():
+        assert run["metrics"] == stress.read_jsonl(suite_dir / "runs" / rid / "metrics.jsonl")
+        assert run["summary"] == json.loads((suite_dir / "runs" / rid / "summary.json").read_text())
+    before = {p.name: p.read_bytes() for p in copy.glob("*.png")}
+    (copy / "summary.md").unlink()
+    report.write_report(copy)
+    assert (copy / "summary.md").read_text() == (suite_dir / "summary.md").read_text()
+    assert {p.name: p.read_bytes() for p in copy.glob("*.png")} == before
+    assert not (copy / "runs").exists()
+    # A fresh clone resumes: the folders come back from the archive and nothing is redone.
+    stress.run_suite(spec, tmp_path, progress=False)
+    for rid in packed:
+        assert stress.read_summary(copy / "runs" / rid) == packed[rid]["summary"]
+    assert (copy / "runs.jsonl").read_text() == (suite_dir / "runs.jsonl").read_text()
 
 
 def test_controls_read_the_governor_run(finished):
