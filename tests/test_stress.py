@@ -420,19 +420,3 @@ def test_cli_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| governor | 11.00 ± 0.71 | 16.00 ± 1.41 |" in out
     assert (tmp_path / "summary.md").exists()
-
-
-def test_suite_definitions():
-    quick = stress.quick()
-    assert len(quick.methods) == 9 and quick.seeds == (0, 1)
-    assert quick.lr_multipliers[0] == 1.0 and len(quick.lr_multipliers) >= 3
-    full = stress.full()
-    assert {m.name for m in full.methods} >= {"replay", "effective-lr", "adagc", "spam"}
-    assert full.lr_multipliers == (1.0, 3.0, 10.0, 30.0) and len(full.seeds) == 3
-    assert set(full.faults) == {"none", "grad-spike", "nan-loss", "corrupt", "lr-shock"}
-    models_run = {s.model for s in full.settings}
-    assert models_run >= {"tiny_qwen2_5_3b", "tiny_qwen2_5_7b", "tiny_qwen2_5_14b"}
-    assert "tiny_tinyllama_1_1b" in models_run
-    assert any(s.lora_rank and s.pretrain is not None for s in full.settings)
-    clips = {m.overrides.get("clip_threshold") for m in full.methods if m.optimizer == "adamw+clip"}
-    assert clips == {0.5, 1.0}
