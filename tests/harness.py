@@ -1,17 +1,15 @@
-"""The shared harness every transformation in lbw_optax passes.
+"""The transformations of lbw_optax that the checks of :mod:`lbw_optax.testing` run on.
 
 A transformation joins by adding a :class:`Case` to :data:`CASES`. ``make`` is called with a
-``learning_rate=`` keyword (so ``optax.inject_hyperparams`` can drive it) and returns the
-transformation. Tests live in ``tests/test_harness.py``.
+``learning_rate=`` keyword (a float or a schedule, so ``optax.inject_hyperparams`` can drive it)
+and returns the transformation. The checks themselves are the public :mod:`lbw_optax.testing`;
+the tests are in ``tests/test_harness.py``.
 """
 
 import dataclasses
 import functools
 from collections.abc import Callable
 
-import jax
-import jax.extend.core
-import jax.numpy as jnp
 import optax
 
 import lbw_optax
@@ -50,49 +48,3 @@ CASES: list[Case] = [
         functools.partial(lbw_optax.spam_adamw, reset_interval=20, warmup_steps=5),
     ),
 ]
-
-
-def make_params(dtype=jnp.float32):
-    """A small tree with a matrix, a vector and a scalar-like tensor."""
-    return {
-        "dense": {"kernel": jnp.linspace(-1.0, 1.0, 24, dtype=dtype).reshape(4, 6)},
-        "bias": jnp.full((6,), 0.1, dtype),
-        "gain": jnp.ones((1,), dtype),
-    }
-
-
-def make_grads(params, step: int, *, spike: float = 1.0):
-    """Deterministic, step-dependent gradients (no RNG, so retracing would show)."""
-    phase = jnp.float32(step)
-    return jax.tree.map(
-        lambda p: (
-            spike * (jnp.sin(phase + jnp.arange(p.size, dtype=jnp.float32)) + 0.3).reshape(p.shape)
-        ).astype(p.dtype),
-        params,
-    )
-
-
-def loss_at(step: int, *, spike: float = 1.0):
-    return jnp.float32(spike * (2.0 + 1.0 / (1.0 + step)))
-
-
-_HOST_PRIMITIVES = ("callback", "debug_print", "debug_callback")
-
-
-def host_callbacks(fn, *args, **kwargs) -> list[str]:
-    """Names of host-callback primitives anywhere in the jaxpr of ``fn`` (sub-jaxprs included),
-    plus ``"lowered"`` if the lowered module calls back to the host."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if any(name in eqn.primitive.name for name in _HOST_PRIMITIVES):
-                found.append(eqn.primitive.name)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    bound = functools.partial(fn, **kwargs)
-    walk(jax.make_jaxpr(bound)(*args).jaxpr)
-    if "callback" in jax.jit(bound).lower(*args).as_text():
-        found.append("lowered")
-    return found

@@ -1,6 +1,9 @@
-"""Every transformation in lbw_optax passes these (see tests/harness.py to add one)."""
+"""Every transformation in lbw_optax passes the checks of lbw_optax.testing (see
+tests/harness.py to add one), and each check fails on a transformation that breaks it."""
 
-import chex
+import pathlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,89 +12,90 @@ import pytest
 from flax import nnx
 
 import lbw_optax
-from tests.harness import CASES, host_callbacks, loss_at, make_grads, make_params
+from lbw_optax import testing
+from tests.harness import CASES
 
 cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 
 
+def _tx(case):
+    return case.make(learning_rate=case.learning_rate)
+
+
 @cases
 def test_jit_does_not_retrace_over_100_steps(case):
-    chex.clear_trace_counter()
-    params = make_params()
-    tx = case.make(learning_rate=case.learning_rate)
-    state = tx.init(params)
-
-    @jax.jit
-    @chex.assert_max_traces(n=1)
-    def step(grads, state, params, loss):
-        updates, state = tx.update(grads, state, params, value=loss)
-        return optax.apply_updates(params, updates), state
-
-    for i in range(100):
-        spike = 1e3 if i == 60 else 1.0
-        params, state = step(make_grads(params, i, spike=spike), state, params, loss_at(i))
-    chex.assert_tree_all_finite((params, state))
+    testing.assert_no_retrace(_tx(case))
 
 
 @cases
 def test_unknown_extra_args_are_accepted(case):
-    params = make_params()
-    tx = case.make(learning_rate=case.learning_rate)
-    state = tx.init(params)
-    updates, _ = tx.update(
-        make_grads(params, 0), state, params, value=loss_at(0), some_unknown_arg=jnp.ones(3)
-    )
-    chex.assert_trees_all_equal_shapes(updates, params)
+    testing.assert_extra_args_accepted(_tx(case))
 
 
 @cases
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_dtypes_are_preserved(case, dtype):
-    params = make_params(dtype)
-    tx = case.make(learning_rate=case.learning_rate)
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    for i in range(3):
-        updates, state = step(make_grads(params, i), state, params, value=loss_at(i))
-    chex.assert_trees_all_equal_dtypes(updates, params)
-    chex.assert_tree_all_finite(updates)
+def test_dtypes_are_preserved(case):
+    testing.assert_dtypes_preserved(_tx(case), (jnp.float32, jnp.bfloat16))
 
 
 @cases
 def test_works_inside_chain(case):
-    params = make_params()
-    tx = optax.chain(optax.clip_by_global_norm(1.0), case.make(learning_rate=case.learning_rate))
-    state = tx.init(params)
-    updates, state = jax.jit(tx.update)(make_grads(params, 0), state, params, value=loss_at(0))
-    chex.assert_tree_all_finite(updates)
-    assert any(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates))
+    testing.assert_works_in_chain(_tx(case))
 
 
 @cases
 def test_works_inside_multisteps(case):
-    params = make_params()
-    tx = optax.MultiSteps(case.make(learning_rate=case.learning_rate), every_k_schedule=2)
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    updates, state = step(make_grads(params, 0), state, params, value=loss_at(0))
-    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
-    updates, state = step(make_grads(params, 1), state, params, value=loss_at(1))
-    assert any(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates))
-    chex.assert_tree_all_finite(updates)
+    testing.assert_works_in_multisteps(_tx(case))
 
 
 @cases
 def test_works_with_inject_hyperparams(case):
-    params = make_params()
-    tx = optax.inject_hyperparams(case.make)(learning_rate=case.learning_rate)
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    grads = make_grads(params, 0)
-    small, _ = step(grads, state, params, value=loss_at(0))
-    state.hyperparams["learning_rate"] = jnp.asarray(10 * case.learning_rate)
-    large, _ = step(grads, state, params, value=loss_at(0))
-    for s, big in zip(jax.tree.leaves(small), jax.tree.leaves(large), strict=True):
-        np.testing.assert_allclose(10 * np.asarray(s), np.asarray(big), rtol=1e-4, atol=1e-7)
+    testing.assert_works_with_inject_hyperparams(case.make, case.learning_rate)
+
+
+@cases
+def test_jitted_step_has_no_host_callback(case):
+    testing.assert_no_host_callback(_tx(case))
+
+
+@cases
+def test_converges_on_a_quadratic(case):
+    testing.assert_converges(_tx(case))
+
+
+@cases
+def test_state_is_compatible_with_map_params(case):
+    testing.assert_map_params_compatible(_tx(case))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            c,
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=AssertionError,
+                reason="SGG's re-clustering lax.cond mixes the moments' dtype with float32",
+            ),
+        )
+        if "sgg" in c.name
+        else c
+        for c in CASES
+    ],
+    ids=lambda c: c.name,
+)
+def test_moments_cast_to_bfloat16_with_map_params_still_update(case):
+    testing.assert_map_params_compatible(_tx(case), dtype=jnp.bfloat16)
+
+
+@cases
+def test_state_dtypes_are_stable_under_cond_and_x64(case):
+    testing.assert_state_dtypes_stable(lambda: _tx(case))
+
+
+@cases
+def test_accepts_a_schedule_as_learning_rate(case):
+    testing.assert_accepts_schedule(case.make, case.learning_rate)
 
 
 class _TinyModel(nnx.Module):
@@ -108,7 +112,7 @@ class _TinyModel(nnx.Module):
 @cases
 def test_works_with_nnx_optimizer(case):
     model = _TinyModel(nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, case.make(learning_rate=case.learning_rate), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, _tx(case), wrt=nnx.Param)
     x = jnp.linspace(-1, 1, 8).reshape(2, 4)
 
     @nnx.jit
@@ -133,13 +137,27 @@ def test_works_with_nnx_optimizer(case):
         assert all(isinstance(s, jax.Array) for s in jax.tree.leaves(record["cluster_scales"]))
 
 
-@cases
-def test_jitted_step_has_no_host_callback(case):
-    params = make_params()
-    tx = case.make(learning_rate=case.learning_rate)
-    state = tx.init(params)
-    found = host_callbacks(tx.update, make_grads(params, 0), state, params, value=loss_at(0))
-    assert found == []
+def test_check_transformation_runs_every_check_on_a_plain_optimizer():
+    testing.check_transformation(optax.adamw, 1e-2)
+    with pytest.raises(ValueError, match="unknown checks"):
+        testing.check_transformation(optax.adamw, skip=("assert_nothing",))
+
+
+# --- each check detects what it checks ----------------------------------------------------------
+
+
+def _stateful(init, update):
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def test_retrace_detector_detects_a_state_that_changes_type():
+    # An int32 counter in the initial state comes back as float32: traced twice.
+    tx = _stateful(
+        lambda p: jnp.zeros([], jnp.int32),
+        lambda u, s, p=None, **kw: (u, (s + 1).astype(jnp.float32)),
+    )
+    with pytest.raises(AssertionError, match="traced 2 times"):
+        testing.assert_no_retrace(tx)
 
 
 def test_host_callback_detector_detects_callbacks():
@@ -150,6 +168,58 @@ def test_host_callback_detector_detects_callbacks():
     def with_pure_callback(x):
         return jax.pure_callback(np.sin, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
 
-    assert host_callbacks(with_print, jnp.ones(2)) != []
-    assert host_callbacks(with_pure_callback, jnp.ones(2)) != []
-    assert host_callbacks(jnp.sin, jnp.ones(2)) == []
+    assert testing.host_callbacks(with_print, jnp.ones(2)) != []
+    assert testing.host_callbacks(with_pure_callback, jnp.ones(2)) != []
+    assert testing.host_callbacks(jnp.sin, jnp.ones(2)) == []
+
+
+def test_dtype_and_convergence_checks_detect_failures():
+    to_f32 = optax.stateless(lambda u, p=None: jax.tree.map(lambda x: x.astype(jnp.float32), u))
+    with pytest.raises(AssertionError, match="bfloat16 parameters got float32"):
+        testing.assert_dtypes_preserved(to_f32)
+    with pytest.raises(AssertionError, match="not converged"):
+        testing.assert_converges(optax.sgd(1e-6))
+    with pytest.raises(AssertionError, match="all zero"):
+        testing.assert_works_in_chain(optax.sgd(0.0))
+
+
+def test_state_dtype_check_detects_a_state_that_changes_dtype():
+    def update(u, count, p=None, **kw):
+        return u, (count + 1).astype(jnp.int16)
+
+    tx = _stateful(lambda p: jnp.zeros([], jnp.int32), update)
+    with pytest.raises(AssertionError, match="state's dtypes change"):
+        testing.assert_state_dtypes_stable(lambda: tx)
+
+
+def test_schedule_check_detects_an_ignored_schedule():
+    def make(learning_rate):
+        return optax.sgd(learning_rate if not callable(learning_rate) else 1.0)
+
+    with pytest.raises(AssertionError, match="schedule vs constant"):
+        testing.assert_accepts_schedule(make, 1e-2)
+
+
+def test_sequence_checks_compile_once_and_detect_nonfinite_and_non_identity():
+    params = testing.example_params()
+    tx = optax.sgd(1e-2)
+    grads = testing.scaled(params, [1.0, 2.0, 3.0])
+    updates, _, final = testing.run_sequence(tx, params, grads, apply_updates=True)
+    np.testing.assert_allclose(updates["bias"][:, 0], [-1e-3, -2e-3, -3e-3], rtol=1e-6)
+    np.testing.assert_allclose(final["bias"], params["bias"] * (1 - 6e-2), rtol=1e-6)
+    compiled = testing._scanner(tx, False, True)._cache_size()
+    testing.run_sequence(tx, params, testing.scaled(params, [5.0, -1.0, 0.0]), apply_updates=True)
+    assert testing._scanner(tx, False, True)._cache_size() == compiled == 1
+    with pytest.raises(AssertionError, match="non-finite"):
+        testing.assert_finite_under(tx, params, testing.scaled(params, [1.0, np.nan, 1.0]))
+    testing.assert_identity_when_pinned(tx, optax.sgd(1e-2), params, grads)
+    with pytest.raises(AssertionError, match="differ from the reference"):
+        testing.assert_identity_when_pinned(tx, optax.sgd(2e-2), params, grads)
+
+
+def test_the_testing_page_example_runs():
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "testing.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), {"__name__": "testing_page_example"})

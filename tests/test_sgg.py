@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lbw_optax
+from lbw_optax import testing
 
 
 def _tree(seed=0):
@@ -230,6 +231,10 @@ def test_works_inside_inject_hyperparams_with_every_numeric_argument_injected():
 # Robustness -------------------------------------------------------------------------------------
 
 
+# Built once, so that the property test compiles its scan once.
+_ROBUST_SGG = lbw_optax.sgg(optax.scale_by_adam(), recluster_every=1, beta3=0.0)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     hnp.arrays(
@@ -243,12 +248,10 @@ def test_works_inside_inject_hyperparams_with_every_numeric_argument_injected():
 )
 def test_nonfinite_or_extreme_moments_never_make_nonfinite_statistics(grad):
     params = {"w": jnp.zeros((6, 5)), "v": jnp.ones((2, 3))}
-    tx = lbw_optax.sgg(optax.scale_by_adam(), recluster_every=1, beta3=0.0)
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    grads = {"w": jnp.asarray(grad), "v": jnp.full((2, 3), 0.5)}
-    for _ in range(2):
-        _, state = step(grads, state, params)
+    grads = {"w": jnp.stack([jnp.asarray(grad)] * 2), "v": jnp.full((2, 2, 3), 0.5)}
+    _, states, _ = testing.run_sequence(_ROBUST_SGG, params, grads)  # Two steps, one compile.
+    for i in range(2):
+        state = jax.tree.map(lambda x, i=i: x[i], states)
         own = state._replace(inner_state=None)
         chex.assert_tree_all_finite((own.cluster_scales, own.cluster_mda, own.model_mda))
         assert np.all(np.asarray(state.cluster_ids["w"]) >= 0)

@@ -160,6 +160,7 @@ def _check_meshes(results: dict, meshes: tuple[str, ...]) -> None:
     _compare(resumed, ref, list(range(11, 21)))
 
 
+@pytest.mark.slow  # Minutes on 2 cores; test_all_meshes_match_one_device checks a superset.
 def test_fsdp_mesh_matches_one_device_and_resumes_on_another_mesh(tmp_path):
     """lbw+sgg (guard + SGG), 20 steps on mesh (4, 2); its step-10 checkpoint resumed on (8, 1)."""
     meshes = ("data=4,fsdp=2",)

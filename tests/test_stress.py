@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from train import peers, report, stress
+from train import archive, peers, report, stress
 from train.stress import Method, Setting, SuiteSpec
 
 MICRO_MODEL = {
@@ -235,6 +235,32 @@ def test_collect_reports_an_interrupted_suite_without_running(finished, tmp_path
     assert "2 finished of the 3 the suite plans" in text and "`collect`" in text
 
 
+def test_a_suite_without_its_run_folders_reports_and_resumes_from_the_archive(finished, tmp_path):
+    import shutil
+
+    spec, suite_dir = finished
+    copy = tmp_path / suite_dir.name
+    shutil.copytree(suite_dir, copy)
+    shutil.rmtree(copy / "runs")  # What a committed suite holds.
+    assert (copy / archive.NAME).is_file()
+    packed = archive.read(copy)
+    assert list(packed) == [r.run_id for r in stress.expand(spec)]
+    for rid, run in packed.items():
+        assert run["metrics"] == stress.read_jsonl(suite_dir / "runs" / rid / "metrics.jsonl")
+        assert run["summary"] == json.loads((suite_dir / "runs" / rid / "summary.json").read_text())
+    before = {p.name: p.read_bytes() for p in copy.glob("*.png")}
+    (copy / "summary.md").unlink()
+    report.write_report(copy)
+    assert (copy / "summary.md").read_text() == (suite_dir / "summary.md").read_text()
+    assert {p.name: p.read_bytes() for p in copy.glob("*.png")} == before
+    assert not (copy / "runs").exists()
+    # A fresh clone resumes: the folders come back from the archive and nothing is redone.
+    stress.run_suite(spec, tmp_path, progress=False)
+    for rid in packed:
+        assert stress.read_summary(copy / "runs" / rid) == packed[rid]["summary"]
+    assert (copy / "runs.jsonl").read_text() == (suite_dir / "runs.jsonl").read_text()
+
+
 def test_controls_read_the_governor_run(finished):
     _, suite_dir = finished
     records = {r["run_id"]: r for r in stress.read_jsonl(suite_dir / "runs.jsonl")}
@@ -394,19 +420,3 @@ def test_cli_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| governor | 11.00 ± 0.71 | 16.00 ± 1.41 |" in out
     assert (tmp_path / "summary.md").exists()
-
-
-def test_suite_definitions():
-    quick = stress.quick()
-    assert len(quick.methods) == 9 and quick.seeds == (0, 1)
-    assert quick.lr_multipliers[0] == 1.0 and len(quick.lr_multipliers) >= 3
-    full = stress.full()
-    assert {m.name for m in full.methods} >= {"replay", "effective-lr", "adagc", "spam"}
-    assert full.lr_multipliers == (1.0, 3.0, 10.0, 30.0) and len(full.seeds) == 3
-    assert set(full.faults) == {"none", "grad-spike", "nan-loss", "corrupt", "lr-shock"}
-    models_run = {s.model for s in full.settings}
-    assert models_run >= {"tiny_qwen2_5_3b", "tiny_qwen2_5_7b", "tiny_qwen2_5_14b"}
-    assert "tiny_tinyllama_1_1b" in models_run
-    assert any(s.lora_rank and s.pretrain is not None for s in full.settings)
-    clips = {m.overrides.get("clip_threshold") for m in full.methods if m.optimizer == "adamw+clip"}
-    assert clips == {0.5, 1.0}

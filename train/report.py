@@ -1,7 +1,9 @@
 """The stress suite's report: ``summary.md`` and PNG plots from ``runs.jsonl`` and run metrics.
 
-Everything is computed from the files a suite commits (``suite.json``, ``runs.jsonl``,
-``runs/<id>/metrics.jsonl``), so ``lbw-stress report DIR`` regenerates the report anywhere.
+Everything is computed from the files a suite commits (``suite.json``, ``runs.jsonl`` and the
+runs' metrics: ``runs/<id>/metrics.jsonl`` where the run folders are, else the suite's
+``metrics.jsonl.xz``, see :mod:`train.archive`), so ``lbw-stress report DIR`` regenerates the
+report anywhere.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from train import archive
 from train.stress import SPIKE_FACTOR, TARGET_FACTOR, read_jsonl
 
 GUARDED = ("governor", "reference", "governor+sgg")
@@ -82,6 +85,16 @@ class Suite:
         self.settings = list(dict.fromkeys(r["setting"] for r in self.grid))
         self.faults = list(dict.fromkeys(r["fault"] for r in self.grid))
         self.methods = _method_order(r["method"] for r in self.grid)
+        self._archive: dict[str, dict[str, Any]] | None = None
+
+    def metrics(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's ``metrics.jsonl`` lines, from its folder or else from the suite's archive."""
+        path = self.dir / "runs" / run_id / archive.METRICS
+        if path.is_file():
+            return read_jsonl(path)
+        if self._archive is None:
+            self._archive = archive.read(self.dir)
+        return self._archive.get(run_id, {}).get("metrics", [])
 
     def select(self, **where) -> list[dict[str, Any]]:
         return [r for r in self.grid if all(r[k] == v for k, v in where.items())]
@@ -293,7 +306,7 @@ def ladder_table(suite: Suite, fault: str, methods: Sequence[str]) -> list[str]:
 
 
 def _curves(suite: Suite, record: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return read_jsonl(suite.dir / "runs" / record["run_id"] / "metrics.jsonl")
+    return suite.metrics(record["run_id"])
 
 
 def plot_losses(suite: Suite, setting: str, fault: str, path: Path) -> None:
@@ -564,7 +577,8 @@ def write_report(directory: Path) -> Path:
         md += ["## Size ladder and LoRA vs full (fault: none)", ""]
         md += [*ladder_table(suite, "none", methods), ""]
     md += [
-        "Raw data: `runs.jsonl` (one line per run) and `runs/<run_id>/metrics.jsonl`; regenerate "
+        f"Raw data: `runs.jsonl` (one line per run) and `{archive.NAME}` (the lines of every "
+        "run's `metrics.jsonl` and its `summary.json`, each tagged with its `run_id`); regenerate "
         f"this report with `lbw-stress report {suite.dir.name}` from the suite's parent folder.",
         "",
     ]

@@ -20,7 +20,10 @@ rate, faults and seeds. :func:`run_suite` runs it in three stages:
 Runs write ``<out>/<suite>/runs/<run_id>/`` (``metrics.jsonl``, ``summary.json``); a run whose
 ``summary.json`` is complete is not run again, so an interrupted suite resumes where it stopped.
 ``<out>/<suite>/runs.jsonl`` holds one line per finished run (:func:`run_record`) and
-``suite.json`` the spec and the chosen base learning rates; :mod:`train.report` turns them into
+``suite.json`` the spec and the chosen base learning rates; at the end every finished run's
+``metrics.jsonl`` and ``summary.json`` go into the one compressed ``metrics.jsonl.xz``
+(:mod:`train.archive`), which is what a committed suite keeps instead of ``runs/`` (unpacked
+again when ``runs/`` is absent, so a fresh clone resumes). :mod:`train.report` turns them into
 ``summary.md`` and plots.
 
 Definitions (also written into ``summary.md``):
@@ -51,7 +54,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from train import peers  # Registers the peers and the replay control.
+from train import archive, peers  # peers registers the peers and the replay control.
 from train.config import FaultConfig, TrainConfig, UserError
 
 SPIKE_FACTOR = 1.5
@@ -758,6 +761,7 @@ def run_suite(
 
     suite_dir = Path(out) / spec.name
     runs_dir = suite_dir / "runs"
+    archive.restore(suite_dir)  # A committed suite without its run folders: unpack them.
     runs_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     version = code_version()  # At the start: the code the runs of this invocation use.
@@ -819,6 +823,7 @@ def run_suite(
 
     records = collect(spec, [*runs, *sweep], runs_dir)
     _write_jsonl(suite_dir / "runs.jsonl", records)
+    archive.write(suite_dir, [*pretrain, *(r["run_id"] for r in records)])
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     ran = len({r["run_id"] for r in records} - already)
     meta.update(spec=spec.to_dict(), base_lr=base, planned_runs=len(set(ids) | sweep_ids))

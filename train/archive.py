@@ -1,0 +1,90 @@
+"""One compressed file with every run's metrics: what a committed suite keeps instead of ``runs/``.
+
+A suite runs into ``<suite>/runs/<run_id>/`` (``metrics.jsonl``, ``summary.json``). At the end
+:func:`write` packs those two files of every finished run into ``<suite>/metrics.jsonl.xz``, an
+xz-compressed JSON-lines file: each line is one line of a run's ``metrics.jsonl`` with the run's
+id as a first key ``"run_id"``, and each run ends with one ``{"run_id": …, "kind": "summary",
+"summary": {…}}`` line holding its ``summary.json``. Read it with ``xzcat`` or :func:`read`.
+
+The per-run folders stay out of version control; the report reads a run's curve from its folder
+when there is one and from the archive otherwise, and :func:`restore` unpacks the archive into
+``runs/`` so that a suite resumes (or is collected) from a fresh clone as from its own run.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+NAME = "metrics.jsonl.xz"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+def write(suite_dir: str | os.PathLike, run_ids: Iterable[str]) -> Path | None:
+    """Packs the ``metrics.jsonl`` and ``summary.json`` of ``run_ids`` under ``suite_dir/runs``
+    into ``suite_dir/metrics.jsonl.xz`` (atomically); returns its path, or ``None`` (and leaves
+    any archive alone) when none of the runs has a folder."""
+    suite_dir = Path(suite_dir)
+    lines = []
+    for rid in dict.fromkeys(run_ids):
+        run_dir = suite_dir / "runs" / rid
+        if not (run_dir / SUMMARY).is_file():
+            continue
+        metrics = run_dir / METRICS
+        if metrics.is_file():
+            for text in metrics.read_text().splitlines():
+                if text.strip():
+                    lines.append(json.dumps({"run_id": rid, **json.loads(text)}))
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        lines.append(json.dumps({"run_id": rid, "kind": "summary", "summary": summary}))
+    if not lines:
+        return None
+    path = suite_dir / NAME
+    tmp = path.with_name(NAME + ".tmp")
+    with lzma.open(tmp, "wt", preset=9) as f:
+        f.write("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+    return path
+
+
+def read(suite_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """run id → ``{"metrics": [metrics lines without "run_id"], "summary": {...} or None}``
+    from ``suite_dir/metrics.jsonl.xz`` (empty if there is none), runs in archive order."""
+    path = Path(suite_dir) / NAME
+    out: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return out
+    with lzma.open(path, "rt") as f:
+        for text in f:
+            if not text.strip():
+                continue
+            line = json.loads(text)
+            run = out.setdefault(line.pop("run_id"), {"metrics": [], "summary": None})
+            if line.get("kind") == "summary":
+                run["summary"] = line["summary"]
+            else:
+                run["metrics"].append(line)
+    return out
+
+
+def restore(suite_dir: str | os.PathLike) -> int:
+    """Unpacks the archive into ``suite_dir/runs/<run_id>/`` when ``runs/`` does not exist (a
+    fresh clone); returns the number of run folders written (0 when ``runs/`` exists)."""
+    suite_dir = Path(suite_dir)
+    runs_dir = suite_dir / "runs"
+    if runs_dir.exists():
+        return 0
+    count = 0
+    for rid, run in read(suite_dir).items():
+        run_dir = runs_dir / rid
+        run_dir.mkdir(parents=True)
+        (run_dir / METRICS).write_text("".join(json.dumps(x) + "\n" for x in run["metrics"]))
+        if run["summary"] is not None:
+            (run_dir / SUMMARY).write_text(json.dumps(run["summary"], indent=2) + "\n")
+        count += 1
+    return count
