@@ -399,9 +399,12 @@ class _Progress:
 
 
 def _changed_fields(saved: dict[str, Any], config: TrainConfig) -> list[str]:
-    """The config fields that differ from a ``saved`` run's and may not change on resume."""
-    current = _normalised(config)
-    return sorted(k for k in current if saved.get(k) != current[k] and k not in RESUMABLE_CHANGES)
+    """The config fields that differ from a ``saved`` run's and may not change on resume (a
+    field the saved run predates counts as its default)."""
+    current, defaults = _normalised(config), _normalised(TrainConfig())
+    return sorted(
+        k for k in current if saved.get(k, defaults[k]) != current[k] and k not in RESUMABLE_CHANGES
+    )
 
 
 def _refuse_changes(saved: dict[str, Any], config: TrainConfig) -> None:
