@@ -33,30 +33,34 @@ def tree_norm(tree):
 # ZClip
 
 
-def zclip_reference(norms, *, alpha, z_threshold, warmup_steps, eps=1e-6):
-    """The paper's algorithm (reference code, z-score mode, reciprocal clipping) in float64."""
+def zclip_reference(norms, *, alpha, z_threshold, warmup_steps, eps=1e-6, max_grad_norm=None):
+    """The reference code (``zclip/zclip.py``: z-score mode, reciprocal clipping, the fixed
+    ``max_grad_norm`` cap) in float64; returns the applied norms and the final statistics."""
+    cap = lambda n: n if max_grad_norm is None else min(n, max_grad_norm)
     buffer, mean, var, out = [], None, None, []
     for n in norms:
         if mean is None:
-            buffer.append(n)
+            buffer.append(n)  # The raw norm, before the cap.
             if len(buffer) == warmup_steps:
                 mean = float(np.mean(buffer))
                 var = float(np.mean((np.array(buffer) - mean) ** 2))
-            out.append(n)
+            out.append(cap(n))
             continue
         std = np.sqrt(var)
         z = (n - mean) / (std + eps)
         clipped = mean + z_threshold**2 / z * std if z > z_threshold else n
-        mean = alpha * mean + (1 - alpha) * clipped
+        mean = alpha * mean + (1 - alpha) * clipped  # The EMA takes the z-clipped norm.
         var = alpha * var + (1 - alpha) * (clipped - mean) ** 2
-        out.append(clipped)
+        out.append(cap(clipped))
     return out, mean, var
 
 
-def test_zclip_clips_to_reciprocal_threshold_after_warmup():
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0, 3.0])
+def test_zclip_clips_to_reciprocal_threshold_after_warmup(max_grad_norm):
     norms = [1.0, 1.2, 0.9, 1.1, 0.95, 1.05, 4.0, 1.0, 0.98, 12.0, 1.1, 3.0, 1.0]
-    expected, mean, var = zclip_reference(norms, alpha=0.9, z_threshold=2.0, warmup_steps=5)
-    tx = lbw_optax.zclip(alpha=0.9, z_threshold=2.0, warmup_steps=5)
+    kwargs = dict(alpha=0.9, z_threshold=2.0, warmup_steps=5, max_grad_norm=max_grad_norm)
+    expected, mean, var = zclip_reference(norms, **kwargs)
+    tx = lbw_optax.zclip(**kwargs)
     state = tx.init(params_like())
     step = jax.jit(tx.update)
     got = []
@@ -66,14 +70,19 @@ def test_zclip_clips_to_reciprocal_threshold_after_warmup():
         # Clipping rescales: the direction is kept.
         np.testing.assert_allclose(updates["a"] / got[-1], DIRECTION["a"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, expected, rtol=2e-5)
-    clipped = [e < n for e, n in zip(expected, norms, strict=True)]
+    uncapped, _, _ = zclip_reference(norms, **dict(kwargs, max_grad_norm=None))
+    clipped = [e < n for e, n in zip(uncapped, norms, strict=True)]
     assert clipped[9] and sum(clipped) == int(state.zclip_clipped_steps) >= 2
+    capped = [e < u for e, u in zip(expected, uncapped, strict=True)]
+    assert sum(capped) == int(state.zclip_capped_steps)
+    if max_grad_norm == 1.0:
+        assert capped[1] and capped[6], "the cap acts during warm-up and after it"
     np.testing.assert_allclose(float(state.zclip_mean), mean, rtol=2e-5)
     np.testing.assert_allclose(float(state.zclip_var), var, rtol=1e-4)
 
 
-def test_zclip_never_clips_during_warmup():
-    tx = lbw_optax.zclip(warmup_steps=25)
+def test_zclip_z_score_rule_never_clips_during_warmup():
+    tx = lbw_optax.zclip(warmup_steps=25, max_grad_norm=None)
     state = tx.init(params_like())
     for i in range(25):
         n = 1e4 if i == 20 else 1.0 + 0.01 * i
@@ -82,8 +91,21 @@ def test_zclip_never_clips_during_warmup():
     assert int(state.zclip_clipped_steps) == 0 and int(state.zclip_observed) == 25
 
 
+def test_zclip_fixed_cap_applies_in_warmup_and_statistics_see_the_raw_norms():
+    norms = [0.5, 3.0, 2.0]
+    tx = lbw_optax.zclip(warmup_steps=3)  # max_grad_norm=1.0, the reference default.
+    state = tx.init(params_like())
+    got = []
+    for n in norms:
+        updates, state = tx.update(grads_of_norm(n), state)
+        got.append(tree_norm(updates))
+    np.testing.assert_allclose(got, [0.5, 1.0, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(float(state.zclip_mean), np.mean(norms), rtol=1e-6)
+    assert int(state.zclip_capped_steps) == 2 and int(state.zclip_clipped_steps) == 0
+
+
 def test_zclip_constant_norms_have_zero_std_and_clip_to_the_mean():
-    tx = lbw_optax.zclip(warmup_steps=3)
+    tx = lbw_optax.zclip(warmup_steps=3, max_grad_norm=None)
     state = tx.init(params_like())
     for _ in range(3):
         _, state = tx.update(grads_of_norm(2.0), state)
@@ -94,7 +116,7 @@ def test_zclip_constant_norms_have_zero_std_and_clip_to_the_mean():
 
 
 def test_zclip_leaves_nonfinite_gradients_and_statistics_alone():
-    tx = lbw_optax.zclip(warmup_steps=2)
+    tx = lbw_optax.zclip(warmup_steps=2, max_grad_norm=None)
     state = tx.init(params_like())
     for n in (1.0, 1.5, 1.2):
         _, state = tx.update(grads_of_norm(n), state)
@@ -368,6 +390,7 @@ def test_spam_adamw_warmup_scales_the_adam_step_not_the_weight_decay():
         (lbw_optax.zclip, "z_threshold", 0.0),
         (lbw_optax.zclip, "warmup_steps", 0),
         (lbw_optax.zclip, "eps", -1e-6),
+        (lbw_optax.zclip, "max_grad_norm", 0.0),
         (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "window", 1),
         (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "sigma_factor", -6.0),
         (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "min_history", 1),
