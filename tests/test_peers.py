@@ -307,8 +307,9 @@ def test_adagc_leaves_nonfinite_gradients_and_gamma_alone():
 # SPAM
 
 
-def spam_reference(grads, *, b1, b2, eps, theta, reset_interval, warmup_steps):
-    """SPAM (paper's Algorithm 1 and code) in float64 on one array; returns updates, clips."""
+def spam_reference(grads, *, b1, b2, eps, theta, reset_interval, warmup_steps, clip_delay):
+    """SPAM (paper's Algorithm 1 and ``galore_torch/SPAM.py``) in float64 on one array;
+    returns updates, clips."""
     m = np.zeros_like(grads[0])
     v = np.zeros_like(grads[0])
     since_reset = warmup_steps
@@ -319,7 +320,10 @@ def spam_reference(grads, *, b1, b2, eps, theta, reset_interval, warmup_steps):
             m, v, since_reset = np.zeros_like(m), np.zeros_like(v), 0
         else:
             since_reset += 1
-        spike = (v > 0) & (g**2 > theta * v)
+        # The reference's window: from step clip_delay on, and not in the clip_delay steps
+        # that start at each reset (its ``grad_accu_steps``).
+        window = t >= clip_delay and t % reset_interval >= clip_delay
+        spike = window & (v > 0) & (g**2 > theta * v)
         g[spike] = np.sign(g[spike]) * np.sqrt(theta * v[spike])
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g**2
@@ -337,7 +341,9 @@ def test_spam_clips_spiked_elements_and_resets_moments_like_numpy():
     grads = [rng.standard_normal(6) * 0.1 for _ in range(16)]
     grads[5][2] = 40.0  # g² far above θ·v: clipped.
     grads[11][0] = -30.0
-    kwargs = dict(b1=0.9, b2=0.99, eps=1e-8, theta=50.0, reset_interval=8, warmup_steps=3)
+    kwargs = dict(
+        b1=0.9, b2=0.99, eps=1e-8, theta=50.0, reset_interval=8, warmup_steps=3, clip_delay=2
+    )
     expected, clips = spam_reference(grads, **kwargs)
     tx = lbw_optax.scale_by_spam(**kwargs)
     state = tx.init({"w": jnp.zeros(6)})
@@ -348,6 +354,40 @@ def test_spam_clips_spiked_elements_and_resets_moments_like_numpy():
         assert int(state.record.spam_clipped) == n_clipped, t
     assert clips[5] >= 1 and clips[11] >= 1
     assert int(state.record.spam_resets) == 2 and int(state.record.spam_count) == 16
+
+
+def test_spam_clips_nothing_in_the_first_steps_nor_after_a_reset():
+    # Noise of constant magnitude (g²/v stays <= 10 with b2 = 0.9), and a spike in a fresh
+    # element at each of the 1-based steps below.
+    rng = np.random.default_rng(6)
+    grads = [0.1 * np.sign(rng.standard_normal(6)) for _ in range(16)]
+    for i, t in enumerate((2, 5, 10, 11, 12, 13)):
+        grads[t - 1][i] = 50.0
+    kwargs = dict(
+        b1=0.9, b2=0.9, eps=1e-8, theta=50.0, reset_interval=10, warmup_steps=2, clip_delay=3
+    )
+    expected, clips = spam_reference(grads, **kwargs)
+    assert [t for t, c in enumerate(clips, start=1) if c] == [5, 13]
+    tx = lbw_optax.scale_by_spam(**kwargs)
+    state = tx.init({"w": jnp.zeros(6)})
+    step = jax.jit(tx.update)
+    for t, (g, want, n_clipped) in enumerate(zip(grads, expected, clips, strict=True), start=1):
+        updates, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
+        np.testing.assert_allclose(updates["w"], want, rtol=1e-4, atol=1e-6, err_msg=f"step {t}")
+        assert int(state.record.spam_clipped) == n_clipped, t
+
+
+def test_spam_default_window_is_the_references_20_steps():
+    # A constant gradient: g²/v = 1/(1 - 0.999^k) > θ = 2 at every step, so every step where
+    # clipping is allowed clips.
+    tx = lbw_optax.scale_by_spam(theta=2.0, reset_interval=30)
+    state = tx.init({"w": jnp.zeros(2)})
+    clipped = []
+    for t in range(1, 45):
+        _, state = tx.update({"w": jnp.ones(2)}, state)
+        if int(state.record.spam_clipped):
+            clipped.append(t)
+    assert clipped == list(range(20, 30))  # Not 1-19, not the reset step 30 nor 31-44 (< 50).
 
 
 def test_spam_reset_step_zeroes_moments_keeps_bias_step_and_starts_the_warmup():
@@ -403,6 +443,7 @@ def test_spam_adamw_warmup_scales_the_adam_step_not_the_weight_decay():
         (lbw_optax.scale_by_spam, "reset_interval", 0),
         (lbw_optax.scale_by_spam, "warmup_steps", 1.5),
         (lbw_optax.scale_by_spam, "b2", 1.0),
+        (lbw_optax.scale_by_spam, "clip_delay", -1),
         (lambda **kw: lbw_optax.spam_adamw(1e-3, **kw), "weight_decay", -0.1),
         (lambda **kw: lbw_optax.zclip_adamw(1e-3, **kw), "alpha", 0.0),
         (lambda **kw: lbw_optax.adagc_adamw(1e-3, **kw), "beta", -0.5),
