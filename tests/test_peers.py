@@ -135,7 +135,9 @@ def test_zclip_leaves_nonfinite_gradients_and_statistics_alone():
 
 
 def run_skip_step(losses, norms, **kwargs):
-    """Runs skip_step(adam) over scripted losses and gradient norms; returns each step."""
+    """Runs skip_step(adam) over scripted losses and gradient norms; returns each step.
+    ``min_history`` is 20 unless given (short scripts; the default is tested apart)."""
+    kwargs.setdefault("min_history", 20)
     tx = lbw_optax.skip_step(optax.adam(1e-2), **kwargs)
     state = tx.init(params_like())
     step = jax.jit(tx.update)
@@ -212,6 +214,51 @@ def test_a_nan_loss_is_skipped_and_never_poisons_the_window():
     final, reference = with_nan[-1][2], without[-1][2]
     chex.assert_trees_all_equal(final.skip_loss_window, reference.skip_loss_window)
     chex.assert_trees_all_equal(final.skip_recorded, reference.skip_recorded)
+
+
+def test_skip_step_default_history_is_olmo_cores_half_window():
+    # OLMo-core skips only once half a window of losses, the current one included, is stored:
+    # with window 128 the first possible skip is step 64.
+    losses = [2.0, 2.01, 1.99] * 21 + [100.0]  # 63 values recorded, spike at step 64.
+    _, _, after = run_skip_step(losses, [1.0] * len(losses), min_history=None)[-1]
+    assert bool(after.skipstep_skipped)
+    losses = [*losses[:62], 100.0]  # 62 values recorded, spike at step 63.
+    _, _, after = run_skip_step(losses, [1.0] * len(losses), min_history=None)[-1]
+    assert not bool(after.skipstep_skipped)
+    _, _, after = run_skip_step(losses, [1.0] * len(losses), min_history=None, window=8)[-1]
+    assert bool(after.skipstep_skipped)  # window 8: 3 values suffice.
+
+
+def test_skip_step_adamw_clips_then_skips_on_the_pre_clip_norm():
+    """NumPy transcription: AdamW on the gradients clipped to norm 1; a step whose pre-clip
+    norm is a 6σ outlier of the window is skipped (zero update) although its clipped norm is
+    1 like its neighbours'."""
+    rng = np.random.default_rng(7)
+    norms = [*(3.0 + 0.1 * rng.standard_normal(8)), 30.0, 3.0]
+    losses = [2.0] * len(norms)
+    lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-8
+    tx = lbw_optax.skip_step_adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=0.0, window=8)
+    params = params_like()
+    state = tx.init(params)
+    m = {k: np.zeros(v.shape) for k, v in DIRECTION.items()}
+    v = {k: np.zeros(v.shape) for k, v in DIRECTION.items()}
+    window, t = [], 0
+    for norm, loss in zip(norms, losses, strict=True):
+        updates, state = tx.update(grads_of_norm(norm), state, params, value=jnp.float32(loss))
+        ready = len(window) >= 3  # max(2, 8 // 2 - 1)
+        skip = ready and norm > np.mean(window) + 6.0 * np.std(window, ddof=1)
+        window = [*window, norm][-8:]
+        if skip:
+            chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+            continue
+        t += 1
+        for k, d in DIRECTION.items():
+            g = d * min(norm, 1.0)  # Clipped to global norm 1 (direction kept).
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g**2
+            want = -lr * (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
+            np.testing.assert_allclose(updates[k], want, rtol=1e-4, atol=1e-7)
+    assert t == len(norms) - 1 and int(state.skipstep_skipped_steps) == 1
 
 
 def test_skip_step_window_is_a_ring_of_the_latest_values():
@@ -448,6 +495,7 @@ def test_spam_adamw_warmup_scales_the_adam_step_not_the_weight_decay():
         (lambda **kw: lbw_optax.zclip_adamw(1e-3, **kw), "alpha", 0.0),
         (lambda **kw: lbw_optax.adagc_adamw(1e-3, **kw), "beta", -0.5),
         (lambda **kw: lbw_optax.skip_step_adamw(1e-3, **kw), "window", 0),
+        (lambda **kw: lbw_optax.skip_step_adamw(1e-3, **kw), "max_grad_norm", -1.0),
     ],
 )
 def test_invalid_hyperparameters_raise_naming_argument_and_value(factory, name, value):
