@@ -328,6 +328,28 @@ def test_adagc_per_tensor_clip_coefficients_match_numpy():
         np.testing.assert_allclose(float(state.adagc_gamma[k]), gamma[k], rtol=2e-5)
 
 
+def test_adagc_defaults_are_the_authors_code():
+    """beta 0.99 and lambda_rel 1.04 (the authors' Megatron patch), against the NumPy
+    transcription of the algorithm."""
+    rng = np.random.default_rng(8)
+    steps = [
+        {"a": rng.standard_normal(3) * (1 + 0.5 * t), "b": rng.standard_normal((2, 2))}
+        for t in range(6)
+    ]
+    expected, gamma = adagc_reference(
+        steps, beta=0.99, lambda_rel=1.04, warmup_steps=2, warmup_clip=1.0
+    )
+    tx = lbw_optax.adagc(warmup_steps=2)
+    state = tx.init(params_like())
+    for grads, coef in zip(steps, expected, strict=True):
+        _, state = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}, state)
+        for k in grads:
+            np.testing.assert_allclose(float(state.adagc_clip_coef[k]), coef[k], rtol=2e-5)
+    assert min(c["a"] for c in expected[2:]) < 1.0  # The relative clip acted.
+    for k in gamma:
+        np.testing.assert_allclose(float(state.adagc_gamma[k]), gamma[k], rtol=2e-5)
+
+
 def test_adagc_tensor_with_zero_gradient_in_warmup_is_not_frozen():
     tx = lbw_optax.adagc(warmup_steps=1)
     state = tx.init(params_like())
