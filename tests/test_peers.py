@@ -489,6 +489,51 @@ def test_spam_adamw_warmup_scales_the_adam_step_not_the_weight_decay():
 
 
 # ---------------------------------------------------------------------------------------------
+# StableAdamW
+
+
+def stable_adamw_reference(grads, params, *, lr, b1, b2, eps, weight_decay):
+    """Algorithm 2 of Wortsman et al. 2023 in float64, with the paper's corrected decays
+    β̂ = β(1 − β^(t−1))/(1 − β^t) in place of a bias correction; one array; returns the
+    parameters after each step and the per-step factors 1/max(1, RMS)."""
+    theta = np.asarray(params, np.float64).copy()
+    m, v = np.zeros_like(theta), np.zeros_like(theta)
+    out, factors = [], []
+    for t, g in enumerate(grads, start=1):
+        hat = lambda b, t=t: b * (1 - b ** (t - 1)) / (1 - b**t)
+        m = hat(b1) * m + (1 - hat(b1)) * g
+        v = hat(b2) * v + (1 - hat(b2)) * g**2
+        rms = np.sqrt(np.mean(g**2 / np.maximum(v, eps**2)))
+        eta = lr / max(1.0, rms)
+        theta = theta - eta * weight_decay * theta - eta * m / (np.sqrt(v) + eps)
+        out.append(theta.copy())
+        factors.append(1.0 / max(1.0, rms))
+    return out, factors
+
+
+def test_stable_adamw_matches_the_papers_algorithm():
+    rng = np.random.default_rng(9)
+    grads = [rng.standard_normal(8) * 0.1 for _ in range(12)]
+    grads[6] = grads[6] * 40.0  # A sudden rise of g² over a lagging v: clipped.
+    kwargs = dict(lr=1e-2, b1=0.9, b2=0.99, eps=1e-6, weight_decay=0.1)
+    params0 = rng.standard_normal(8)
+    expected, factors = stable_adamw_reference(grads, params0, **kwargs)
+    tx = lbw_optax.stable_adamw(
+        kwargs["lr"], kwargs["b1"], kwargs["b2"], kwargs["eps"], kwargs["weight_decay"]
+    )
+    params = {"w": jnp.asarray(params0, jnp.float32)}
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for t, (g, want, factor) in enumerate(zip(grads, expected, factors, strict=True), start=1):
+        updates, state = step({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        params = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(params["w"], want, rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
+        np.testing.assert_allclose(float(state[0].record.stable_min_factor), factor, rtol=1e-5)
+        assert int(state[0].record.stable_clipped_tensors) == int(factor < 1.0)
+    assert factors[6] < 0.5 and factors[3] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
 # Validation and telemetry
 
 
@@ -518,6 +563,9 @@ def test_spam_adamw_warmup_scales_the_adam_step_not_the_weight_decay():
         (lambda **kw: lbw_optax.adagc_adamw(1e-3, **kw), "beta", -0.5),
         (lambda **kw: lbw_optax.skip_step_adamw(1e-3, **kw), "window", 0),
         (lambda **kw: lbw_optax.skip_step_adamw(1e-3, **kw), "max_grad_norm", -1.0),
+        (lbw_optax.scale_by_stable_adam, "b2", 1.0),
+        (lbw_optax.scale_by_stable_adam, "eps", -1.0),
+        (lambda **kw: lbw_optax.stable_adamw(1e-3, **kw), "weight_decay", -0.1),
     ],
 )
 def test_invalid_hyperparameters_raise_naming_argument_and_value(factory, name, value):
@@ -531,6 +579,7 @@ PEERS = {
     "skip_step_adamw": (lambda: lbw_optax.skip_step_adamw(1e-3), "skipstep_count"),
     "adagc_adamw": (lambda: lbw_optax.adagc_adamw(1e-3, warmup_steps=2), "adagc_count"),
     "spam_adamw": (lambda: lbw_optax.spam_adamw(1e-3), "spam_count"),
+    "stable_adamw": (lambda: lbw_optax.stable_adamw(1e-3), "stable_count"),
 }
 
 
