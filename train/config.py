@@ -106,8 +106,14 @@ class TrainConfig:
       warmup_steps: steps of linear warm-up from 0.
       min_lr_ratio: final learning rate of the cosine schedule, as a fraction of the peak.
       weight_decay, b1, b2, eps: AdamW hyperparameters (used by every AdamW-based optimizer).
-      clip_threshold: global-norm threshold of ``adamw+clip``.
-      policy: governance policy of ``lbw`` and ``lbw+sgg``: ``"governor"`` or ``"reference"``.
+      clip_threshold: global-norm threshold of ``adamw+clip`` and ``lbw+clip``.
+      policy: governance policy of ``lbw``, ``lbw+clip`` and ``lbw+sgg``: ``"governor"`` or
+        ``"reference"``.
+      inner: the optimizer the ``lbw`` guard governs (``train.optimizers.INNER``: ``adamw``,
+        ``lion``, ``muon``, ``adafactor``, ``sgd``).
+      optimizer_args: keyword arguments for the library factory behind ``optimizer`` (e.g.
+        ``{"recluster_every": 10}`` for ``sgg``, ``{"reset_interval": 100}`` for ``spam``);
+        how the suites scale the peers' time constants to their runs. ``{}``: the defaults.
 
     Data:
       data: ``"wikitext2"`` (the shipped sample: trains on its validation split, evaluates on
@@ -166,6 +172,8 @@ class TrainConfig:
     eps: float = 1e-8
     clip_threshold: float = 1.0
     policy: str = "governor"
+    inner: str = "adamw"
+    optimizer_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Data.
     data: str = "wikitext2"
     train_files: tuple[str, ...] = ()
@@ -199,6 +207,7 @@ class TrainConfig:
         for name in ("lora_targets", "train_files", "eval_files"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "model_overrides", dict(self.model_overrides))
+        object.__setattr__(self, "optimizer_args", dict(self.optimizer_args))
         for name in (
             "seq_len",
             "batch_size",
