@@ -10,6 +10,12 @@ from lbw_optax._sense import Signals
 from lbw_optax._sgg import SGGState, sgg, sgg_adamw
 from lbw_optax._skip_step import SkipStepState, skip_step, skip_step_adamw
 from lbw_optax._spam import ScaleBySpamState, SpamRecord, scale_by_spam, spam_adamw
+from lbw_optax._stable_adamw import (
+    ScaleByStableAdamState,
+    StableAdamRecord,
+    scale_by_stable_adam,
+    stable_adamw,
+)
 from lbw_optax._telemetry import register_telemetry_state, telemetry
 from lbw_optax._zclip import ZClipState, zclip, zclip_adamw
 
@@ -20,6 +26,7 @@ register_telemetry_state(ZClipState)
 register_telemetry_state(SkipStepState)
 register_telemetry_state(AdaGCState)
 register_telemetry_state(SpamRecord)
+register_telemetry_state(StableAdamRecord)
 
 __version__ = "0.1.0"
 
@@ -35,9 +42,11 @@ __all__ = [
     "Regime",
     "SGGState",
     "ScaleBySpamState",
+    "ScaleByStableAdamState",
     "Signals",
     "SkipStepState",
     "SpamRecord",
+    "StableAdamRecord",
     "ZClipState",
     "adagc",
     "adagc_adamw",
@@ -47,11 +56,13 @@ __all__ = [
     "reference_policy",
     "register_telemetry_state",
     "scale_by_spam",
+    "scale_by_stable_adam",
     "sgg",
     "sgg_adamw",
     "skip_step",
     "skip_step_adamw",
     "spam_adamw",
+    "stable_adamw",
     "telemetry",
     "zclip",
     "zclip_adamw",

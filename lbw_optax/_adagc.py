@@ -41,8 +41,8 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
 
 
 def adagc(
-    beta: float = 0.98,
-    lambda_rel: float = 1.05,
+    beta: float = 0.99,
+    lambda_rel: float = 1.04,
     warmup_steps: int = 100,
     warmup_clip: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -83,7 +83,14 @@ def adagc(
       >>> _, state = tx.update({"a": jnp.full(2, 0.1), "b": jnp.full(2, 0.1)}, state)
       >>> clipped, state = tx.update({"a": jnp.full(2, 1.0), "b": jnp.full(2, 0.1)}, state)
       >>> [round(float(c), 3) for c in jax.tree.leaves(state.adagc_clip_coef)]
-      [0.105, 1.0]
+      [0.104, 1.0]
+
+    Defaults are the authors' code's: ``lishuai-97/AdaGC``, ``megatron-gpt2.patch`` (commit
+    32c249f), class ``AdaGC`` added to ``megatron/optimizer/clip_grads.py``:
+    ``clip_ratio=1.04, beta=0.99, start_clip_steps=100``, the same values in its launch
+    script ``run_pretrain_gpt2_345m.sh`` (``--clip-ratio 1.04 --clip-beta 0.99 --clip-grad
+    1.0``). A third-party port uses 1.05 and 0.98. The reference divides by ``norm + 1e-6``
+    when clipping; here the ratio is exact (zero-safe as described above).
 
     References:
       Wang et al., `AdaGC: Improving Training Stability for Large Language Model Pretraining
@@ -157,8 +164,8 @@ def adagc_adamw(
     weight_decay: float = 1e-4,
     *,
     mask: Any = None,
-    beta: float = 0.98,
-    lambda_rel: float = 1.05,
+    beta: float = 0.99,
+    lambda_rel: float = 1.04,
     warmup_steps: int = 100,
     warmup_clip: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:

@@ -374,7 +374,8 @@ def _sgg_transform(
             elif when == "never":
                 out = keep(*operands)
             else:
-                due = (state.sgg_count % recluster_every) == 0
+                # The paper's t mod T = 0, with t the 1-based number of this update.
+                due = (optax.safe_increment(state.sgg_count) % recluster_every) == 0
                 out = lax.cond(due, recluster, keep, *operands)
             new_ids, new_scales, new_sizes, new_mdas, model_mda = out
             for j, i in enumerate(chosen):
@@ -409,9 +410,10 @@ def sgg(
     Keeps no copy of the moment: it reads ``mu`` from the inner state. For every parameter
     tensor :math:`l` with ``ndim >= min_ndim`` (biases and norm scales pass through):
 
-    * on the first update and then every ``recluster_every`` updates, the elements are
-      clustered by :math:`|m_i|` with a 1-D K-means that runs inside jit (centres initialised
-      at the :math:`(2k+1)/(2K)` quantiles, a fixed number of Lloyd iterations, nearest centre
+    * at updates :math:`t = T, 2T, \dots` (:math:`t \bmod T = 0`, 1-based, as in the paper's
+      Algorithm 1; :math:`T` = ``recluster_every``), the elements are clustered by
+      :math:`|m_i|` with a 1-D K-means that runs inside jit (centres initialised at the
+      :math:`(2k+1)/(2K)` quantiles, a fixed number of Lloyd iterations, nearest centre
       with ties to the lower one; cluster 0 holds the smallest :math:`|m|`), and
 
       .. math::
@@ -437,6 +439,10 @@ def sgg(
     id; a statistic that cannot be formed (an empty cluster, no finite moment) leaves the
     scale as it was, so no NaN/Inf ever enters the state.
 
+    Before the first re-clustering (updates 1 to :math:`T - 1`) every scale is 1: the inner
+    transformation runs unchanged. The paper sets :math:`T` to 1-5 % of training (Appendix
+    A); its default 500 suits runs of 10k-50k steps, so scale it to shorter runs.
+
     The scales formed at a re-clustering multiply the updates from the next update on (one
     update later than a literal reading of the paper): the ordinary update then needs
     nothing from the clustering and stays one fused elementwise pass, with the clustering in
@@ -461,7 +467,7 @@ def sgg(
     Example:
       >>> import jax.numpy as jnp, optax, lbw_optax
       >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
-      >>> tx = lbw_optax.sgg(optax.scale_by_adam(), recluster_every=100)
+      >>> tx = lbw_optax.sgg(optax.scale_by_adam(), recluster_every=1)
       >>> state = tx.init(params)
       >>> grads = {"w": jnp.arange(12.0).reshape(4, 3), "b": jnp.ones(3)}
       >>> updates, state = tx.update(grads, state, params)

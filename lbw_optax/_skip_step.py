@@ -55,13 +55,14 @@ def skip_step(
     *,
     window: int = 128,
     sigma_factor: float = 6.0,
-    min_history: int = 20,
+    min_history: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips the step when the loss or the gradient norm is a ``sigma_factor``-σ outlier.
 
     Keeps a rolling window of the last ``window`` finite losses (``value=``) and pre-clip
-    global gradient norms. Once at least ``min_history`` steps are recorded, a step is
-    skipped when
+    global gradient norms. Once at least ``min_history`` steps are recorded (by default
+    ``window // 2 - 1``: with the step itself, half a window, as OLMo-core requires; the
+    first skip can come at step 64 with the default window), a step is skipped when
 
     .. math::
       \ell_t > \bar\ell + k\,s_\ell \quad\text{or}\quad
@@ -81,7 +82,8 @@ def skip_step(
         gradients, ``params`` and every extra argument, ``value`` included.
       window: length of the rolling window, >= 2.
       sigma_factor: k, the number of standard deviations over the mean that skips, > 0.
-      min_history: recorded steps needed before any spike is skipped, in [2, window].
+      min_history: recorded steps needed before any spike is skipped, in [2, window];
+        ``None`` for ``max(2, window // 2 - 1)``.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
@@ -100,11 +102,16 @@ def skip_step(
       True
 
     References:
-      ``olmo_core.optim.SkipStepOptimizer`` in `OLMo-core <https://github.com/allenai/OLMo-core>`_
-      (rolling 128 steps, 6σ, ddof = 1; it waits for ``window // 2`` = 64 values where this
-      waits for ``min_history``); Levanter and MaxText skip steps by the same rule.
+      ``olmo_core.optim.SkipStepOptimizer`` in `OLMo-core <https://github.com/allenai/OLMo-core>`_,
+      ``src/olmo_core/optim/skip_step_optimizer.py`` (commit fa6c501): 128 steps and 6σ
+      (lines 37-38), no skip while fewer than ``max(2, window // 2)`` losses, the current one
+      included, are stored (line 94), mean and ddof-1 std of the earlier ones (lines 97, 101).
+      Levanter and MaxText skip steps by the same rule.
     """
     window = _pu.check(_check_at_least_two, "window", window)
+    if min_history is None:  # Traced under optax.inject_hyperparams: a traced default.
+        traced = isinstance(window, jax.core.Tracer)
+        min_history = jnp.maximum(2, window // 2 - 1) if traced else max(2, int(window) // 2 - 1)
     _pu.check(check_positive, "sigma_factor", sigma_factor)
     min_history = _pu.check(_check_at_least_two, "min_history", min_history)
     if not any(isinstance(v, jax.core.Tracer) for v in (window, min_history)):
@@ -187,14 +194,21 @@ def skip_step_adamw(
     mask: Any = None,
     window: int = 128,
     sigma_factor: float = 6.0,
-    min_history: int = 20,
+    min_history: int | None = None,
+    max_grad_norm: float | None = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
-    """AdamW protected by :func:`skip_step`: ``skip_step(optax.adamw(...), ...)``.
+    """AdamW with global-norm clipping, protected by :func:`skip_step`.
+
+    ``skip_step(optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(...)))``:
+    clip-then-skip, as OLMo-core, Levanter and MaxText run it (skipping always comes with
+    clipping at 1.0 there). The skip decision reads the loss and the *pre-clip* norm; a step
+    that is not skipped applies AdamW to the clipped gradients.
 
     Args:
       learning_rate: a float or an optax schedule.
       b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
       window, sigma_factor, min_history: as in :func:`skip_step`.
+      max_grad_norm: the global-norm clipping threshold, > 0, or ``None`` for no clipping.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``value=loss``.
@@ -202,10 +216,18 @@ def skip_step_adamw(
     Example:
       >>> import lbw_optax
       >>> tx = lbw_optax.skip_step_adamw(1e-3)
+
+    References:
+      OLMo-core pairs ``SkipStepAdamWConfig`` with ``max_grad_norm=1.0``
+      (``src/examples/moe/train.py``, commit fa6c501, lines 114 and 129).
     """
     _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
+    inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+    if max_grad_norm is not None:
+        _pu.check(check_positive, "max_grad_norm", max_grad_norm)
+        inner = optax.chain(optax.clip_by_global_norm(max_grad_norm), inner)
     return skip_step(
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+        inner,
         window=window,
         sigma_factor=sigma_factor,
         min_history=min_history,

@@ -73,13 +73,16 @@ def scale_by_spam(
     theta: float = 5000.0,
     reset_interval: int = 500,
     warmup_steps: int = 150,
+    clip_delay: int = 20,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by Adam with spike-aware clipping and periodic momentum resets.
 
     At step :math:`t` (1-based), first, if :math:`t \bmod \Delta T = 0` the moments are reset
-    to zero. Then each element whose squared gradient is a spike relative to the second
-    moment *before* this step is clipped (only where :math:`v > 0`, so a fresh or reset
-    moment clips nothing):
+    to zero. Then, on steps with :math:`t \bmod \Delta T \ge N_c` (``clip_delay``: none of the
+    first :math:`N_c - 1` steps of training nor the reset step and the :math:`N_c - 1` after
+    it, while the moments refill), each element whose squared gradient is a spike relative to
+    the second moment *before* this step is clipped (only where :math:`v > 0`, so an element
+    with no history is never clipped to zero):
 
     .. math::
       g \leftarrow \operatorname{sign}(g)\sqrt{\theta v} \quad\text{where}\quad g^2 > \theta v .
@@ -91,9 +94,8 @@ def scale_by_spam(
     from 0.01 back to 1, the reference code's ``CosineDecay(0.99, N)``). No warm-up is
     applied at the start of training, as in the reference code.
 
-    The reference code also waits 20 steps after each reset before clipping
-    (``grad_accu_steps``); here the ``v > 0`` condition alone decides. NaN/Inf gradients are
-    not handled (chain :func:`optax.apply_if_finite` or use :func:`lbw_optax.guard`).
+    NaN/Inf gradients are not handled (chain :func:`optax.apply_if_finite` or use
+    :func:`lbw_optax.guard`).
 
     Args:
       b1: decay of the first moment, in [0, 1).
@@ -102,13 +104,15 @@ def scale_by_spam(
       theta: spike threshold θ on g²/v, > 0.
       reset_interval: ΔT, steps between momentum resets, >= 1.
       warmup_steps: N, steps of cosine warm-up after each reset, >= 0.
+      clip_delay: :math:`N_c`, no spike is clipped while :math:`t \bmod \Delta T < N_c`, >= 0
+        (the reference code's ``grad_accu_steps``).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
 
     Example:
       >>> import jax.numpy as jnp, lbw_optax
-      >>> tx = lbw_optax.scale_by_spam()
+      >>> tx = lbw_optax.scale_by_spam(clip_delay=2)
       >>> state = tx.init({"w": jnp.zeros(2)})
       >>> _, state = tx.update({"w": jnp.array([1.0, 1.0])}, state)
       >>> _, state = tx.update({"w": jnp.array([1.0, 1e3])}, state)
@@ -117,7 +121,10 @@ def scale_by_spam(
 
     References:
       Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training
-      <https://arxiv.org/abs/2501.06842>`_, ICLR 2025.
+      <https://arxiv.org/abs/2501.06842>`_, ICLR 2025. Reference code:
+      ``TianjinYellow/SPAM-Optimizer``, ``galore_torch/SPAM.py`` (commit e8185fb):
+      ``grad_accu_steps=20`` (line 102) and the clipping condition on the 1-based step
+      (lines 237-243); the reset (lines 226-229) and the warm-up restart (lines 289-295).
     """
     _pu.check(check_in_range, "b1", b1, 0.0, 1.0, closed="left")
     _pu.check(check_in_range, "b2", b2, 0.0, 1.0, closed="left")
@@ -125,6 +132,7 @@ def scale_by_spam(
     _pu.check(check_positive, "theta", theta)
     _pu.check(check_positive_int, "reset_interval", reset_interval)
     _pu.check(check_non_negative_int, "warmup_steps", warmup_steps)
+    _pu.check(check_non_negative_int, "clip_delay", clip_delay)
 
     def init_fn(params):
         zero = jnp.zeros([], jnp.int32)
@@ -147,11 +155,12 @@ def scale_by_spam(
         reset = count % reset_interval == 0
         zero_if_reset = lambda tree: jax.tree.map(lambda x: jnp.where(reset, 0, x), tree)
         mu, nu = zero_if_reset(state.mu), zero_if_reset(state.nu)
+        clipping = count % reset_interval >= clip_delay
 
         def clip(g, v):
             g32, v32 = g.astype(jnp.float32), v.astype(jnp.float32)
             limit = theta * v32
-            spike = (v32 > 0) & (g32 * g32 > limit)
+            spike = clipping & (v32 > 0) & (g32 * g32 > limit)
             return jnp.where(spike, jnp.sign(g32) * jnp.sqrt(limit), g32).astype(g.dtype), spike
 
         leaves, treedef = jax.tree.flatten(updates)
@@ -207,6 +216,7 @@ def spam_adamw(
     theta: float = 5000.0,
     reset_interval: int = 500,
     warmup_steps: int = 150,
+    clip_delay: int = 20,
 ) -> optax.GradientTransformationExtraArgs:
     """SPAM with decoupled weight decay, like :func:`optax.adamw` around :func:`scale_by_spam`.
 
@@ -217,7 +227,7 @@ def spam_adamw(
     Args:
       learning_rate: a float or an optax schedule.
       b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
-      theta, reset_interval, warmup_steps: as in :func:`scale_by_spam`.
+      theta, reset_interval, warmup_steps, clip_delay: as in :func:`scale_by_spam`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -233,7 +243,13 @@ def spam_adamw(
     _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
     return optax.chain(
         scale_by_spam(
-            b1, b2, eps, theta=theta, reset_interval=reset_interval, warmup_steps=warmup_steps
+            b1,
+            b2,
+            eps,
+            theta=theta,
+            reset_interval=reset_interval,
+            warmup_steps=warmup_steps,
+            clip_delay=clip_delay,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -26,7 +26,9 @@ class ZClipState(NamedTuple):
       zclip_zscore: float32, the latest z = (‖g‖ − μ)/(σ + eps) (0 during warm-up and on
         non-finite steps).
       zclip_clipped: bool, whether the latest step was clipped.
-      zclip_clipped_steps: int32, clipped steps so far.
+      zclip_clipped_steps: int32, steps clipped by the z-score rule so far.
+      zclip_capped_steps: int32, steps whose norm (after the z-score rule) exceeded the fixed
+        cap ``max_grad_norm`` and was clipped to it, warm-up included.
       zclip_nonfinite_steps: int32, steps whose norm was NaN/Inf (left as they were).
     """
 
@@ -38,6 +40,7 @@ class ZClipState(NamedTuple):
     zclip_zscore: jax.Array
     zclip_clipped: jax.Array
     zclip_clipped_steps: jax.Array
+    zclip_capped_steps: jax.Array
     zclip_nonfinite_steps: jax.Array
 
 
@@ -46,6 +49,7 @@ def zclip(
     z_threshold: float = 2.5,
     warmup_steps: int = 25,
     eps: float = 1e-6,
+    max_grad_norm: float | None = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Clips the global gradient norm when it is an outlier of its own running statistics.
 
@@ -67,16 +71,23 @@ def zclip(
     :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(n - \mu)^2` (with the new μ, as in
     the paper and its code).
 
+    Like the reference code, ZClip also caps the norm at a fixed ``max_grad_norm`` (1.0 by
+    default), warm-up included: the gradients are rescaled to norm
+    :math:`\min(n, \text{max\_grad\_norm})` where :math:`n` is the norm after the z-score rule
+    (the raw norm during warm-up). The cap does not feed the statistics: the warm-up records
+    the raw norms and the EMAs take the z-score-clipped norm, as the reference does. Pass
+    ``max_grad_norm=None`` for the z-score rule alone.
+
     ZClip does not handle NaN/Inf: a non-finite norm leaves the gradients as they are and the
     statistics untouched (counted in ``zclip_nonfinite_steps``). Skip such steps with
-    :func:`lbw_optax.guard` or :func:`optax.apply_if_finite`. The reference code's optional
-    fixed ``max_grad_norm`` is ``optax.chain(zclip(), optax.clip_by_global_norm(1.0))``.
+    :func:`lbw_optax.guard` or :func:`optax.apply_if_finite`.
 
     Args:
       alpha: EMA decay of μ and σ², in (0, 1).
       z_threshold: z-score above which a step is clipped, > 0.
       warmup_steps: finite norms that initialise the statistics, >= 1.
       eps: added to σ in the z-score (zero-safe when all norms were equal), > 0.
+      max_grad_norm: the fixed cap on the global norm, > 0, or ``None`` for no cap.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` to chain before an optimizer.
@@ -94,12 +105,17 @@ def zclip(
 
     References:
       Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
-      <https://arxiv.org/abs/2504.02507>`_, 2025.
+      <https://arxiv.org/abs/2504.02507>`_, 2025. Reference code: ``bluorion-com/ZClip``,
+      ``zclip/zclip.py`` (commit 584ce4f): ``max_grad_norm=1.0`` default (line 17), the cap
+      during warm-up (lines 199-200) and after it (lines 163-164, ``min`` with the adaptive
+      value), the EMA update with the z-score-clipped norm (line 210).
     """
     _pu.check(check_in_range, "alpha", alpha, 0.0, 1.0, closed="neither")
     _pu.check(check_positive, "z_threshold", z_threshold)
     _pu.check(check_positive_int, "warmup_steps", warmup_steps)
     _pu.check(check_positive, "eps", eps)
+    if max_grad_norm is not None:
+        _pu.check(check_positive, "max_grad_norm", max_grad_norm)
 
     def init_fn(params):
         del params
@@ -113,6 +129,7 @@ def zclip(
             zclip_zscore=zero,
             zclip_clipped=jnp.array(False),
             zclip_clipped_steps=jnp.zeros([], jnp.int32),
+            zclip_capped_steps=jnp.zeros([], jnp.int32),
             zclip_nonfinite_steps=jnp.zeros([], jnp.int32),
         )
 
@@ -138,7 +155,14 @@ def zclip(
         ema_mean = alpha * state.zclip_mean + (1.0 - alpha) * clipped_norm
         ema_var = alpha * state.zclip_var + (1.0 - alpha) * (clipped_norm - ema_mean) ** 2
 
-        factor = jnp.where(clip, target / jnp.where(clip, norm, 1.0), 1.0)
+        # The fixed cap on the norm after the z-score rule (warm-up included).
+        if max_grad_norm is None:
+            capped, applied = jnp.array(False), clipped_norm
+        else:
+            capped = finite & (clipped_norm > max_grad_norm)
+            applied = jnp.where(capped, jnp.float32(max_grad_norm), clipped_norm)
+        changed = clip | capped
+        factor = jnp.where(changed, applied / jnp.where(changed, norm, 1.0), 1.0)
         new_updates = _pu.scale_tree(updates, factor)
         keep = lambda new, old: jnp.where(finite, new, old)
         new_state = ZClipState(
@@ -150,6 +174,7 @@ def zclip(
             zclip_zscore=jnp.where(finite & ~warming, z, 0.0),
             zclip_clipped=clip,
             zclip_clipped_steps=_pu.count_if(state.zclip_clipped_steps, clip),
+            zclip_capped_steps=_pu.count_if(state.zclip_capped_steps, capped),
             zclip_nonfinite_steps=_pu.count_if(state.zclip_nonfinite_steps, ~finite),
         )
         return new_updates, new_state
@@ -168,13 +193,14 @@ def zclip_adamw(
     alpha: float = 0.97,
     z_threshold: float = 2.5,
     warmup_steps: int = 25,
+    max_grad_norm: float | None = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW after ZClip: ``optax.chain(zclip(...), optax.adamw(...))``.
 
     Args:
       learning_rate: a float or an optax schedule.
       b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
-      alpha, z_threshold, warmup_steps: as in :func:`zclip`.
+      alpha, z_threshold, warmup_steps, max_grad_norm: as in :func:`zclip`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -189,6 +215,11 @@ def zclip_adamw(
     """
     _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
     return optax.chain(
-        zclip(alpha=alpha, z_threshold=z_threshold, warmup_steps=warmup_steps),
+        zclip(
+            alpha=alpha,
+            z_threshold=z_threshold,
+            warmup_steps=warmup_steps,
+            max_grad_norm=max_grad_norm,
+        ),
         optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
     )

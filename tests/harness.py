@@ -47,4 +47,5 @@ CASES: list[Case] = [
         "spam_adamw",
         functools.partial(lbw_optax.spam_adamw, reset_interval=20, warmup_steps=5),
     ),
+    Case("stable_adamw", lbw_optax.stable_adamw),
 ]

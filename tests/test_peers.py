@@ -33,30 +33,34 @@ def tree_norm(tree):
 # ZClip
 
 
-def zclip_reference(norms, *, alpha, z_threshold, warmup_steps, eps=1e-6):
-    """The paper's algorithm (reference code, z-score mode, reciprocal clipping) in float64."""
+def zclip_reference(norms, *, alpha, z_threshold, warmup_steps, eps=1e-6, max_grad_norm=None):
+    """The reference code (``zclip/zclip.py``: z-score mode, reciprocal clipping, the fixed
+    ``max_grad_norm`` cap) in float64; returns the applied norms and the final statistics."""
+    cap = lambda n: n if max_grad_norm is None else min(n, max_grad_norm)
     buffer, mean, var, out = [], None, None, []
     for n in norms:
         if mean is None:
-            buffer.append(n)
+            buffer.append(n)  # The raw norm, before the cap.
             if len(buffer) == warmup_steps:
                 mean = float(np.mean(buffer))
                 var = float(np.mean((np.array(buffer) - mean) ** 2))
-            out.append(n)
+            out.append(cap(n))
             continue
         std = np.sqrt(var)
         z = (n - mean) / (std + eps)
         clipped = mean + z_threshold**2 / z * std if z > z_threshold else n
-        mean = alpha * mean + (1 - alpha) * clipped
+        mean = alpha * mean + (1 - alpha) * clipped  # The EMA takes the z-clipped norm.
         var = alpha * var + (1 - alpha) * (clipped - mean) ** 2
-        out.append(clipped)
+        out.append(cap(clipped))
     return out, mean, var
 
 
-def test_zclip_clips_to_reciprocal_threshold_after_warmup():
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0, 3.0])
+def test_zclip_clips_to_reciprocal_threshold_after_warmup(max_grad_norm):
     norms = [1.0, 1.2, 0.9, 1.1, 0.95, 1.05, 4.0, 1.0, 0.98, 12.0, 1.1, 3.0, 1.0]
-    expected, mean, var = zclip_reference(norms, alpha=0.9, z_threshold=2.0, warmup_steps=5)
-    tx = lbw_optax.zclip(alpha=0.9, z_threshold=2.0, warmup_steps=5)
+    kwargs = dict(alpha=0.9, z_threshold=2.0, warmup_steps=5, max_grad_norm=max_grad_norm)
+    expected, mean, var = zclip_reference(norms, **kwargs)
+    tx = lbw_optax.zclip(**kwargs)
     state = tx.init(params_like())
     step = jax.jit(tx.update)
     got = []
@@ -66,14 +70,19 @@ def test_zclip_clips_to_reciprocal_threshold_after_warmup():
         # Clipping rescales: the direction is kept.
         np.testing.assert_allclose(updates["a"] / got[-1], DIRECTION["a"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, expected, rtol=2e-5)
-    clipped = [e < n for e, n in zip(expected, norms, strict=True)]
+    uncapped, _, _ = zclip_reference(norms, **dict(kwargs, max_grad_norm=None))
+    clipped = [e < n for e, n in zip(uncapped, norms, strict=True)]
     assert clipped[9] and sum(clipped) == int(state.zclip_clipped_steps) >= 2
+    capped = [e < u for e, u in zip(expected, uncapped, strict=True)]
+    assert sum(capped) == int(state.zclip_capped_steps)
+    if max_grad_norm == 1.0:
+        assert capped[1] and capped[6], "the cap acts during warm-up and after it"
     np.testing.assert_allclose(float(state.zclip_mean), mean, rtol=2e-5)
     np.testing.assert_allclose(float(state.zclip_var), var, rtol=1e-4)
 
 
-def test_zclip_never_clips_during_warmup():
-    tx = lbw_optax.zclip(warmup_steps=25)
+def test_zclip_z_score_rule_never_clips_during_warmup():
+    tx = lbw_optax.zclip(warmup_steps=25, max_grad_norm=None)
     state = tx.init(params_like())
     for i in range(25):
         n = 1e4 if i == 20 else 1.0 + 0.01 * i
@@ -82,8 +91,21 @@ def test_zclip_never_clips_during_warmup():
     assert int(state.zclip_clipped_steps) == 0 and int(state.zclip_observed) == 25
 
 
+def test_zclip_fixed_cap_applies_in_warmup_and_statistics_see_the_raw_norms():
+    norms = [0.5, 3.0, 2.0]
+    tx = lbw_optax.zclip(warmup_steps=3)  # max_grad_norm=1.0, the reference default.
+    state = tx.init(params_like())
+    got = []
+    for n in norms:
+        updates, state = tx.update(grads_of_norm(n), state)
+        got.append(tree_norm(updates))
+    np.testing.assert_allclose(got, [0.5, 1.0, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(float(state.zclip_mean), np.mean(norms), rtol=1e-6)
+    assert int(state.zclip_capped_steps) == 2 and int(state.zclip_clipped_steps) == 0
+
+
 def test_zclip_constant_norms_have_zero_std_and_clip_to_the_mean():
-    tx = lbw_optax.zclip(warmup_steps=3)
+    tx = lbw_optax.zclip(warmup_steps=3, max_grad_norm=None)
     state = tx.init(params_like())
     for _ in range(3):
         _, state = tx.update(grads_of_norm(2.0), state)
@@ -94,7 +116,7 @@ def test_zclip_constant_norms_have_zero_std_and_clip_to_the_mean():
 
 
 def test_zclip_leaves_nonfinite_gradients_and_statistics_alone():
-    tx = lbw_optax.zclip(warmup_steps=2)
+    tx = lbw_optax.zclip(warmup_steps=2, max_grad_norm=None)
     state = tx.init(params_like())
     for n in (1.0, 1.5, 1.2):
         _, state = tx.update(grads_of_norm(n), state)
@@ -113,7 +135,9 @@ def test_zclip_leaves_nonfinite_gradients_and_statistics_alone():
 
 
 def run_skip_step(losses, norms, **kwargs):
-    """Runs skip_step(adam) over scripted losses and gradient norms; returns each step."""
+    """Runs skip_step(adam) over scripted losses and gradient norms; returns each step.
+    ``min_history`` is 20 unless given (short scripts; the default is tested apart)."""
+    kwargs.setdefault("min_history", 20)
     tx = lbw_optax.skip_step(optax.adam(1e-2), **kwargs)
     state = tx.init(params_like())
     step = jax.jit(tx.update)
@@ -192,6 +216,51 @@ def test_a_nan_loss_is_skipped_and_never_poisons_the_window():
     chex.assert_trees_all_equal(final.skip_recorded, reference.skip_recorded)
 
 
+def test_skip_step_default_history_is_olmo_cores_half_window():
+    # OLMo-core skips only once half a window of losses, the current one included, is stored:
+    # with window 128 the first possible skip is step 64.
+    losses = [2.0, 2.01, 1.99] * 21 + [100.0]  # 63 values recorded, spike at step 64.
+    _, _, after = run_skip_step(losses, [1.0] * len(losses), min_history=None)[-1]
+    assert bool(after.skipstep_skipped)
+    losses = [*losses[:62], 100.0]  # 62 values recorded, spike at step 63.
+    _, _, after = run_skip_step(losses, [1.0] * len(losses), min_history=None)[-1]
+    assert not bool(after.skipstep_skipped)
+    _, _, after = run_skip_step(losses, [1.0] * len(losses), min_history=None, window=8)[-1]
+    assert bool(after.skipstep_skipped)  # window 8: 3 values suffice.
+
+
+def test_skip_step_adamw_clips_then_skips_on_the_pre_clip_norm():
+    """NumPy transcription: AdamW on the gradients clipped to norm 1; a step whose pre-clip
+    norm is a 6σ outlier of the window is skipped (zero update) although its clipped norm is
+    1 like its neighbours'."""
+    rng = np.random.default_rng(7)
+    norms = [*(3.0 + 0.1 * rng.standard_normal(8)), 30.0, 3.0]
+    losses = [2.0] * len(norms)
+    lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-8
+    tx = lbw_optax.skip_step_adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=0.0, window=8)
+    params = params_like()
+    state = tx.init(params)
+    m = {k: np.zeros(v.shape) for k, v in DIRECTION.items()}
+    v = {k: np.zeros(v.shape) for k, v in DIRECTION.items()}
+    window, t = [], 0
+    for norm, loss in zip(norms, losses, strict=True):
+        updates, state = tx.update(grads_of_norm(norm), state, params, value=jnp.float32(loss))
+        ready = len(window) >= 3  # max(2, 8 // 2 - 1)
+        skip = ready and norm > np.mean(window) + 6.0 * np.std(window, ddof=1)
+        window = [*window, norm][-8:]
+        if skip:
+            chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+            continue
+        t += 1
+        for k, d in DIRECTION.items():
+            g = d * min(norm, 1.0)  # Clipped to global norm 1 (direction kept).
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g**2
+            want = -lr * (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
+            np.testing.assert_allclose(updates[k], want, rtol=1e-4, atol=1e-7)
+    assert t == len(norms) - 1 and int(state.skipstep_skipped_steps) == 1
+
+
 def test_skip_step_window_is_a_ring_of_the_latest_values():
     losses = [2.0 + 0.01 * i for i in range(13)]
     _, _, after = run_skip_step(losses, [1.0] * 13, window=5, min_history=5)[-1]
@@ -259,6 +328,28 @@ def test_adagc_per_tensor_clip_coefficients_match_numpy():
         np.testing.assert_allclose(float(state.adagc_gamma[k]), gamma[k], rtol=2e-5)
 
 
+def test_adagc_defaults_are_the_authors_code():
+    """beta 0.99 and lambda_rel 1.04 (the authors' Megatron patch), against the NumPy
+    transcription of the algorithm."""
+    rng = np.random.default_rng(8)
+    steps = [
+        {"a": rng.standard_normal(3) * (1 + 0.5 * t), "b": rng.standard_normal((2, 2))}
+        for t in range(6)
+    ]
+    expected, gamma = adagc_reference(
+        steps, beta=0.99, lambda_rel=1.04, warmup_steps=2, warmup_clip=1.0
+    )
+    tx = lbw_optax.adagc(warmup_steps=2)
+    state = tx.init(params_like())
+    for grads, coef in zip(steps, expected, strict=True):
+        _, state = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}, state)
+        for k in grads:
+            np.testing.assert_allclose(float(state.adagc_clip_coef[k]), coef[k], rtol=2e-5)
+    assert min(c["a"] for c in expected[2:]) < 1.0  # The relative clip acted.
+    for k in gamma:
+        np.testing.assert_allclose(float(state.adagc_gamma[k]), gamma[k], rtol=2e-5)
+
+
 def test_adagc_tensor_with_zero_gradient_in_warmup_is_not_frozen():
     tx = lbw_optax.adagc(warmup_steps=1)
     state = tx.init(params_like())
@@ -285,8 +376,9 @@ def test_adagc_leaves_nonfinite_gradients_and_gamma_alone():
 # SPAM
 
 
-def spam_reference(grads, *, b1, b2, eps, theta, reset_interval, warmup_steps):
-    """SPAM (paper's Algorithm 1 and code) in float64 on one array; returns updates, clips."""
+def spam_reference(grads, *, b1, b2, eps, theta, reset_interval, warmup_steps, clip_delay):
+    """SPAM (paper's Algorithm 1 and ``galore_torch/SPAM.py``) in float64 on one array;
+    returns updates, clips."""
     m = np.zeros_like(grads[0])
     v = np.zeros_like(grads[0])
     since_reset = warmup_steps
@@ -297,7 +389,10 @@ def spam_reference(grads, *, b1, b2, eps, theta, reset_interval, warmup_steps):
             m, v, since_reset = np.zeros_like(m), np.zeros_like(v), 0
         else:
             since_reset += 1
-        spike = (v > 0) & (g**2 > theta * v)
+        # The reference's window: from step clip_delay on, and not in the clip_delay steps
+        # that start at each reset (its ``grad_accu_steps``).
+        window = t >= clip_delay and t % reset_interval >= clip_delay
+        spike = window & (v > 0) & (g**2 > theta * v)
         g[spike] = np.sign(g[spike]) * np.sqrt(theta * v[spike])
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g**2
@@ -315,7 +410,9 @@ def test_spam_clips_spiked_elements_and_resets_moments_like_numpy():
     grads = [rng.standard_normal(6) * 0.1 for _ in range(16)]
     grads[5][2] = 40.0  # g² far above θ·v: clipped.
     grads[11][0] = -30.0
-    kwargs = dict(b1=0.9, b2=0.99, eps=1e-8, theta=50.0, reset_interval=8, warmup_steps=3)
+    kwargs = dict(
+        b1=0.9, b2=0.99, eps=1e-8, theta=50.0, reset_interval=8, warmup_steps=3, clip_delay=2
+    )
     expected, clips = spam_reference(grads, **kwargs)
     tx = lbw_optax.scale_by_spam(**kwargs)
     state = tx.init({"w": jnp.zeros(6)})
@@ -326,6 +423,40 @@ def test_spam_clips_spiked_elements_and_resets_moments_like_numpy():
         assert int(state.record.spam_clipped) == n_clipped, t
     assert clips[5] >= 1 and clips[11] >= 1
     assert int(state.record.spam_resets) == 2 and int(state.record.spam_count) == 16
+
+
+def test_spam_clips_nothing_in_the_first_steps_nor_after_a_reset():
+    # Noise of constant magnitude (g²/v stays <= 10 with b2 = 0.9), and a spike in a fresh
+    # element at each of the 1-based steps below.
+    rng = np.random.default_rng(6)
+    grads = [0.1 * np.sign(rng.standard_normal(6)) for _ in range(16)]
+    for i, t in enumerate((2, 5, 10, 11, 12, 13)):
+        grads[t - 1][i] = 50.0
+    kwargs = dict(
+        b1=0.9, b2=0.9, eps=1e-8, theta=50.0, reset_interval=10, warmup_steps=2, clip_delay=3
+    )
+    expected, clips = spam_reference(grads, **kwargs)
+    assert [t for t, c in enumerate(clips, start=1) if c] == [5, 13]
+    tx = lbw_optax.scale_by_spam(**kwargs)
+    state = tx.init({"w": jnp.zeros(6)})
+    step = jax.jit(tx.update)
+    for t, (g, want, n_clipped) in enumerate(zip(grads, expected, clips, strict=True), start=1):
+        updates, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
+        np.testing.assert_allclose(updates["w"], want, rtol=1e-4, atol=1e-6, err_msg=f"step {t}")
+        assert int(state.record.spam_clipped) == n_clipped, t
+
+
+def test_spam_default_window_is_the_references_20_steps():
+    # A constant gradient: g²/v = 1/(1 - 0.999^k) > θ = 2 at every step, so every step where
+    # clipping is allowed clips.
+    tx = lbw_optax.scale_by_spam(theta=2.0, reset_interval=30)
+    state = tx.init({"w": jnp.zeros(2)})
+    clipped = []
+    for t in range(1, 45):
+        _, state = tx.update({"w": jnp.ones(2)}, state)
+        if int(state.record.spam_clipped):
+            clipped.append(t)
+    assert clipped == list(range(20, 30))  # Not 1-19, not the reset step 30 nor 31-44 (< 50).
 
 
 def test_spam_reset_step_zeroes_moments_keeps_bias_step_and_starts_the_warmup():
@@ -358,6 +489,51 @@ def test_spam_adamw_warmup_scales_the_adam_step_not_the_weight_decay():
 
 
 # ---------------------------------------------------------------------------------------------
+# StableAdamW
+
+
+def stable_adamw_reference(grads, params, *, lr, b1, b2, eps, weight_decay):
+    """Algorithm 2 of Wortsman et al. 2023 in float64, with the paper's corrected decays
+    β̂ = β(1 − β^(t−1))/(1 − β^t) in place of a bias correction; one array; returns the
+    parameters after each step and the per-step factors 1/max(1, RMS)."""
+    theta = np.asarray(params, np.float64).copy()
+    m, v = np.zeros_like(theta), np.zeros_like(theta)
+    out, factors = [], []
+    for t, g in enumerate(grads, start=1):
+        hat = lambda b, t=t: b * (1 - b ** (t - 1)) / (1 - b**t)
+        m = hat(b1) * m + (1 - hat(b1)) * g
+        v = hat(b2) * v + (1 - hat(b2)) * g**2
+        rms = np.sqrt(np.mean(g**2 / np.maximum(v, eps**2)))
+        eta = lr / max(1.0, rms)
+        theta = theta - eta * weight_decay * theta - eta * m / (np.sqrt(v) + eps)
+        out.append(theta.copy())
+        factors.append(1.0 / max(1.0, rms))
+    return out, factors
+
+
+def test_stable_adamw_matches_the_papers_algorithm():
+    rng = np.random.default_rng(9)
+    grads = [rng.standard_normal(8) * 0.1 for _ in range(12)]
+    grads[6] = grads[6] * 40.0  # A sudden rise of g² over a lagging v: clipped.
+    kwargs = dict(lr=1e-2, b1=0.9, b2=0.99, eps=1e-6, weight_decay=0.1)
+    params0 = rng.standard_normal(8)
+    expected, factors = stable_adamw_reference(grads, params0, **kwargs)
+    tx = lbw_optax.stable_adamw(
+        kwargs["lr"], kwargs["b1"], kwargs["b2"], kwargs["eps"], kwargs["weight_decay"]
+    )
+    params = {"w": jnp.asarray(params0, jnp.float32)}
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for t, (g, want, factor) in enumerate(zip(grads, expected, factors, strict=True), start=1):
+        updates, state = step({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        params = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(params["w"], want, rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
+        np.testing.assert_allclose(float(state[0].record.stable_min_factor), factor, rtol=1e-5)
+        assert int(state[0].record.stable_clipped_tensors) == int(factor < 1.0)
+    assert factors[6] < 0.5 and factors[3] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
 # Validation and telemetry
 
 
@@ -368,6 +544,7 @@ def test_spam_adamw_warmup_scales_the_adam_step_not_the_weight_decay():
         (lbw_optax.zclip, "z_threshold", 0.0),
         (lbw_optax.zclip, "warmup_steps", 0),
         (lbw_optax.zclip, "eps", -1e-6),
+        (lbw_optax.zclip, "max_grad_norm", 0.0),
         (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "window", 1),
         (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "sigma_factor", -6.0),
         (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "min_history", 1),
@@ -380,10 +557,15 @@ def test_spam_adamw_warmup_scales_the_adam_step_not_the_weight_decay():
         (lbw_optax.scale_by_spam, "reset_interval", 0),
         (lbw_optax.scale_by_spam, "warmup_steps", 1.5),
         (lbw_optax.scale_by_spam, "b2", 1.0),
+        (lbw_optax.scale_by_spam, "clip_delay", -1),
         (lambda **kw: lbw_optax.spam_adamw(1e-3, **kw), "weight_decay", -0.1),
         (lambda **kw: lbw_optax.zclip_adamw(1e-3, **kw), "alpha", 0.0),
         (lambda **kw: lbw_optax.adagc_adamw(1e-3, **kw), "beta", -0.5),
         (lambda **kw: lbw_optax.skip_step_adamw(1e-3, **kw), "window", 0),
+        (lambda **kw: lbw_optax.skip_step_adamw(1e-3, **kw), "max_grad_norm", -1.0),
+        (lbw_optax.scale_by_stable_adam, "b2", 1.0),
+        (lbw_optax.scale_by_stable_adam, "eps", -1.0),
+        (lambda **kw: lbw_optax.stable_adamw(1e-3, **kw), "weight_decay", -0.1),
     ],
 )
 def test_invalid_hyperparameters_raise_naming_argument_and_value(factory, name, value):
@@ -397,6 +579,7 @@ PEERS = {
     "skip_step_adamw": (lambda: lbw_optax.skip_step_adamw(1e-3), "skipstep_count"),
     "adagc_adamw": (lambda: lbw_optax.adagc_adamw(1e-3, warmup_steps=2), "adagc_count"),
     "spam_adamw": (lambda: lbw_optax.spam_adamw(1e-3), "spam_count"),
+    "stable_adamw": (lambda: lbw_optax.stable_adamw(1e-3), "stable_count"),
 }
 
 

@@ -85,7 +85,7 @@ def _np_sgg(mus, k, low, high):
 def test_reclustering_matches_numpy_reference():
     params = _tree()
     tx = lbw_optax.sgg(
-        optax.scale_by_adam(), n_clusters=3, beta3=0.0, scale_bounds=(0.5, 4.0), recluster_every=10
+        optax.scale_by_adam(), n_clusters=3, beta3=0.0, scale_bounds=(0.5, 4.0), recluster_every=1
     )
     state = tx.init(params)
     _, state = jax.jit(tx.update)(_grads(0), state, params)
@@ -105,7 +105,7 @@ def test_reclustering_matches_numpy_reference():
 
 def test_scales_multiply_the_inner_update_from_the_next_step():
     params = _tree()
-    kwargs = dict(beta3=0.0, scale_bounds=(0.5, 4.0), recluster_every=10)
+    kwargs = dict(beta3=0.0, scale_bounds=(0.5, 4.0), recluster_every=1)
     tx = lbw_optax.sgg(optax.scale_by_adam(), **kwargs)
     inner = optax.scale_by_adam()
     state, inner_state = tx.init(params), inner.init(params)
@@ -123,7 +123,7 @@ def test_scales_multiply_the_inner_update_from_the_next_step():
 def test_beta3_is_the_decay_of_the_scales_ema():
     params = _tree()
     make = lambda beta3: lbw_optax.sgg(
-        optax.scale_by_adam(), beta3=beta3, scale_bounds=(0.5, 4.0), recluster_every=10
+        optax.scale_by_adam(), beta3=beta3, scale_bounds=(0.5, 4.0), recluster_every=1
     )
     _, fresh = jax.jit(make(0.0).update)(_grads(0), make(0.0).init(params), params)
     _, smoothed = jax.jit(make(0.75).update)(_grads(0), make(0.75).init(params), params)
@@ -194,17 +194,24 @@ def test_clusters_are_ordered_by_magnitude_and_stable_across_reclusterings():
         chex.assert_trees_all_equal(later, seen[0])
 
 
-def test_reclusters_on_the_first_step_and_every_interval():
+def test_reclusters_when_t_mod_T_is_zero():
+    """The paper's Algorithm 1: re-cluster at updates t = T, 2T, ... (1-based); before the
+    first, SGG is its inner transformation exactly."""
     params = _tree()
     tx = lbw_optax.sgg(optax.scale_by_adam(), recluster_every=3, beta3=0.5)
-    state = tx.init(params)
+    inner = optax.scale_by_adam()
+    state, inner_state = tx.init(params), inner.init(params)
     step = jax.jit(tx.update)
     history = []
-    for i in range(7):
-        _, state = step(_grads(i), state, params)
+    for t in range(1, 8):
+        updates, state = step(_grads(t - 1), state, params)
+        expected, inner_state = inner.update(_grads(t - 1), inner_state, params)
+        if t <= 3:  # Scales still 1 (those formed at t = 3 act from t = 4).
+            chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-8)
         history.append(np.asarray(state.cluster_scales["a"]))
-    changed = [i for i in range(7) if not np.array_equal(history[i], history[i - 1] if i else 1.0)]
-    assert changed == [0, 3, 6]
+    before = [np.ones_like(history[0]), *history[:-1]]
+    changed = [t for t in range(1, 8) if not np.array_equal(history[t - 1], before[t - 1])]
+    assert changed == [3, 6]
 
 
 def test_state_dtypes_and_extra_bytes():

@@ -102,6 +102,30 @@ def test_faults_and_sweep_expansion():
         micro(methods=(Method(name="c", optimizer="adamw", control="replay", source="x"),))
 
 
+def test_time_constants_are_fractions_of_the_run_and_own_base_lrs_are_scaled():
+    methods = (
+        Method(name="sgg", optimizer="sgg", time_constants={"recluster_every": 0.05}),
+        Method(name="prodigy", optimizer="prodigy", base_lr=1.0),
+    )
+    for steps, every in ((200, 10), (300, 15), (10, 1)):
+        spec = micro(methods=methods, train=dict(MICRO_TRAIN, steps=steps))
+        runs = stress.expand(spec)
+        sgg = [r for r in runs if r.method == "sgg"]
+        assert {r.config["optimizer_args"]["recluster_every"] for r in sgg} == {every}
+        meta = stress.time_constants(spec)
+        assert meta == {"sgg": {"recluster_every": {"fraction": 0.05, "steps": every}}}
+    prodigy = [r for r in runs if r.method == "prodigy"]
+    assert [r.learning_rate for r in prodigy] == [1.0, 10.0]  # Its own base × the multipliers.
+    assert "optimizer_args" not in prodigy[0].config
+    # The suites state them, for the methods whose defaults assume runs of 10k+ steps.
+    full = stress.time_constants(stress.full())
+    assert full["sgg"]["recluster_every"] == {"fraction": 0.05, "steps": 15}
+    assert full["spam"]["reset_interval"]["steps"] == 100
+    assert stress.time_constants(stress.quick())["sgg"]["recluster_every"]["steps"] == 10
+    block = "\n".join(report.time_constants_block({"time_constants": full, "spec": {}}))
+    assert "| sgg | recluster_every | 0.05 | 15 |" in block
+
+
 def test_per_setting_methods_multipliers_and_fault_methods():
     faults = {"none": {}, "spike": {"grad_spike_steps": (3,)}}
     spec = micro(

@@ -309,8 +309,9 @@ def test_help_explains_every_option():
     for action in parser._actions:
         assert action.help, action.option_strings
     for field in dataclasses.fields(TrainConfig):
-        if field.name not in ("faults", "model_overrides", "learning_rate"):
+        if field.name not in ("faults", "model_overrides", "optimizer_args", "learning_rate"):
             assert "--" + field.name.replace("_", "-") in text, field.name
+    assert "--model-override" in text and "--optimizer-arg" in text
     for field in dataclasses.fields(FaultConfig):
         assert "--" + field.name.replace("_", "-") in text, field.name
     assert "trains on its validation split and evaluates on its test split" in text

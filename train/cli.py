@@ -35,7 +35,8 @@ is a file or holds another run's results, a --resume without a checkpoint: one l
 "lbw-train: error: ..." naming what to fix, and nothing written. Ctrl-C stops the run between
 two steps, saves a checkpoint (with --checkpoint-every) and prints the command that resumes it.
 
-non-finite loss: with a guarded optimizer (lbw, lbw+sgg) the step is held and training goes on;
+non-finite loss: with a guarded optimizer (lbw, lbw+clip, lbw+sgg, skip-step, apply-if-finite)
+the step is held and training goes on;
 otherwise the run stops at the next log interval or checkpoint with exit status 3 and a
 message naming the first non-finite step.
 
@@ -151,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.optimizer,
         metavar="NAME",
         help=f"optimizer by name, one of: {', '.join(available_optimizers())} (default: "
-        "%(default)s); adamw+clip clips the global norm at --clip-threshold; lbw and lbw+sgg "
-        "run under the LBW guard with --policy",
+        "%(default)s); adamw+clip clips the global norm at --clip-threshold; lbw (over "
+        "--inner), lbw+clip and lbw+sgg run under the LBW guard with --policy; prodigy and "
+        "dadapt-adamw take --lr as a multiplier of their learned step (1.0 is the authors')",
     )
     g.add_argument(
         "--lr",
@@ -194,13 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip-threshold",
         type=float,
         default=d.clip_threshold,
-        help="global-norm threshold of adamw+clip (default: %(default)s)",
+        help="global-norm threshold of adamw+clip and lbw+clip (default: %(default)s)",
     )
     g.add_argument(
         "--policy",
         default=d.policy,
         choices=("governor", "reference"),
-        help="governance policy of lbw and lbw+sgg (default: %(default)s)",
+        help="governance policy of lbw, lbw+clip and lbw+sgg (default: %(default)s)",
+    )
+    g.add_argument(
+        "--inner",
+        default=d.inner,
+        choices=("adamw", "lion", "muon", "adafactor", "sgd"),
+        help="the optimizer that --optimizer lbw governs (default: %(default)s)",
+    )
+    g.add_argument(
+        "--optimizer-arg",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument of the optimizer's library factory, e.g. recluster_every=10 "
+        "for sgg or s_init=0.01 for mechanic (repeatable; VALUE is read as JSON when it parses)",
     )
     g.add_argument(
         "--peak-lr-in-state",
@@ -444,6 +461,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values.pop(name, None)
     faults = FaultConfig(**{k: values.pop(k) for k in _FAULT_FIELDS})
     values["model_overrides"] = dict(values.pop("model_override"))
+    values["optimizer_args"] = dict(values.pop("optimizer_arg"))
     values["lora_targets"] = tuple(t for t in values["lora_targets"].split(",") if t)
     return TrainConfig(faults=faults, **values)
 

@@ -114,8 +114,14 @@ class TrainConfig:
       warmup_steps: steps of linear warm-up from 0.
       min_lr_ratio: final learning rate of the cosine schedule, as a fraction of the peak.
       weight_decay, b1, b2, eps: AdamW hyperparameters (used by every AdamW-based optimizer).
-      clip_threshold: global-norm threshold of ``adamw+clip``.
-      policy: governance policy of ``lbw`` and ``lbw+sgg``: ``"governor"`` or ``"reference"``.
+      clip_threshold: global-norm threshold of ``adamw+clip`` and ``lbw+clip``.
+      policy: governance policy of ``lbw``, ``lbw+clip`` and ``lbw+sgg``: ``"governor"`` or
+        ``"reference"``.
+      inner: the optimizer the ``lbw`` guard governs (``train.optimizers.INNER``: ``adamw``,
+        ``lion``, ``muon``, ``adafactor``, ``sgd``).
+      optimizer_args: keyword arguments for the library factory behind ``optimizer`` (e.g.
+        ``{"recluster_every": 10}`` for ``sgg``, ``{"reset_interval": 100}`` for ``spam``);
+        how the suites scale the peers' time constants to their runs. ``{}``: the defaults.
       peak_lr_in_state: hold the peak learning rate in the optimizer state (a run-time value)
         instead of in the compiled step: the optimizer runs with a peak-1 schedule, then its
         update is multiplied by the state's peak (see
@@ -185,6 +191,8 @@ class TrainConfig:
     clip_threshold: float = 1.0
     policy: str = "governor"
     peak_lr_in_state: bool = False
+    inner: str = "adamw"
+    optimizer_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Data.
     data: str = "wikitext2"
     train_files: tuple[str, ...] = ()
@@ -219,6 +227,7 @@ class TrainConfig:
         for name in ("lora_targets", "train_files", "eval_files"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "model_overrides", dict(self.model_overrides))
+        object.__setattr__(self, "optimizer_args", dict(self.optimizer_args))
         for name in (
             "seq_len",
             "batch_size",

@@ -53,6 +53,7 @@ from train.faults import loss_factor, perturb_grads
 from train.optimizers import (
     build_optimizer,
     check_optimizer,
+    eval_params,
     is_guarded,
     learning_rate_schedule,
     scale_by_peak_learning_rate,
@@ -249,6 +250,8 @@ _OPTIMIZER_FIELDS = (
     "clip_threshold",
     "policy",
     "peak_lr_in_state",
+    "inner",
+    "optimizer_args",
     "steps",
     "faults",
 )
@@ -259,7 +262,7 @@ def _transform(*values):
     """The schedule and transformation of a config, shared by runs in one process that agree on
     ``_OPTIMIZER_FIELDS``: the transformation is part of the ``nnx.Optimizer`` graph, so sharing
     it lets such runs reuse the compiled step."""
-    config = TrainConfig(**dict(zip(_OPTIMIZER_FIELDS, values, strict=True)))
+    config = TrainConfig(**dict(zip(_OPTIMIZER_FIELDS, values, strict=True)))  # dict(pairs)
     schedule = learning_rate_schedule(config)
     tx = build_optimizer(config, schedule)
     if config.peak_lr_in_state:  # Here learning_rate is 1: the peak is set in the state.
@@ -270,10 +273,43 @@ def _transform(*values):
 def _optimizer_fields(config: TrainConfig) -> list[Any]:
     """The values of ``_OPTIMIZER_FIELDS`` of ``config``, the peak learning rate left out (set to
     1) when it lives in the optimizer state."""
-    values = [getattr(config, f) for f in _OPTIMIZER_FIELDS]
+    values = [_hashable(getattr(config, f)) for f in _OPTIMIZER_FIELDS]
     if config.peak_lr_in_state:
         values[_OPTIMIZER_FIELDS.index("learning_rate")] = 1.0
     return values
+
+
+def _hashable(value: Any) -> Any:
+    """A dict field as sorted (key, value) pairs, so it can key :func:`_transform`'s cache."""
+    return tuple(sorted(value.items())) if isinstance(value, dict) else value
+
+
+def _raw(tree: Any) -> Any:
+    """The arrays of a tree of ``nnx.Variable`` (an optimizer state or a model state)."""
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    return jax.tree.map(lambda v: v.get_value() if is_var(v) else v, tree, is_leaf=is_var)
+
+
+def evaluate_optimizer_point(
+    name: str,
+    model: models.Decoder,
+    optimizer: nnx.Optimizer,
+    wrt: Any,
+    batches: np.ndarray,
+    mesh: jax.sharding.Mesh | None = None,
+) -> float:
+    """:func:`evaluate` at the parameters the optimizer names for evaluation (its registered
+    ``eval_params``, e.g. schedule-free's averaged sequence), the model's own otherwise. The
+    model's trained parameters are put back afterwards."""
+    point = eval_params(name)
+    if point is None:
+        return evaluate(model, batches, mesh)
+    current = _raw(nnx.state(model, wrt))
+    nnx.update(model, point(_raw(optimizer.opt_state), current))
+    try:
+        return evaluate(model, batches, mesh)
+    finally:
+        nnx.update(model, current)
 
 
 @nnx.jit
@@ -767,7 +803,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 now = time.perf_counter()
                 interval_time += now - clock
                 if eval_now:
-                    last_eval = evaluate(model, eval_batches, mesh)
+                    last_eval = evaluate_optimizer_point(
+                        config.optimizer, model, optimizer, wrt, eval_batches, mesh
+                    )
                     write(
                         {
                             "kind": "eval",

@@ -4,10 +4,15 @@ Built-in names:
 
 * ``adamw``: ``optax.adamw``.
 * ``adamw+clip``: global-norm clipping at ``clip_threshold``, then AdamW.
-* ``lbw``: ``lbw_optax.lbw_adamw`` (AdamW under the LBW guard) with ``policy`` ``"governor"``
-  or ``"reference"``.
+* ``lbw``: ``lbw_optax.guard(inner, policy=policy)`` with ``policy`` ``"governor"`` or
+  ``"reference"``; ``inner`` is the optimizer named by ``config.inner`` (:data:`INNER`:
+  AdamW by default, ``lbw_optax.lbw_adamw``).
+* ``lbw+clip``: ``lbw_optax.guard(chain(clip_by_global_norm(clip_threshold), adamw))``.
 * ``sgg``: ``lbw_optax.sgg_adamw``.
 * ``lbw+sgg``: ``lbw_optax.guard(lbw_optax.sgg_adamw(...), policy=policy)``.
+
+``config.optimizer_args`` reaches the library factories of ``sgg`` and of the peers
+(:mod:`train.peers`) as keyword arguments.
 
 Add a peer with the decorator::
 
@@ -29,6 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+import optax.contrib
 
 import lbw_optax
 from train.config import TrainConfig
@@ -38,15 +44,24 @@ _REGISTRY: dict[str, Factory] = {}
 
 # Optimizers whose state holds a guard: without one, a non-finite loss stops the run.
 _GUARDED: set[str] = set()
+# ``eval_params(opt_state, params) -> params`` of optimizers evaluated elsewhere than at the
+# parameters they train (schedule-free methods).
+EvalParams = Callable[[Any, Any], Any]
+_EVAL_PARAMS: dict[str, EvalParams] = {}
 
 
-def register_optimizer(name: str, *, guarded: bool = False) -> Callable[[Factory], Factory]:
+def register_optimizer(
+    name: str, *, guarded: bool = False, eval_params: EvalParams | None = None
+) -> Callable[[Factory], Factory]:
     """Registers ``factory`` under ``name`` (a decorator).
 
     Args:
       name: the name users pass as ``--optimizer``.
       guarded: whether the optimizer holds non-finite steps itself (as ``lbw_optax.guard``
         does); the loop then keeps training through a NaN/Inf loss instead of stopping.
+      eval_params: for an optimizer whose evaluation point is not the trained parameters
+        (e.g. ``optax.contrib.schedule_free_eval_params``), ``(opt_state, params) -> params``
+        on plain arrays; the loop evaluates there.
 
     Raises:
       ValueError: if ``name`` is already registered.
@@ -58,9 +73,16 @@ def register_optimizer(name: str, *, guarded: bool = False) -> Callable[[Factory
         _REGISTRY[name] = factory
         if guarded:
             _GUARDED.add(name)
+        if eval_params is not None:
+            _EVAL_PARAMS[name] = eval_params
         return factory
 
     return decorator
+
+
+def eval_params(name: str) -> EvalParams | None:
+    """The registered evaluation point of optimizer ``name``, or ``None`` (its parameters)."""
+    return _EVAL_PARAMS.get(name)
 
 
 def available_optimizers() -> list[str]:
@@ -105,8 +127,47 @@ def _sgg_adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformati
             f"lbw_optax ({lbw_optax.__version__}) does not provide."
         )
     return sgg_adamw(
-        learning_rate, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
+        learning_rate,
+        b1=config.b1,
+        b2=config.b2,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        **config.optimizer_args,
     )
+
+
+def _lion(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    # Lion's own betas (0.9, 0.99); its learning rate is typically 3-10x below AdamW's.
+    return optax.lion(learning_rate, weight_decay=config.weight_decay)
+
+
+def _muon(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    # Muon on the 2-D tensors, AdamW (config's betas) on the rest, one learning rate.
+    return optax.contrib.muon(
+        learning_rate,
+        weight_decay=config.weight_decay,
+        adam_b1=config.b1,
+        adam_b2=config.b2,
+        adam_weight_decay=config.weight_decay,
+    )
+
+
+def _adafactor(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    return optax.adafactor(learning_rate, weight_decay_rate=config.weight_decay or None)
+
+
+def _sgd(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    return optax.sgd(learning_rate, momentum=config.b1)
+
+
+# The optimizers ``lbw`` can govern (``--inner``): name -> factory(config, learning_rate).
+INNER: dict[str, Factory] = {
+    "adamw": _adamw,
+    "lion": _lion,
+    "muon": _muon,
+    "adafactor": _adafactor,
+    "sgd": _sgd,
+}
 
 
 @register_optimizer("adamw")
@@ -125,8 +186,19 @@ def adamw_clip(config: TrainConfig, learning_rate) -> optax.GradientTransformati
 
 @register_optimizer("lbw", guarded=True)
 def lbw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
-    """AdamW governed by the LBW guard with ``config.policy``."""
-    return lbw_optax.guard(_adamw(config, learning_rate), policy=config.policy)
+    """``config.inner`` (AdamW by default) governed by the LBW guard with ``config.policy``."""
+    if config.inner not in INNER:
+        raise ValueError(f"Unknown inner optimizer {config.inner!r}; known: {', '.join(INNER)}.")
+    return lbw_optax.guard(INNER[config.inner](config, learning_rate), policy=config.policy)
+
+
+@register_optimizer("lbw+clip", guarded=True)
+def lbw_clip(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    """Global-norm clipping at ``config.clip_threshold`` then AdamW, governed by the guard."""
+    inner = optax.chain(
+        optax.clip_by_global_norm(config.clip_threshold), _adamw(config, learning_rate)
+    )
+    return lbw_optax.guard(inner, policy=config.policy)
 
 
 @register_optimizer("sgg")

@@ -32,6 +32,13 @@ PEER_ORDER = (
     "skip-step",
     "adagc",
     "spam",
+    "stable-adamw",
+    "prodigy",
+    "dadapt-adamw",
+    "mechanic",
+    "schedule-free-adamw",
+    "reduce-on-plateau",
+    "apply-if-finite",
     "effective-lr",
     "effective-lr(reference)",
     "replay",
@@ -444,6 +451,28 @@ def headline(directory: Path) -> str:
     return "\n".join([title, "", *ppl_table(suite, setting, fault)])
 
 
+def time_constants_block(meta: Mapping[str, Any]) -> list[str]:
+    """The peers' time constants as fractions of the run and in steps (from ``suite.json``)."""
+    constants = meta.get("time_constants") or {}
+    if not constants:
+        return []
+    steps = meta.get("spec", {}).get("train", {}).get("steps", "?")
+    rows = [
+        [method, name, f"{v['fraction']:.3g}", str(v["steps"])]
+        for method, values in constants.items()
+        for name, v in values.items()
+    ]
+    return [
+        "## Time constants",
+        "",
+        f"The peers' time constants, scaled to the run's {steps} steps (the library defaults "
+        "are the papers', set for runs of 10k steps and more):",
+        "",
+        *_table(["method", "argument", "fraction of the run", "steps"], rows),
+        "",
+    ]
+
+
 def write_report(directory: Path) -> Path:
     """Writes ``summary.md`` and the PNGs into the suite ``directory``; returns the summary's
     path."""
@@ -512,6 +541,18 @@ def write_report(directory: Path) -> Path:
         "governor run's per-step applied scale, open loop.",
         "",
     ]
+    md += time_constants_block(meta)
+    own_base = {
+        m["name"]: m["base_lr"] for m in spec.get("methods", []) if m.get("base_lr") is not None
+    }
+    if own_base:
+        md += [
+            "Methods at their own base learning rate (a multiplier of their learned step), "
+            "times the same multipliers: "
+            + ", ".join(f"{k} {v:g}" for k, v in own_base.items())
+            + ". Their columns' learning rates are those multiples, not the headers'.",
+            "",
+        ]
     base = meta.get("base_lr", {})
     if base:
         md += ["## Base learning rate", ""]

@@ -73,6 +73,12 @@ class Method:
       overrides: :class:`TrainConfig` fields to set (``policy``, ``clip_threshold``, …).
       control: ``None``, ``"effective-lr"`` or ``"replay"``.
       source: for a control, the name of the method whose run it reads.
+      time_constants: the method's time constants as fractions of the run's ``steps``
+        (factory keyword → fraction, e.g. ``{"recluster_every": 0.05}``); each run gets
+        ``max(1, round(fraction × steps))`` in ``optimizer_args``.
+      base_lr: a learning rate of the method's own that the multipliers scale instead of the
+        setting's base (1.0 for the methods whose learning rate multiplies a learned step
+        size); ``None``: the setting's.
     """
 
     name: str
@@ -80,6 +86,12 @@ class Method:
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     control: str | None = None
     source: str | None = None
+    time_constants: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    base_lr: float | None = None
+
+    def resolved_time_constants(self, steps: int) -> dict[str, int]:
+        """``time_constants`` in steps for a run of ``steps`` updates."""
+        return {k: max(1, round(f * steps)) for k, f in self.time_constants.items()}
 
     def __post_init__(self):
         if (self.control is None) != (self.source is None):
@@ -255,6 +267,11 @@ def _config(spec: SuiteSpec, setting: Setting, method: Method, lr: float, fault:
         quiet=True,
     )
     values.update(method.overrides)
+    if method.time_constants:
+        steps = int(values.get("steps", TrainConfig.steps))
+        args = dict(values.get("optimizer_args") or {})
+        args.update(method.resolved_time_constants(steps))
+        values["optimizer_args"] = args
     if any(m.control == "replay" and m.source == method.name for m in spec.methods):
         values["log_every"] = 1  # The replay control needs this run's per-step scale.
     return values
@@ -358,7 +375,6 @@ def expand(spec: SuiteSpec, base_lrs: Mapping[str, float] | None = None) -> list
                     and mult not in spec.fault_multipliers
                 ):
                     continue
-                lr = float(f"{base * mult:.6g}")
                 for method in spec.methods:
                     if method.name not in names or (
                         fault != "none"
@@ -366,6 +382,7 @@ def expand(spec: SuiteSpec, base_lrs: Mapping[str, float] | None = None) -> list
                         and method.name not in spec.fault_methods
                     ):
                         continue
+                    lr = float(f"{(method.base_lr or base) * mult:.6g}")
                     for seed in spec.seeds:
                         run = Run(
                             run_id=run_id(setting.name, method.name, lr, fault, seed),
@@ -773,6 +790,7 @@ def run_suite(
     if not collect_only:  # Written first, so that an interrupted suite keeps its record.
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         meta.setdefault("spec", spec.to_dict())
+        meta["time_constants"] = time_constants(spec)
         meta["started"] = dict(version, command=command, machine=machine)
         _write_json(meta_path, meta)
 
@@ -840,6 +858,7 @@ def run_suite(
     if bases:
         meta["pretrain"] = bases
     meta["definitions"] = {"spike_factor": SPIKE_FACTOR, "target_factor": TARGET_FACTOR}
+    meta["time_constants"] = time_constants(spec)
     if collect_only:
         if "git_commit" not in meta:  # The record of the interrupted invocation, if written.
             meta.update(meta.get("started") or dict(version, command=command, machine=machine))
@@ -855,6 +874,19 @@ def run_suite(
     _write_json(meta_path, meta)
     report.write_report(suite_dir)
     return suite_dir
+
+
+def time_constants(spec: SuiteSpec) -> dict[str, dict[str, dict[str, float]]]:
+    """Method → factory keyword → ``{"fraction", "steps"}`` for the suite's run length."""
+    steps = int(spec.train.get("steps", TrainConfig.steps))
+    return {
+        m.name: {
+            k: {"fraction": f, "steps": m.resolved_time_constants(steps)[k]}
+            for k, f in m.time_constants.items()
+        }
+        for m in spec.methods
+        if m.time_constants
+    }
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -883,6 +915,44 @@ QUICK_TRAIN = dict(
 GOVERNOR = dict(policy="governor")
 REFERENCE = dict(policy="reference")
 
+# The peers' time constants as fractions of the run (the library defaults stay the papers',
+# set for runs of 10k steps and more). SGG: T at 5 % of the steps, the top of the paper's
+# 1-5 % (Appendix A), so 20 re-clusterings per run. SPAM: two moment resets per run (every
+# third of it), the ramp and the no-clip window keeping their reference ratios to the
+# interval (150 and 20 of 500). AdaGC and ZClip: warm-ups of 5 % of the run, half the
+# learning-rate warm-up. Reduce-on-plateau: the loss averaged over 2.5 % of the run, so its
+# patience of 10 such means is a quarter of the run.
+TIME_CONSTANTS = {
+    "sgg": {"recluster_every": 0.05},
+    "lbw+sgg": {"recluster_every": 0.05},
+    "spam": {"reset_interval": 1 / 3, "warmup_steps": 0.1, "clip_delay": 0.04 / 3},
+    "adagc": {"warmup_steps": 0.05},
+    "zclip": {"warmup_steps": 0.05},
+    "reduce-on-plateau": {"accumulation_size": 0.025},
+}
+
+
+def _peer(name: str, optimizer: str | None = None, **kwargs) -> Method:
+    """A method with the suite's time constants for ``optimizer`` (default: ``name``)."""
+    optimizer = optimizer or name
+    return Method(
+        name=name, optimizer=optimizer, time_constants=TIME_CONSTANTS.get(optimizer, {}), **kwargs
+    )
+
+
+# The learning-rate-robust methods a user would pick instead of a governor. Prodigy and
+# D-Adaptation run at their own base, 1.0 (a multiplier of the learned step), times the
+# suite's multipliers; the others at the setting's base times the multipliers.
+LR_FREE = (
+    _peer("stable-adamw"),
+    _peer("prodigy", base_lr=1.0),
+    _peer("dadapt-adamw", base_lr=1.0),
+    _peer("mechanic"),
+    _peer("schedule-free-adamw"),
+    _peer("reduce-on-plateau"),
+    _peer("apply-if-finite"),
+)
+
 
 def _core_methods(clips: Sequence[float]) -> list[Method]:
     methods = [Method(name="adamw", optimizer="adamw")]
@@ -892,10 +962,10 @@ def _core_methods(clips: Sequence[float]) -> list[Method]:
     methods += [
         Method(name="reference", optimizer="lbw", overrides=REFERENCE),
         Method(name="governor", optimizer="lbw", overrides=GOVERNOR),
-        Method(name="sgg", optimizer="sgg"),
-        Method(name="governor+sgg", optimizer="lbw+sgg", overrides=GOVERNOR),
-        Method(name="zclip", optimizer="zclip"),
-        Method(name="skip-step", optimizer="skip-step"),
+        _peer("sgg"),
+        _peer("governor+sgg", "lbw+sgg", overrides=GOVERNOR),
+        _peer("zclip"),
+        _peer("skip-step"),
     ]
     return methods
 
@@ -906,9 +976,10 @@ def quick() -> SuiteSpec:
         name="quick",
         description=(
             "CPU suite: the shipped WikiText-2 sample, a 2-layer cut of the tiny Qwen2.5-3B-style "
-            "preset (byte-level), full-parameter training, 200 steps of 8×64 tokens; nine methods "
-            "(the effective-LR control included) at the sweep's base learning rate and two "
-            "stress multipliers, two seeds."
+            "preset (byte-level), full-parameter training, 200 steps of 8×64 tokens; eleven "
+            "methods (StableAdamW, reduce-on-plateau and the effective-LR control included) at "
+            "the sweep's base learning rate and two stress multipliers, two seeds. The peers' "
+            "time constants are fractions of the run (see Time constants)."
         ),
         settings=(
             Setting(
@@ -920,6 +991,7 @@ def quick() -> SuiteSpec:
         ),
         methods=(
             *_core_methods([1.0]),
+            *(m for m in LR_FREE if m.name in ("stable-adamw", "reduce-on-plateau")),
             Method(
                 name="effective-lr", optimizer="adamw", control="effective-lr", source="governor"
             ),
@@ -977,8 +1049,9 @@ def full() -> SuiteSpec:
     )
     methods = (
         *_core_methods([1.0, 0.5]),
-        Method(name="adagc", optimizer="adagc"),
-        Method(name="spam", optimizer="spam"),
+        _peer("adagc"),
+        _peer("spam"),
+        *LR_FREE,
         Method(name="effective-lr", optimizer="adamw", control="effective-lr", source="governor"),
         Method(
             name="effective-lr(reference)",
@@ -995,10 +1068,12 @@ def full() -> SuiteSpec:
             "shipped WikiText-2 sample. The tiny Qwen2.5-3B-style preset (4 layers, full "
             "parameters) runs every method and control at ×1/×3/×10/×30 of its AdamW-swept base "
             "learning rate, clipping at 1.0 and 0.5, and each fault type (at ×1, the baselines, "
-            "both rules and the peers). LoRA (rank 8, on a base pre-trained by AdamW for 300 "
-            "steps), the TinyLlama-style preset (full parameters) and the size ladder (tiny "
-            "Qwen2.5 7B/14B-style presets) run AdamW, clipping at 1.0, both rules and the "
-            "effective-LR control at ×1 and ×10. Three seeds."
+            "both rules and the peers), and the learning-rate-robust methods (StableAdamW, "
+            "Prodigy and D-Adaptation at ×1-×30 of their own base 1.0, Mechanic, schedule-free "
+            "AdamW, reduce-on-plateau, apply-if-finite). LoRA (rank 8, on a base pre-trained "
+            "by AdamW for 300 steps), the TinyLlama-style preset (full parameters) and the "
+            "size ladder (tiny Qwen2.5 7B/14B-style presets) run AdamW, clipping at 1.0, both "
+            "rules and the effective-LR control at ×1 and ×10. Three seeds."
         ),
         settings=settings,
         methods=methods,
@@ -1015,6 +1090,8 @@ def full() -> SuiteSpec:
             "skip-step",
             "adagc",
             "spam",
+            "stable-adamw",
+            "apply-if-finite",
         ),
         seeds=(0, 1, 2),
         train=FULL_TRAIN,
