@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+import typing
+from typing import Any, Literal
 
-SCHEDULES = ("cosine", "constant")
+Schedule = Literal["cosine", "constant"]
+SCHEDULES = typing.get_args(Schedule)
 
 
 class UserError(ValueError):
@@ -175,7 +177,7 @@ class TrainConfig:
     # Optimizer.
     optimizer: str = "adamw"
     learning_rate: float = 1e-3
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     weight_decay: float = 1e-4
@@ -183,7 +185,7 @@ class TrainConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_threshold: float = 1.0
-    policy: str = "governor"
+    policy: Literal["governor", "reference"] = "governor"
     peak_lr_in_state: bool = False
     # Data.
     data: str = "wikitext2"

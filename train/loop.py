@@ -131,7 +131,8 @@ def _stop_on_sigint():
 
 def check_config(config: TrainConfig) -> None:
     """Raises :class:`~train.config.UserError` for names the run cannot use: an unknown model
-    preset or model field, an unknown optimizer. Cheap: reads no data and builds nothing."""
+    preset or model field, an unknown optimizer, a bad mesh. Cheap: reads no data and builds
+    nothing."""
     fields = {f.name for f in dataclasses.fields(models.ModelConfig)}
     unknown = sorted(set(config.model_overrides) - fields)
     if unknown:
@@ -142,6 +143,7 @@ def check_config(config: TrainConfig) -> None:
     try:
         models.get_config(config.model, **config.model_overrides)
         check_optimizer(config.optimizer)
+        sharding.parse_mesh(config.mesh)
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from e
 
