@@ -95,6 +95,9 @@ class FaultConfig:
 class TrainConfig:
     """Everything that defines a run; saved with every checkpoint.
 
+    Each field is a flag of ``lbw-train`` (see :mod:`train.cli`) whose help is its entry below:
+    a new field needs its entry, under the section whose flags it joins.
+
     Model:
       model: a preset name of ``models.PRESETS`` (e.g. ``"tiny_qwen2_5_3b"``).
       model_overrides: fields of ``models.ModelConfig`` to replace (e.g. ``{"num_layers": 2}``).
@@ -151,7 +154,8 @@ class TrainConfig:
       out_dir: the run directory (``metrics.jsonl``, ``summary.json``, ``checkpoints/``).
       checkpoint_every: save a checkpoint every N steps (0: never, not even at the end).
       keep_checkpoints: how many of the latest checkpoints to keep.
-      resume: continue from the latest checkpoint in ``out_dir``.
+      resume: continue from the latest checkpoint in ``out_dir`` (with the run's flags); a
+        finished run is left as it is.
       resume_step: with ``resume``, continue from this checkpoint step instead of the latest.
       overwrite: start afresh in an ``out_dir`` that holds the results of another run (its
         ``metrics.jsonl``, ``summary.json`` and ``checkpoints/`` are replaced); without it such
