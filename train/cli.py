@@ -19,6 +19,7 @@ from train.config import TrainConfig, UserError
 ALIASES = {
     "learning_rate": ("--lr", "--learning-rate"),
     "model_overrides": ("--model-override", "--model-overrides"),
+    "optimizer_args": ("--optimizer-arg", "--optimizer-args"),
 }
 
 # Flags of the process launch, not of the run (so not part of the config).
