@@ -6,7 +6,8 @@ Usage::
 
 ``VARIANTS.json`` maps a variant name to ``{"optimizer": NAME, "knobs": {...}, "config": {...}}``:
 ``optimizer`` is a registered ``lbw-train`` optimizer, or ``"governor"`` to build
-``lbw_optax.guard(adamw, policy=lbw_optax.governor_policy(**knobs))``; ``config`` overrides
+``lbw_optax.guard(adamw, policy=lbw_optax.governor_policy(**knobs))`` (over global-norm
+clipping at ``"clip"``, then AdamW, when the variant has that key); ``config`` overrides
 :class:`~train.config.TrainConfig` fields. Every run uses the quick suite's setting (the shipped
 WikiText-2 sample, the 2-layer tiny Qwen2.5-3B-style preset, 200 steps of 8×64 tokens, warm-up
 20, cosine) and prints its final eval perplexity and mean effective scale; the last lines are a
@@ -23,6 +24,8 @@ from train.stress import QUICK_TRAIN
 
 
 def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
+    import optax
+
     import lbw_optax
     from train.config import TrainConfig
     from train.loop import train
@@ -37,7 +40,10 @@ def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
             @register_optimizer(optimizer, guarded=True)
             def _probe(config, schedule):
                 policy = lbw_optax.governor_policy(**knobs)
-                return lbw_optax.guard(_adamw(config, schedule), policy=policy)
+                inner = _adamw(config, schedule)
+                if "clip" in variant:  # What a practitioner runs: clipping, then AdamW.
+                    inner = optax.chain(optax.clip_by_global_norm(variant["clip"]), inner)
+                return lbw_optax.guard(inner, policy=policy)
 
     fields = dict(QUICK_TRAIN, eval_every=200)
     fields.update(variant.get("config", {}))

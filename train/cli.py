@@ -4,17 +4,36 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import shlex
 import sys
+import types
+import typing
 from typing import Any, NoReturn
 
-from train.config import FaultConfig, TrainConfig, UserError
+from train.config import TrainConfig, UserError
 
-_DEFAULTS = TrainConfig()
-_FAULT_DEFAULTS = FaultConfig()
+# The only flags not named after their field (the first name is the one ``--help`` shows).
+ALIASES = {
+    "learning_rate": ("--lr", "--learning-rate"),
+    "model_overrides": ("--model-override", "--model-overrides"),
+    "optimizer_args": ("--optimizer-arg", "--optimizer-args"),
+}
+
+# Flags of the process launch, not of the run (so not part of the config).
+_LAUNCH_FLAGS = {
+    "--coordinator": (str, "HOST:PORT", "process 0's coordinator (or JAX_COORDINATOR_ADDRESS)"),
+    "--num-processes": (int, "N", "number of processes (or JAX_NUM_PROCESSES)"),
+    "--process-id": (int, "ID", "this process's id, 0 to N-1 (or JAX_PROCESS_ID)"),
+}
 
 EPILOG = """\
+optimizers (--optimizer): {optimizers}
+  adamw+clip clips the global norm at --clip-threshold; lbw and lbw+sgg run under the LBW guard
+  with --policy
+
 data sources (--data):
   wikitext2     the WikiText-2 sample shipped with this package (offline default):
                 trains on its validation split and evaluates on its test split
@@ -58,412 +77,146 @@ def one_line(message: Any) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        message = f"expected comma-separated step numbers, got {text!r}"
-        raise argparse.ArgumentTypeError(message) from None
+def field_docs(cls: type) -> dict[str, tuple[str, str]]:
+    """``{field: (section, text)}`` from the Google-style docstrings of ``cls`` and its bases:
+    a section is a line ``Title:``, an entry ``  name: text`` (or ``  a, b: text`` for several
+    fields) continued by more indented lines."""
+    docs: dict[str, tuple[str, str]] = {}
+    for klass in reversed(cls.__mro__):
+        section, entries, text = None, [], []
+        for line in inspect.cleandoc(klass.__doc__ or "").splitlines():
+            entry = re.fullmatch(r"  (\w+(?:, \w+)*): (.*)", line)
+            if line and not line[0].isspace():
+                section = line[:-1] if line.endswith(":") else None
+            elif section and entry:
+                text = [entry[2]]
+                entries.extend((name, section, text) for name in entry[1].split(", "))
+            elif section and line.startswith("    ") and text:
+                text.append(line.strip())
+        for name, section, text in entries:
+            docs[name] = (section, " ".join(text))
+    return docs
 
 
-def _override(text: str) -> tuple[str, Any]:
+def _plain(text: str, flags: dict[str, str]) -> str:
+    """``text`` without Sphinx markup, a quoted field name written as its flag."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    text = re.sub(r"``([^`]+)``", lambda m: flags.get(m[1], m[1]), text)
+    return text.replace("%", "%%")  # argparse formats help strings with %.
+
+
+def _unwrap(hint: Any) -> Any:
+    """``X`` for ``X | None``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _items(kind: type):
+    def parse(text: str) -> tuple[Any, ...]:
+        return tuple(kind(item) for item in text.split(",") if item.strip())
+
+    parse.__name__ = kind.__name__  # Named in argparse's "invalid int value" errors.
+    return parse
+
+
+def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
 
 
-def _mesh(text: str) -> str:
-    from train.sharding import parse_mesh
-
-    try:
-        parse_mesh(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+def _show(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _flag(name: str) -> str:
+    return ALIASES.get(name, ("--" + name.replace("_", "-"),))[0]
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, group: Any = None) -> None:
+    """Adds one flag per field of the dataclass ``cls`` to ``group``, or else to the argument
+    group of the field's docstring section; the fields of a nested dataclass go to a group
+    named by its docstring's summary."""
+    docs, hints, groups = field_docs(cls), typing.get_type_hints(cls), {}
+    flags = {name: _flag(name) for name in hints}
+    for field in dataclasses.fields(cls):
+        hint = _unwrap(hints[field.name])
+        if dataclasses.is_dataclass(hint):
+            summary = inspect.cleandoc(hint.__doc__ or hint.__name__).splitlines()[0]
+            title = summary[0].lower() + summary[1:].rstrip(".")
+            _add_fields(parser, hint, parser.add_argument_group(title))
+            continue
+        section, text = docs.get(field.name, ("", ""))
+        if group is None and section not in groups:
+            groups[section] = parser.add_argument_group(section.lower() or None)
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        kwargs: dict[str, Any] = {"dest": field.name, "default": default}
+        text = _plain(text, flags).rstrip(".")
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is typing.Literal:
+            kwargs.update(type=type(args[0]), choices=args)
+        elif origin is tuple:
+            kwargs.update(type=_items(args[0]), nargs="+", metavar=args[0].__name__.upper())
+            text += "; one or more, separated by spaces or commas"
+        elif origin is dict:
+            kwargs.update(type=_key_value, action="append", default=None, metavar="KEY=VALUE")
+            text += "; repeatable, VALUE is read as JSON when it parses"
+        else:
+            kwargs["type"] = hint
+        if hint is bool:
+            text += " (default: %(default)s)"
+        elif default not in (None, "", (), {}):
+            text += f" (default: {_show(default)})".replace("%", "%%")
+        names = ALIASES.get(field.name, (flags[field.name],))
+        (group or groups[section]).add_argument(*names, help=text, **kwargs)
+
+
+def build_parser(config: type = TrainConfig) -> argparse.ArgumentParser:
+    """The parser of ``lbw-train``: one flag per field of ``config`` (a dataclass like
+    :class:`~train.config.TrainConfig`; nested dataclasses such as ``faults`` flattened), with
+    the help text of the field's docstring entry and the type, choices and default of its
+    annotation; plus the flags of a multi-process launch."""
     from train.optimizers import available_optimizers
 
     p = ArgumentParser(
         prog="lbw-train",
         description="Train a Qwen2.5/LLaMA-style decoder (full or LoRA) with a governed optimizer, "
         "logging telemetry as JSON lines and saving resumable Orbax checkpoints.",
-        epilog=EPILOG,
+        epilog=EPILOG.format(optimizers=", ".join(available_optimizers())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d = _DEFAULTS
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        default=d.model,
-        help="model preset name (default: %(default)s); the tiny_* presets train on a CPU",
-    )
-    g.add_argument(
-        "--model-override",
-        type=_override,
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="replace a field of the preset, e.g. num_layers=2 "
-        "(repeatable; VALUE is read as JSON when it parses)",
-    )
-    g.add_argument(
-        "--tokenizer",
-        default=d.tokenizer,
-        metavar="DIR",
-        help="local Hugging Face tokenizer directory (default: the byte-level tokenizer)",
-    )
-    g.add_argument(
-        "--lora-rank",
-        type=int,
-        default=d.lora_rank,
-        help="0 trains every parameter; "
-        "r > 0 adds rank-r LoRA adapters and trains only them (default: %(default)s)",
-    )
-    g.add_argument(
-        "--lora-alpha",
-        type=float,
-        default=d.lora_alpha,
-        help="LoRA scale numerator; "
-        "the adapter output is scaled by alpha / rank (default: %(default)s)",
-    )
-    g.add_argument(
-        "--lora-targets",
-        default=",".join(d.lora_targets),
-        help="comma-separated projections that get adapters (default: %(default)s)",
-    )
-
-    g.add_argument(
-        "--init-from",
-        default=d.init_from,
-        metavar="DIR",
-        help="start from the weights of this Hugging Face-format model directory (e.g. an "
-        "earlier run's --export-to) instead of a random initialisation; LoRA adapters go on top",
-    )
-
-    g = p.add_argument_group("optimizer")
-    g.add_argument(
-        "--optimizer",
-        default=d.optimizer,
-        metavar="NAME",
-        help=f"optimizer by name, one of: {', '.join(available_optimizers())} (default: "
-        "%(default)s); adamw+clip clips the global norm at --clip-threshold; lbw (over "
-        "--inner), lbw+clip and lbw+sgg run under the LBW guard with --policy; prodigy and "
-        "dadapt-adamw take --lr as a multiplier of their learned step (1.0 is the authors')",
-    )
-    g.add_argument(
-        "--lr",
-        "--learning-rate",
-        dest="learning_rate",
-        type=float,
-        default=d.learning_rate,
-        help="peak learning rate (default: %(default)s)",
-    )
-    g.add_argument(
-        "--schedule",
-        default=d.schedule,
-        choices=("cosine", "constant"),
-        help="after the warm-up: cosine decay to --min-lr-ratio × peak at the last "
-        "step, or constant (default: %(default)s)",
-    )
-    g.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=d.warmup_steps,
-        help="linear warm-up steps from 0 (default: %(default)s)",
-    )
-    g.add_argument(
-        "--min-lr-ratio",
-        type=float,
-        default=d.min_lr_ratio,
-        help="final cosine learning rate as a fraction of the peak (default: %(default)s)",
-    )
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        default=d.weight_decay,
-        help="AdamW decoupled weight decay (default: %(default)s)",
-    )
-    g.add_argument("--b1", type=float, default=d.b1, help="AdamW β1 (default: %(default)s)")
-    g.add_argument("--b2", type=float, default=d.b2, help="AdamW β2 (default: %(default)s)")
-    g.add_argument("--eps", type=float, default=d.eps, help="AdamW ε (default: %(default)s)")
-    g.add_argument(
-        "--clip-threshold",
-        type=float,
-        default=d.clip_threshold,
-        help="global-norm threshold of adamw+clip and lbw+clip (default: %(default)s)",
-    )
-    g.add_argument(
-        "--policy",
-        default=d.policy,
-        choices=("governor", "reference"),
-        help="governance policy of lbw, lbw+clip and lbw+sgg (default: %(default)s)",
-    )
-    g.add_argument(
-        "--inner",
-        default=d.inner,
-        choices=("adamw", "lion", "muon", "adafactor", "sgd"),
-        help="the optimizer that --optimizer lbw governs (default: %(default)s)",
-    )
-    g.add_argument(
-        "--optimizer-arg",
-        type=_override,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="keyword argument of the optimizer's library factory, e.g. recluster_every=10 "
-        "for sgg or s_init=0.01 for mechanic (repeatable; VALUE is read as JSON when it parses)",
-    )
-    g.add_argument(
-        "--peak-lr-in-state",
-        action="store_true",
-        help="hold the peak learning rate in the optimizer state, not in the compiled step, so "
-        "that runs in one process that differ only in it share one compilation",
-    )
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=d.data, help="data source, see below (default: %(default)s)")
-    g.add_argument(
-        "--train-files",
-        nargs="+",
-        default=list(d.train_files),
-        metavar="FILE",
-        help="training text files for --data files",
-    )
-    g.add_argument(
-        "--eval-files",
-        nargs="+",
-        default=list(d.eval_files),
-        metavar="FILE",
-        help="evaluation text files for --data files",
-    )
-    g.add_argument(
-        "--train-split",
-        default=d.train_split,
-        help="training split of hf:/tfds: sources (default: train)",
-    )
-    g.add_argument(
-        "--eval-split",
-        default=d.eval_split,
-        help="evaluation split of hf:/tfds: "
-        "sources (default: validation, or test when TFDS has no validation split)",
-    )
-    g.add_argument(
-        "--text-field",
-        default=d.text_field,
-        help="column or feature holding the text (default: %(default)s)",
-    )
-    g.add_argument(
-        "--data-dir", default=d.data_dir, help="datasets/TFDS cache directory (default: theirs)"
-    )
-    g.add_argument(
-        "--seq-len",
-        type=int,
-        default=d.seq_len,
-        help="tokens per training sequence (default: %(default)s)",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="sequences per step (default: %(default)s)",
-    )
-
-    g = p.add_argument_group("run")
-    g.add_argument(
-        "--steps", type=int, default=d.steps, help="optimizer updates (default: %(default)s)"
-    )
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="seeds model init, data shuffle and data RNG (default: %(default)s)",
-    )
-    g.add_argument(
-        "--eval-every",
-        type=int,
-        default=d.eval_every,
-        help="evaluate every N steps; always at the end (default: %(default)s, only at the end)",
-    )
-    g.add_argument(
-        "--eval-batches",
-        type=int,
-        default=d.eval_batches,
-        help="batches in the fixed "
-        "evaluation set, the first windows of the evaluation text "
-        "(default: %(default)s)",
-    )
-    g.add_argument(
-        "--log-every",
-        type=int,
-        default=d.log_every,
-        help="telemetry line every N steps (default: %(default)s)",
-    )
-    g.add_argument(
-        "--out-dir",
-        default=d.out_dir,
-        help="run directory for metrics.jsonl, "
-        "summary.json and checkpoints/ (default: %(default)s)",
-    )
-    g.add_argument(
-        "--export-to",
-        default=d.export_to,
-        metavar="DIR",
-        help="at the end, write the trained model there in Hugging Face format (LoRA merged)",
-    )
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=d.checkpoint_every,
-        help="save a checkpoint every N steps and at the end; 0: never (default: %(default)s)",
-    )
-    g.add_argument(
-        "--keep-checkpoints",
-        type=int,
-        default=d.keep_checkpoints,
-        help="keep the last K checkpoints (default: %(default)s)",
-    )
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out-dir from its "
-        "latest checkpoint (same flags as the original run); a finished run is left as it is",
-    )
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh in an --out-dir that holds another run's results (its metrics.jsonl, "
-        "summary.json and checkpoints/ are replaced); without it such a folder is refused",
-    )
-    g.add_argument(
-        "--resume-step",
-        type=int,
-        default=None,
-        help="with --resume: continue from "
-        "this checkpoint step instead of the latest (later ones are discarded)",
-    )
-    g.add_argument(
-        "--quiet",
-        action="store_true",
-        help="no progress bar and no messages (the bar is also off when stderr is not a terminal)",
-    )
-
-    g = p.add_argument_group("devices (see the README's Scaling out section)")
-    g.add_argument(
-        "--mesh",
-        type=_mesh,
-        default=d.mesh,
-        metavar="data=D,fsdp=F",
-        help="shard over a D×F device mesh: FSDP over 'fsdp', batches over both axes "
-        "(default: one device)",
-    )
-    g.add_argument(
-        "--coordinator",
-        default=None,
-        metavar="HOST:PORT",
-        help="multi-process run: address of process 0's coordinator (or JAX_COORDINATOR_ADDRESS)",
-    )
-    g.add_argument(
-        "--num-processes",
-        type=int,
-        default=None,
-        help="multi-process run: number of processes (or JAX_NUM_PROCESSES)",
-    )
-    g.add_argument(
-        "--process-id",
-        type=int,
-        default=None,
-        help="multi-process run: this process's id, 0 to N-1 (or JAX_PROCESS_ID)",
-    )
-
-    f = _FAULT_DEFAULTS
-    g = p.add_argument_group("fault injection (steps count from 1)")
-    g.add_argument(
-        "--grad-spike-steps",
-        type=_ints,
-        default=(),
-        metavar="K1,K2",
-        help="multiply the gradients by --grad-spike-factor at these steps",
-    )
-    g.add_argument(
-        "--grad-spike-factor",
-        type=float,
-        default=f.grad_spike_factor,
-        help="gradient spike factor (default: %(default)s)",
-    )
-    g.add_argument(
-        "--nan-loss-steps",
-        type=_ints,
-        default=(),
-        metavar="K1,K2",
-        help="make the loss (and so the gradients) NaN at these steps",
-    )
-    g.add_argument(
-        "--nan-grad-steps",
-        type=_ints,
-        default=(),
-        metavar="K1,K2",
-        help="make the gradients NaN at these steps (the loss stays finite)",
-    )
-    g.add_argument(
-        "--corrupt-start",
-        type=int,
-        default=None,
-        metavar="K",
-        help="first step of a burst of corrupted batches (random tokens)",
-    )
-    g.add_argument(
-        "--corrupt-steps",
-        type=int,
-        default=f.corrupt_steps,
-        metavar="N",
-        help="length of the corrupted burst (default: %(default)s)",
-    )
-    g.add_argument(
-        "--lr-shock-start",
-        type=int,
-        default=None,
-        metavar="K",
-        help="first step of a learning-rate shock",
-    )
-    g.add_argument(
-        "--lr-shock-steps",
-        type=int,
-        default=f.lr_shock_steps,
-        metavar="N",
-        help="length of the learning-rate shock (default: %(default)s)",
-    )
-    g.add_argument(
-        "--lr-shock-factor",
-        type=float,
-        default=f.lr_shock_factor,
-        help="learning-rate shock factor (default: %(default)s)",
-    )
+    _add_fields(p, config)
+    g = p.add_argument_group("multi-process run (see the README's Scaling out section)")
+    for flag, (kind, metavar, text) in _LAUNCH_FLAGS.items():
+        g.add_argument(flag, type=kind, metavar=metavar, help=text)
     return p
 
 
-_FAULT_FIELDS = {f.name for f in dataclasses.fields(FaultConfig)}
-
-
-# Flags of the process launch, not of the run (so not part of the config).
-_DISTRIBUTED_FIELDS = ("coordinator", "num_processes", "process_id")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` of parsed arguments."""
-    values = vars(args).copy()
-    for name in _DISTRIBUTED_FIELDS:
-        values.pop(name, None)
-    faults = FaultConfig(**{k: values.pop(k) for k in _FAULT_FIELDS})
-    values["model_overrides"] = dict(values.pop("model_override"))
-    values["optimizer_args"] = dict(values.pop("optimizer_arg"))
-    values["lora_targets"] = tuple(t for t in values["lora_targets"].split(",") if t)
-    return TrainConfig(faults=faults, **values)
+def config_from_args(args: argparse.Namespace, config: type = TrainConfig) -> Any:
+    """The ``config`` (by default a :class:`TrainConfig`) of arguments parsed by
+    :func:`build_parser`."""
+    values, hints, kwargs = vars(args), typing.get_type_hints(config), {}
+    for field in dataclasses.fields(config):
+        hint, value = _unwrap(hints[field.name]), values.get(field.name)
+        if dataclasses.is_dataclass(hint):
+            value = config_from_args(args, hint)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(item for items in value for item in items)
+        elif typing.get_origin(hint) is dict:
+            value = field.default_factory() if value is None else dict(value)
+        kwargs[field.name] = value
+    return config(**kwargs)
 
 
 def _resume_command(argv: list[str]) -> str:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+import typing
+from typing import Any, Literal
 
-SCHEDULES = ("cosine", "constant")
+Schedule = Literal["cosine", "constant"]
+SCHEDULES = typing.get_args(Schedule)
 
 
 class UserError(ValueError):
@@ -93,6 +95,9 @@ class FaultConfig:
 class TrainConfig:
     """Everything that defines a run; saved with every checkpoint.
 
+    Each field is a flag of ``lbw-train`` (see :mod:`train.cli`) whose help is its entry below:
+    a new field needs its entry, under the section whose flags it joins.
+
     Model:
       model: a preset name of ``models.PRESETS`` (e.g. ``"tiny_qwen2_5_3b"``).
       model_overrides: fields of ``models.ModelConfig`` to replace (e.g. ``{"num_layers": 2}``).
@@ -155,7 +160,8 @@ class TrainConfig:
       out_dir: the run directory (``metrics.jsonl``, ``summary.json``, ``checkpoints/``).
       checkpoint_every: save a checkpoint every N steps (0: never, not even at the end).
       keep_checkpoints: how many of the latest checkpoints to keep.
-      resume: continue from the latest checkpoint in ``out_dir``.
+      resume: continue from the latest checkpoint in ``out_dir`` (with the run's flags); a
+        finished run is left as it is.
       resume_step: with ``resume``, continue from this checkpoint step instead of the latest.
       overwrite: start afresh in an ``out_dir`` that holds the results of another run (its
         ``metrics.jsonl``, ``summary.json`` and ``checkpoints/`` are replaced); without it such
@@ -181,7 +187,7 @@ class TrainConfig:
     # Optimizer.
     optimizer: str = "adamw"
     learning_rate: float = 1e-3
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     weight_decay: float = 1e-4
@@ -189,9 +195,9 @@ class TrainConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_threshold: float = 1.0
-    policy: str = "governor"
+    policy: Literal["governor", "reference"] = "governor"
     peak_lr_in_state: bool = False
-    inner: str = "adamw"
+    inner: Literal["adamw", "lion", "muon", "adafactor", "sgd"] = "adamw"
     optimizer_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Data.
     data: str = "wikitext2"

@@ -132,7 +132,8 @@ def _stop_on_sigint():
 
 def check_config(config: TrainConfig) -> None:
     """Raises :class:`~train.config.UserError` for names the run cannot use: an unknown model
-    preset or model field, an unknown optimizer. Cheap: reads no data and builds nothing."""
+    preset or model field, an unknown optimizer, a bad mesh. Cheap: reads no data and builds
+    nothing."""
     fields = {f.name for f in dataclasses.fields(models.ModelConfig)}
     unknown = sorted(set(config.model_overrides) - fields)
     if unknown:
@@ -143,6 +144,7 @@ def check_config(config: TrainConfig) -> None:
     try:
         models.get_config(config.model, **config.model_overrides)
         check_optimizer(config.optimizer)
+        sharding.parse_mesh(config.mesh)
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from e
 
@@ -262,7 +264,7 @@ def _transform(*values):
     """The schedule and transformation of a config, shared by runs in one process that agree on
     ``_OPTIMIZER_FIELDS``: the transformation is part of the ``nnx.Optimizer`` graph, so sharing
     it lets such runs reuse the compiled step."""
-    config = TrainConfig(**dict(zip(_OPTIMIZER_FIELDS, values, strict=True)))  # dict(pairs)
+    config = TrainConfig(**dict(zip(_OPTIMIZER_FIELDS, values, strict=True)))
     schedule = learning_rate_schedule(config)
     tx = build_optimizer(config, schedule)
     if config.peak_lr_in_state:  # Here learning_rate is 1: the peak is set in the state.
@@ -518,7 +520,131 @@ def _last_values(metrics_path: Path) -> tuple[float | None, float | None]:
     return last_loss, last_eval
 
 
-def _restore(config, checkpointer, model, optimizer, wrt, stream, metrics_path):
+@dataclasses.dataclass
+class _Clock:
+    """The timing of one session of a run: its wall time (plus that of the run's earlier sessions
+    when resumed), the compile time of its first step, and the steady-state time of the later
+    steps, per log interval and in total. Evaluations and checkpoints are not step time."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    elapsed_before: float = 0.0  # Wall time of the run's earlier sessions.
+    mark: float = 0.0  # When the current stretch of timed steps began.
+    compile_s: float | None = None
+    interval_steps: int = 0  # Timed steps since the last log line, and their time.
+    interval_time: float = 0.0
+    total_steps: int = 0  # Timed steps in all closed log intervals, and their time.
+    total_time: float = 0.0
+
+    def wall(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def restart(self) -> None:
+        """Starts a stretch of timed steps (after setup, an evaluation or a checkpoint)."""
+        self.mark = time.perf_counter()
+
+    def pause(self) -> None:
+        """Ends a stretch of timed steps (before an evaluation or a checkpoint)."""
+        self.interval_time += time.perf_counter() - self.mark
+
+    def step_done(self, result: Any) -> None:
+        if (
+            self.compile_s is None
+        ):  # One sync after the first step: compile time, then steady state.
+            jax.block_until_ready(result)
+            self.compile_s = time.perf_counter() - self.mark
+            self.restart()
+        else:
+            self.interval_steps += 1
+
+    def end_interval(self) -> tuple[int, float]:
+        """Closes the log interval; returns its timed steps and their time."""
+        self.pause()
+        self.restart()
+        steps, seconds = self.interval_steps, self.interval_time
+        self.total_steps += steps
+        self.total_time += seconds
+        self.interval_steps, self.interval_time = 0, 0.0
+        return steps, seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What a run trains and on what: built from the config, before anything is written."""
+
+    model: models.Decoder
+    optimizer: nnx.Optimizer
+    wrt: Any  # The filter of the trainable variables.
+    stream: DataStream
+    eval_batches: np.ndarray  # [n, B, T+1]
+    data: str  # The data's description.
+    schedule: Any  # The learning rate schedule of a peak of 1 ...
+    peak: float  # ... times this.
+    mesh: jax.sharding.Mesh | None
+    trainable: int  # Number of trainable parameters.
+
+
+def _setup(config: TrainConfig) -> _Setup:
+    """Reads and tokenizes the data, builds the model and its optimizer, and shards both over
+    the config's mesh."""
+    tokenizer = models.load_tokenizer(config.tokenizer)
+    text = load_text(config)
+    train_tokens = tokenize(text.train, tokenizer, what="training text")
+    eval_tokens = tokenize(text.eval, tokenizer, what="evaluation text")
+    description = text.description
+    del text
+    batches = Batches(
+        train_tokens, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
+    )
+    stream = DataStream(batches, config.faults, vocab_size=tokenizer.vocab_size, seed=config.seed)
+    eval_batches = eval_set(
+        eval_tokens,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        num_batches=config.eval_batches,
+    )
+
+    model, wrt = build_model(config, tokenizer.vocab_size)
+    unit_schedule, tx = _transform(*_optimizer_fields(config))
+    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+    peak = 1.0
+    if config.peak_lr_in_state:
+        peak = config.learning_rate
+        set_peak_learning_rate(optimizer.opt_state, peak)
+    mesh = None
+    if config.mesh:
+        mesh = sharding.make_mesh(config.mesh)
+        sharding.check_batch(config.batch_size, mesh)
+        nnx.update(model, sharding.shard(nnx.state(model), mesh))
+        nnx.update(optimizer, sharding.shard(nnx.state(optimizer), mesh))
+    return _Setup(
+        model=model,
+        optimizer=optimizer,
+        wrt=wrt,
+        stream=stream,
+        eval_batches=eval_batches,
+        data=description,
+        schedule=unit_schedule,
+        peak=peak,
+        mesh=mesh,
+        trainable=sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt))),
+    )
+
+
+def _start_out_dir(config: TrainConfig, out_dir: Path, summary_path: Path) -> None:
+    """Creates the output folder; with ``overwrite``, removes the earlier run's results (the
+    folder's other files stay). The first writes of the run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.overwrite:
+        if jax.process_index() == 0:
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        summary_path.unlink(missing_ok=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("lbw-train overwrite")
+
+
+def _restore(config, checkpointer, setup: _Setup, metrics_path: Path) -> tuple[int, float]:
     """Restores model, optimizer and data stream from the checkpoint to resume from, or starts
     ``metrics_path`` afresh. Returns ``(start_step, elapsed_before)``."""
     if not config.resume:
@@ -528,15 +654,212 @@ def _restore(config, checkpointer, model, optimizer, wrt, stream, metrics_path):
     if not steps:
         raise CheckpointError(f"--resume: no checkpoint in {checkpointer.directory}.")
     start_step = config.resume_step if config.resume_step is not None else steps[-1]
-    abstract = {"params": nnx.state(model, wrt), "optimizer": nnx.state(optimizer)}
+    model, optimizer = setup.model, setup.optimizer
+    abstract = {"params": nnx.state(model, setup.wrt), "optimizer": nnx.state(optimizer)}
     state, meta = checkpointer.restore(start_step, abstract)
     _refuse_changes(meta["config"], config)
     nnx.update(model, state["params"])
     nnx.update(optimizer, state["optimizer"])
-    stream.restore(meta["data"])
+    setup.stream.restore(meta["data"])
     checkpointer.discard_after(start_step)
     _truncate_jsonl(metrics_path, start_step)
     return start_step, float(meta["elapsed_s"])
+
+
+class _Session:
+    """The steps of one session of a run (from its first or resumed step to the last), with
+    the telemetry lines, evaluations and checkpoints due at intervals, and its summary."""
+
+    def __init__(self, config, setup: _Setup, checkpointer, clock: _Clock, paths, start_step):
+        self.config, self.setup, self.checkpointer, self.clock = config, setup, checkpointer, clock
+        self.out_dir, self.summary_path, self.metrics_path = paths
+        self.start_step = start_step
+        self.last_loss, self.last_eval = None, None
+        if start_step:  # Until this session logs its own.
+            self.last_loss, self.last_eval = _last_values(self.metrics_path)
+        self.pending: list[tuple[jax.Array, jax.Array]] = []  # (loss, finite) of steps not read.
+        self.fetched: list[tuple[float, bool]] = []  # ... read, and not yet logged.
+        self.first_nonfinite: int | None = None
+        # cached_partial traverses the model and optimizer graphs once, not at every call.
+        step_fn = make_train_step(config, setup.wrt, setup.mesh)
+        self.train_step = nnx.cached_partial(step_fn, setup.model, setup.optimizer)
+        self.schedule = jax.jit(setup.schedule)  # Compiled here, outside the timed steps.
+        self.schedule(0)
+        self.tokens_per_step = config.batch_size * config.seq_len
+        self.metrics = self.metrics_path.open("a")
+        self.progress = _Progress(config, start_step)
+
+    def run(self, stop_requested: list[bool]) -> dict[str, Any]:
+        """Runs the steps; returns the summary of the completed run."""
+        config, setup = self.config, self.setup
+        self.clock.restart()
+        for step in range(self.start_step + 1, config.steps + 1):
+            batch = setup.stream.batch(step)
+            mesh = setup.mesh
+            batch = jnp.asarray(batch) if mesh is None else sharding.global_batch(batch, mesh)
+            self.pending.append(self.train_step(batch))
+            self.progress.update()
+            self.clock.step_done(self.pending[-1])
+
+            last = step == config.steps
+            eval_now = (config.eval_every and step % config.eval_every == 0) or last
+            save_now = (
+                self.checkpointer is not None
+                and config.checkpoint_every
+                and (step % config.checkpoint_every == 0 or last)
+            )
+            if step % config.log_every == 0 or last:
+                self.log(step)
+            if eval_now or save_now:
+                self.evaluate_and_save(step, eval_now, save_now)
+            if stop_requested and not last:  # Ctrl-C: stop between two steps.
+                raise self.interrupted(step, saved=bool(save_now))
+        if config.export_to is not None and jax.process_index() == 0:
+            models.save_pretrained(setup.model, config.export_to)
+        return self.finish(config.steps, status="completed")
+
+    def fetch(self, step: int) -> None:
+        """Reads the pending (loss, finite) pairs of the steps up to ``step``."""
+        values = jax.device_get(self.pending)
+        first = step - len(values) + 1
+        for i, (loss, ok) in enumerate(values):
+            if not ok and self.first_nonfinite is None:
+                self.first_nonfinite = first + i
+            self.fetched.append((float(loss), bool(ok)))
+        self.pending.clear()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def log(self, step: int) -> None:
+        """Writes the telemetry line of the log interval that ends at ``step``."""
+        self.fetch(step)
+        losses = [loss for loss, _ in self.fetched]
+        nonfinite = sum(not ok for _, ok in self.fetched)
+        self.fetched.clear()
+        steps, seconds = self.clock.end_interval()
+        finite = [x for x in losses if math.isfinite(x)]
+        self.last_loss = float(np.mean(finite)) if finite else None
+        line = {
+            "kind": "train",
+            "step": step,
+            "loss": self.last_loss,
+            "perplexity": _perplexity(self.last_loss),
+            "learning_rate": self.setup.peak * float(self.schedule(step - 1)),
+            "tokens_per_s": steps * self.tokens_per_step / seconds if seconds > 0 else 0.0,
+            "step_time_s": seconds / steps if steps else None,
+            "wall_time_s": self.clock.wall(),
+            "nonfinite": nonfinite,
+            "telemetry": read_telemetry(self.setup.optimizer),
+        }
+        self.write(line)
+        self.progress.show(line)
+        self.stop_if_nonfinite(step)
+
+    def evaluate_and_save(self, step: int, eval_now: bool, save_now: bool) -> None:
+        """Evaluates and/or saves a checkpoint after ``step``, outside the timed steps."""
+        if self.pending and save_now:  # Never checkpoint parameters that a NaN step broke.
+            self.fetch(step)
+            self.stop_if_nonfinite(step)
+        jax.block_until_ready(self.setup.model)
+        self.clock.pause()
+        if eval_now:
+            setup = self.setup
+            self.last_eval = evaluate_optimizer_point(
+                self.config.optimizer,
+                setup.model,
+                setup.optimizer,
+                setup.wrt,
+                setup.eval_batches,
+                setup.mesh,
+            )
+            self.write(
+                {
+                    "kind": "eval",
+                    "step": step,
+                    "eval_loss": self.last_eval,
+                    "eval_perplexity": _perplexity(self.last_eval),
+                    "wall_time_s": self.clock.wall(),
+                }
+            )
+        if save_now:
+            self.save(step)
+        self.clock.restart()
+
+    def save(self, step: int) -> None:
+        setup = self.setup
+        self.checkpointer.save(
+            step,
+            {"params": nnx.state(setup.model, setup.wrt), "optimizer": nnx.state(setup.optimizer)},
+            {
+                "data": setup.stream.state(),
+                "elapsed_s": self.clock.wall(),
+                "config": _normalised(self.config),
+            },
+        )
+
+    def stop_if_nonfinite(self, step: int) -> None:
+        """Ends the run with :class:`NonFiniteError` once a step was non-finite without a guard."""
+        bad = self.first_nonfinite
+        if bad is None or is_guarded(self.config.optimizer):
+            return
+        self.finish(step, status="nonfinite", nonfinite_step=bad)
+        raise NonFiniteError(
+            f"Step {bad}: the loss or gradients are NaN/Inf. Optimizer "
+            f"{self.config.optimizer!r} has no guard, so that update wrote NaN/Inf into the "
+            f"parameters; the run stopped at step {step} without saving them. Use a guarded "
+            "optimizer (lbw, lbw+sgg) to hold such steps, or lower the learning rate.",
+            bad,
+        )
+
+    def interrupted(self, step: int, saved: bool) -> Interrupted:
+        """The :class:`Interrupted` of a stop after ``step``, saving a checkpoint if none is."""
+        checkpointer = self.checkpointer
+        if not saved and checkpointer is not None and self.config.checkpoint_every:
+            self.fetch(step)
+            self.stop_if_nonfinite(step)  # Never checkpoint parameters that a NaN step broke.
+            self.save(step)
+            saved = True
+        where = (
+            f"checkpoint of step {step} saved in {checkpointer.directory}"
+            if saved
+            else "no checkpoint saved (--checkpoint-every N makes a run resumable)"
+        )
+        message = f"interrupted after step {step} of {self.config.steps}; {where}"
+        return Interrupted(message, step, saved)
+
+    def finish(self, step: int, status: str, **extra: Any) -> dict[str, Any]:
+        """Closes the telemetry; writes and returns the summary."""
+        self.close()
+        config, clock = self.config, self.clock
+        steps, seconds = clock.total_steps, clock.total_time
+        summary = {
+            "status": status,
+            "step": step,
+            "steps": config.steps,
+            "loss": self.last_loss,
+            "perplexity": _perplexity(self.last_loss),
+            "eval_loss": self.last_eval,
+            "eval_perplexity": _perplexity(self.last_eval),
+            "tokens_per_s": steps * self.tokens_per_step / seconds if seconds else None,
+            "step_time_s": seconds / steps if steps else None,
+            "compile_s": clock.compile_s,
+            "wall_time_s": clock.wall(),
+            "trainable_params": self.setup.trainable,
+            "optimizer": config.optimizer,
+            "model": config.model,
+            "data": self.setup.data,
+            "telemetry": read_telemetry(self.setup.optimizer),
+            "config": _normalised(config),
+            **extra,
+        }
+        _write_json(self.summary_path, summary)
+        return summary
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.progress.close()
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -561,7 +884,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     created only once the data is read and the model built. ``resume`` (without
     ``resume_step``) of a run that has completed returns its summary and rewrites nothing.
     """
-    start_time = time.perf_counter()
+    clock = _Clock()
     check_config(config)  # Fail fast on bad names, before reading any data.
     if config.export_to is not None and jax.process_count() > 1:
         raise ValueError(
@@ -583,252 +906,30 @@ def train(config: TrainConfig) -> dict[str, Any]:
             )
             return done
 
-    # Data.
-    tokenizer = models.load_tokenizer(config.tokenizer)
-    text = load_text(config)
-    train_tokens = tokenize(text.train, tokenizer, what="training text")
-    eval_tokens = tokenize(text.eval, tokenizer, what="evaluation text")
-    data_description = text.description
-    del text
-    batches = Batches(
-        train_tokens, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
-    )
-    stream = DataStream(batches, config.faults, vocab_size=tokenizer.vocab_size, seed=config.seed)
-    eval_batches = eval_set(
-        eval_tokens,
-        seq_len=config.seq_len,
-        batch_size=config.batch_size,
-        num_batches=config.eval_batches,
-    )
-
-    # Model and optimizer.
-    model, wrt = build_model(config, tokenizer.vocab_size)
-    unit_schedule, tx = _transform(*_optimizer_fields(config))
-    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
-    peak = 1.0
-    if config.peak_lr_in_state:
-        peak = config.learning_rate
-        set_peak_learning_rate(optimizer.opt_state, peak)
-    guarded = is_guarded(config.optimizer)
-    mesh = None
-    if config.mesh:
-        mesh = sharding.make_mesh(config.mesh)
-        sharding.check_batch(config.batch_size, mesh)
-        nnx.update(model, sharding.shard(nnx.state(model), mesh))
-        nnx.update(optimizer, sharding.shard(nnx.state(optimizer), mesh))
-    trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
-
-    # The output folder, checkpoints and resume: the first writes of the run.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if config.overwrite:  # The earlier run's results go; the folder's other files stay.
-        if jax.process_index() == 0:
-            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-        summary_path.unlink(missing_ok=True)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("lbw-train overwrite")
+    setup = _setup(config)
+    _start_out_dir(config, out_dir, summary_path)
     checkpointer = None
     if config.checkpoint_every or config.resume:
         checkpointer = Checkpointer(
             out_dir / "checkpoints", keep=config.keep_checkpoints, every=config.checkpoint_every
         )
+    session = None
     try:
-        start_step, elapsed_before = _restore(
-            config, checkpointer, model, optimizer, wrt, stream, metrics_path
+        start_step, clock.elapsed_before = _restore(config, checkpointer, setup, metrics_path)
+        if start_step:
+            say(f"lbw-train: resumed {out_dir} from step {start_step}")
+        what = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full"
+        say(
+            f"lbw-train: {config.model} ({what}, {setup.trainable:,} trainable params), "
+            f"optimizer {config.optimizer}; data: {setup.data}"
         )
-    except BaseException:
-        if checkpointer is not None:
-            checkpointer.close()
-        raise
-    last_loss, last_eval = None, None
-    if start_step:
-        say(f"lbw-train: resumed {out_dir} from step {start_step}")
-        last_loss, last_eval = _last_values(metrics_path)  # Until this run logs its own.
-    what = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full"
-    say(
-        f"lbw-train: {config.model} ({what}, "
-        f"{trainable:,} trainable params), optimizer {config.optimizer}; data: {data_description}"
-    )
-
-    # cached_partial traverses the model and optimizer graphs once, not at every call.
-    train_step = nnx.cached_partial(make_train_step(config, wrt, mesh), model, optimizer)
-    schedule = jax.jit(unit_schedule)  # Compiled here, outside the timed steps.
-    schedule(0)
-    learning_rate = lambda count: peak * float(schedule(count))
-    tokens_per_step = config.batch_size * config.seq_len
-    metrics = metrics_path.open("a")
-    progress = _Progress(config, start_step)
-
-    def wall() -> float:
-        return elapsed_before + time.perf_counter() - start_time
-
-    def write(record: dict[str, Any]) -> None:
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-
-    pending: list[tuple[jax.Array, jax.Array]] = []  # (loss, finite) of the steps not yet read.
-    fetched: list[tuple[float, bool]] = []  # ... read, and not yet logged.
-    interval_steps, interval_time = 0, 0.0  # Timed training steps since the last log line.
-    timed_steps, timed_time = 0, 0.0  # Totals after the first (compiling) step.
-    compile_s = None
-    first_nonfinite = None
-    clock = time.perf_counter()
-
-    def fetch(step: int) -> None:
-        """Reads the pending (loss, finite) pairs of the steps up to ``step``."""
-        nonlocal first_nonfinite
-        values = jax.device_get(pending)
-        first = step - len(values) + 1
-        for i, (loss, ok) in enumerate(values):
-            if not ok and first_nonfinite is None:
-                first_nonfinite = first + i
-            fetched.append((float(loss), bool(ok)))
-        pending.clear()
-
-    def stop_if_nonfinite(step: int) -> None:
-        if first_nonfinite is None or guarded:
-            return
-        summary = finish(step, status="nonfinite")
-        summary["nonfinite_step"] = first_nonfinite
-        _write_json(out_dir / f"summary{suffix}.json", summary)
-        raise NonFiniteError(
-            f"Step {first_nonfinite}: the loss or gradients are NaN/Inf. Optimizer "
-            f"{config.optimizer!r} has no guard, so that update wrote NaN/Inf into the "
-            f"parameters; the run stopped at step {step} without saving them. Use a guarded "
-            "optimizer (lbw, lbw+sgg) to hold such steps, or lower the learning rate.",
-            first_nonfinite,
-        )
-
-    def finish(step: int, status: str) -> dict[str, Any]:
-        metrics.close()
-        progress.close()
-        return {
-            "status": status,
-            "step": step,
-            "steps": config.steps,
-            "loss": last_loss,
-            "perplexity": _perplexity(last_loss),
-            "eval_loss": last_eval,
-            "eval_perplexity": _perplexity(last_eval),
-            "tokens_per_s": timed_steps * tokens_per_step / timed_time if timed_time else None,
-            "step_time_s": timed_time / timed_steps if timed_steps else None,
-            "compile_s": compile_s,
-            "wall_time_s": wall(),
-            "trainable_params": trainable,
-            "optimizer": config.optimizer,
-            "model": config.model,
-            "data": data_description,
-            "telemetry": read_telemetry(optimizer),
-            "config": _normalised(config),
-        }
-
-    def save(step: int) -> None:
-        checkpointer.save(
-            step,
-            {"params": nnx.state(model, wrt), "optimizer": nnx.state(optimizer)},
-            {"data": stream.state(), "elapsed_s": wall(), "config": _normalised(config)},
-        )
-
-    def interrupted(step: int, saved: bool) -> Interrupted:
-        if not saved and checkpointer is not None and config.checkpoint_every:
-            fetch(step)
-            stop_if_nonfinite(step)  # Never checkpoint parameters that a NaN step broke.
-            save(step)
-            saved = True
-        where = (
-            f"checkpoint of step {step} saved in {checkpointer.directory}"
-            if saved
-            else "no checkpoint saved (--checkpoint-every N makes a run resumable)"
-        )
-        return Interrupted(f"interrupted after step {step} of {config.steps}; {where}", step, saved)
-
-    sigint = contextlib.ExitStack()
-    stop_requested = sigint.enter_context(_stop_on_sigint())
-    try:
-        for step in range(start_step + 1, config.steps + 1):
-            batch = stream.batch(step)
-            batch = jnp.asarray(batch) if mesh is None else sharding.global_batch(batch, mesh)
-            pending.append(train_step(batch))
-            progress.update()
-            if compile_s is None:  # One sync after the first step: compile time, then steady state.
-                jax.block_until_ready(pending[-1])
-                compile_s = time.perf_counter() - clock
-                clock = time.perf_counter()
-            else:
-                interval_steps += 1
-
-            log_now = step % config.log_every == 0 or step == config.steps
-            eval_now = (config.eval_every and step % config.eval_every == 0) or step == config.steps
-            save_now = (
-                checkpointer is not None
-                and config.checkpoint_every
-                and (step % config.checkpoint_every == 0 or step == config.steps)
-            )
-            if log_now:
-                fetch(step)
-                losses = [loss for loss, _ in fetched]
-                nonfinite = sum(not ok for _, ok in fetched)
-                fetched.clear()
-                now = time.perf_counter()
-                interval_time += now - clock
-                clock = now
-                timed_steps += interval_steps
-                timed_time += interval_time
-                finite = [x for x in losses if math.isfinite(x)]
-                last_loss = float(np.mean(finite)) if finite else None
-                line = {
-                    "kind": "train",
-                    "step": step,
-                    "loss": last_loss,
-                    "perplexity": _perplexity(last_loss),
-                    "learning_rate": float(learning_rate(step - 1)),
-                    "tokens_per_s": interval_steps * tokens_per_step / interval_time
-                    if interval_time > 0
-                    else 0.0,
-                    "step_time_s": interval_time / interval_steps if interval_steps else None,
-                    "wall_time_s": wall(),
-                    "nonfinite": nonfinite,
-                    "telemetry": read_telemetry(optimizer),
-                }
-                write(line)
-                progress.show(line)
-                interval_steps, interval_time = 0, 0.0
-                stop_if_nonfinite(step)
-            if eval_now or save_now:
-                if pending and save_now:  # Never checkpoint parameters that a NaN step broke.
-                    fetch(step)
-                    stop_if_nonfinite(step)
-                jax.block_until_ready(model)
-                now = time.perf_counter()
-                interval_time += now - clock
-                if eval_now:
-                    last_eval = evaluate_optimizer_point(
-                        config.optimizer, model, optimizer, wrt, eval_batches, mesh
-                    )
-                    write(
-                        {
-                            "kind": "eval",
-                            "step": step,
-                            "eval_loss": last_eval,
-                            "eval_perplexity": _perplexity(last_eval),
-                            "wall_time_s": wall(),
-                        }
-                    )
-                if save_now:
-                    save(step)
-                clock = time.perf_counter()
-            if stop_requested and step < config.steps:  # Ctrl-C: stop between two steps.
-                raise interrupted(step, saved=bool(save_now))
-        if config.export_to is not None and jax.process_index() == 0:
-            models.save_pretrained(model, config.export_to)
-        summary = finish(config.steps, status="completed")
-        _write_json(out_dir / f"summary{suffix}.json", summary)
-        return summary
+        paths = (out_dir, summary_path, metrics_path)
+        session = _Session(config, setup, checkpointer, clock, paths, start_step)
+        with _stop_on_sigint() as stop_requested:
+            return session.run(stop_requested)
     finally:
-        sigint.close()
-        with contextlib.suppress(Exception):
-            metrics.close()
-            progress.close()
+        if session is not None:
+            with contextlib.suppress(Exception):
+                session.close()
         if checkpointer is not None:
             checkpointer.close()
