@@ -96,19 +96,55 @@ class GovernorPolicy(Policy):
     oscillation_trend: float = 0.1
     dwell: int = 5
     calm_steps: int = 20
-    damping: float = 0.2
-    spike_factor: float = 0.5
+    damping: float = 0.0
+    spike_factor: float = 1.0
     release: float = 0.01
     max_holds: int = 2
-    overshoot_cos: float | None = 0.0
+    overshoot_cos: float | None = None
     alignment_decay: float = 0.9
     initial_scale: float = 1.0
     growth: float = 1.0
     pace_cut: float = 1.0
     pace_release: float = 0.01
     cooldown: int = 10
-    max_update_ratio: float | None = None
+    max_update_ratio: float | None = 0.035
     param_floor: float = 0.02
+
+    def __post_init__(self):
+        _validate.check_positive("max_scale", self.max_scale)
+        _validate.check_in_range("min_scale", self.min_scale, 0.0, self.max_scale, closed="right")
+        _validate.check_non_negative_int("warmup", self.warmup)
+        _validate.check_in_range("fast_decay", self.fast_decay, 0.0, 1.0, closed="left")
+        _validate.check_in_range("slow_decay", self.slow_decay, self.fast_decay, 1.0, closed="left")
+        _validate.check_positive("spike_z", self.spike_z)
+        _validate.check_positive("hold_z", self.hold_z)
+        _validate.check_ordered("spike_z", self.spike_z, "hold_z", self.hold_z)
+        _validate.check_in_range("hold_ratio", self.hold_ratio, 1.0, float("inf"), closed="neither")
+        _validate.check_non_negative("min_spike_rise", self.min_spike_rise)
+        _validate.check_non_negative("stress_trend", self.stress_trend)
+        _validate.check_non_negative("oscillation_trend", self.oscillation_trend)
+        _validate.check_positive_int("dwell", self.dwell)
+        _validate.check_positive_int("calm_steps", self.calm_steps)
+        _validate.check_in_range("damping", self.damping, 0.0, 1.0, closed="left")
+        _validate.check_in_range("spike_factor", self.spike_factor, 0.0, 1.0, closed="right")
+        _validate.check_non_negative("release", self.release)
+        _validate.check_non_negative_int("max_holds", self.max_holds)
+        if self.overshoot_cos is not None:
+            _validate.check_in_range("overshoot_cos", self.overshoot_cos, -1.0, 1.0)
+        _validate.check_in_range("alignment_decay", self.alignment_decay, 0.0, 1.0, closed="left")
+        _validate.check_in_range("initial_scale", self.initial_scale, self.min_scale, 1.0)
+        _validate.check_in_range("growth", self.growth, 1.0, float("inf"), closed="left")
+        _validate.check_in_range("pace_cut", self.pace_cut, 0.0, 1.0, closed="right")
+        _validate.check_non_negative("pace_release", self.pace_release)
+        _validate.check_non_negative_int("cooldown", self.cooldown)
+        if self.max_update_ratio is not None:
+            _validate.check_positive("max_update_ratio", self.max_update_ratio)
+        _validate.check_non_negative("param_floor", self.param_floor)
+        if self.initial_scale < 1.0 and self.growth == 1.0 and self.pace_release == 0.0:
+            raise ValueError(
+                f"initial_scale={self.initial_scale} < 1 needs growth > 1 or pace_release > 0, "
+                "or the pace never reaches 1"
+            )
 
     needs_value = True
 
@@ -268,7 +304,7 @@ class GovernorPolicy(Policy):
 
         # Per-tensor limiter: no tensor moves more than max_update_ratio of its norm (floored
         # at param_floor·√size, for tensors that start at zero) in one step.
-        if self.max_update_ratio is None:
+        if self.max_update_ratio is None or self.min_scale == self.max_scale:  # Pinned: none.
             tensor_scale, update_ratio, limited = 1.0, jnp.zeros([], jnp.float32), 0
         else:
             ref = jnp.maximum(
@@ -318,35 +354,7 @@ class GovernorPolicy(Policy):
         return decision, new_state
 
 
-def governor_policy(
-    *,
-    min_scale: float = 0.1,
-    max_scale: float = 1.0,
-    warmup: int = 10,
-    fast_decay: float = 0.9,
-    slow_decay: float = 0.99,
-    spike_z: float = 4.0,
-    hold_z: float = 8.0,
-    hold_ratio: float = 10.0,
-    min_spike_rise: float = 0.05,
-    stress_trend: float = 0.02,
-    oscillation_trend: float = 0.1,
-    dwell: int = 5,
-    calm_steps: int = 20,
-    damping: float = 0.2,
-    spike_factor: float = 0.5,
-    release: float = 0.01,
-    max_holds: int = 2,
-    overshoot_cos: float | None = 0.0,
-    alignment_decay: float = 0.9,
-    initial_scale: float = 1.0,
-    growth: float = 1.0,
-    pace_cut: float = 1.0,
-    pace_release: float = 0.01,
-    cooldown: int = 10,
-    max_update_ratio: float | None = None,
-    param_floor: float = 0.02,
-) -> GovernorPolicy:
+def governor_policy(**overrides) -> GovernorPolicy:
     r"""Our governance policy: senses loss and gradient norm, interprets with hysteresis.
 
     **Sense** (every step, on device): the loss :math:`\ell` (``value=``) and the global
@@ -408,65 +416,4 @@ def governor_policy(
       >>> import optax, lbw_optax
       >>> tx = lbw_optax.guard(optax.adamw(1e-3), policy=lbw_optax.governor_policy(warmup=10))
     """
-    _validate.check_positive("max_scale", max_scale)
-    _validate.check_in_range("min_scale", min_scale, 0.0, max_scale, closed="right")
-    _validate.check_non_negative_int("warmup", warmup)
-    _validate.check_in_range("fast_decay", fast_decay, 0.0, 1.0, closed="left")
-    _validate.check_in_range("slow_decay", slow_decay, fast_decay, 1.0, closed="left")
-    _validate.check_positive("spike_z", spike_z)
-    _validate.check_positive("hold_z", hold_z)
-    _validate.check_ordered("spike_z", spike_z, "hold_z", hold_z)
-    _validate.check_in_range("hold_ratio", hold_ratio, 1.0, float("inf"), closed="neither")
-    _validate.check_non_negative("min_spike_rise", min_spike_rise)
-    _validate.check_non_negative("stress_trend", stress_trend)
-    _validate.check_non_negative("oscillation_trend", oscillation_trend)
-    _validate.check_positive_int("dwell", dwell)
-    _validate.check_positive_int("calm_steps", calm_steps)
-    _validate.check_in_range("damping", damping, 0.0, 1.0, closed="left")
-    _validate.check_in_range("spike_factor", spike_factor, 0.0, 1.0, closed="right")
-    _validate.check_non_negative("release", release)
-    _validate.check_non_negative_int("max_holds", max_holds)
-    if overshoot_cos is not None:
-        _validate.check_in_range("overshoot_cos", overshoot_cos, -1.0, 1.0)
-    _validate.check_in_range("alignment_decay", alignment_decay, 0.0, 1.0, closed="left")
-    _validate.check_in_range("initial_scale", initial_scale, min_scale, 1.0)
-    _validate.check_in_range("growth", growth, 1.0, float("inf"), closed="left")
-    _validate.check_in_range("pace_cut", pace_cut, 0.0, 1.0, closed="right")
-    _validate.check_non_negative("pace_release", pace_release)
-    _validate.check_non_negative_int("cooldown", cooldown)
-    if max_update_ratio is not None:
-        _validate.check_positive("max_update_ratio", max_update_ratio)
-    _validate.check_non_negative("param_floor", param_floor)
-    if initial_scale < 1.0 and growth == 1.0 and pace_release == 0.0:
-        raise ValueError(
-            f"initial_scale={initial_scale} < 1 needs growth > 1 or pace_release > 0, "
-            "or the pace never reaches 1"
-        )
-    return GovernorPolicy(
-        min_scale=float(min_scale),
-        max_scale=float(max_scale),
-        warmup=warmup,
-        fast_decay=float(fast_decay),
-        slow_decay=float(slow_decay),
-        spike_z=float(spike_z),
-        hold_z=float(hold_z),
-        hold_ratio=float(hold_ratio),
-        min_spike_rise=float(min_spike_rise),
-        stress_trend=float(stress_trend),
-        oscillation_trend=float(oscillation_trend),
-        dwell=dwell,
-        calm_steps=calm_steps,
-        damping=float(damping),
-        spike_factor=float(spike_factor),
-        release=float(release),
-        max_holds=max_holds,
-        overshoot_cos=None if overshoot_cos is None else float(overshoot_cos),
-        alignment_decay=float(alignment_decay),
-        initial_scale=float(initial_scale),
-        growth=float(growth),
-        pace_cut=float(pace_cut),
-        pace_release=float(pace_release),
-        cooldown=cooldown,
-        max_update_ratio=None if max_update_ratio is None else float(max_update_ratio),
-        param_floor=float(param_floor),
-    )
+    return GovernorPolicy(**overrides)

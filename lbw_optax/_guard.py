@@ -130,7 +130,10 @@ def record(
 
 
 def guard(
-    inner: optax.GradientTransformation, *, policy: str | Policy = "governor"
+    inner: optax.GradientTransformation,
+    *,
+    policy: str | Policy = "governor",
+    check_updates: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Governs any optax transformation with a bounded, recorded control loop.
 
@@ -144,11 +147,20 @@ def guard(
     state unchanged, ``nonfinite_steps`` and ``skipped_steps`` counted, no NaN/Inf written to
     any statistic. The next finite step proceeds normally.
 
+    When the inner update is sensed (``check_updates``), a NaN/Inf that the inner optimizer
+    makes from finite gradients (e.g. bf16 moments that overflow) is held the same way and
+    never reaches the parameters; the inner state then advances (the moments that made the
+    NaN would make it again, and keeping them would cost another pass over the state).
+
     Args:
       inner: the transformation to govern (e.g. ``optax.adamw(1e-3)``). It receives the
         gradients, ``params`` and every extra argument, ``value`` included.
       policy: ``"governor"`` (:func:`~lbw_optax.governor_policy` defaults), ``"reference"``
         (:func:`~lbw_optax.reference_policy` defaults) or a policy instance.
+      check_updates: sense the inner update (one more pass over it: about 2 % of a whole train
+        step in ``benchmarks/overhead.py``) so that a non-finite one is held. ``None``: when
+        the policy senses the update anyway (a per-tensor limiter, as the governor's), where
+        the check is free.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
@@ -169,6 +181,13 @@ def guard(
             f"inner must be an optax.GradientTransformation (e.g. optax.adamw(1e-3)), got {inner!r}"
         )
     policy = resolve_policy(policy)
+    if check_updates is None:
+        check_updates = policy.needs_tensor_norms
+    elif policy.needs_tensor_norms and not check_updates:
+        raise ValueError(
+            f"check_updates=False: the {type(policy).__name__} senses the update anyway "
+            "(its per-tensor limiter), so the check costs nothing; leave it at None"
+        )
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -211,11 +230,13 @@ def guard(
         step = optax.safe_increment(state.step)
         momentum = find_first_moment(state.inner_state, updates) if policy.needs_momentum else None
         signals, grads_finite = sense(updates, value, momentum)
-        # The inner update is sensed too: a NaN that the inner optimizer makes from finite
-        # gradients (e.g. bf16 moments) is held like a NaN gradient, never applied.
-        sensed_params = params if policy.needs_tensor_norms else None
-        signals, updates_finite = sense_updates(signals, inner_updates, sensed_params)
-        finite = grads_finite & updates_finite
+        # The inner update too, when checked: a NaN that the inner optimizer makes from
+        # finite gradients (e.g. bf16 moments) is held like a NaN gradient, never applied.
+        finite = grads_finite
+        if check_updates:
+            sensed_params = params if policy.needs_tensor_norms else None
+            signals, updates_finite = sense_updates(signals, inner_updates, sensed_params)
+            finite = finite & updates_finite
         decision, policy_state = policy.decide(
             signals, state.policy_state, step=step, scale=state.scale, regime=state.regime
         )
@@ -233,7 +254,13 @@ def guard(
             finite=finite,
             signals=keep_old(signals, state.signals),
             policy_state=keep_old(policy_state, state.policy_state),
-            inner_state=optax.tree.where(hold, state.inner_state, inner_state),
+            # The inner state is kept on non-finite gradients and on a policy's hold. A NaN that
+            # the inner optimizer makes itself from finite gradients is never applied, but its
+            # state advances: keeping it would cost another pass over the moments, and the
+            # moments that made the NaN would make it again.
+            inner_state=optax.tree.where(
+                ~grads_finite | decision.hold, state.inner_state, inner_state
+            ),
         )
         return new_updates, new_state
 

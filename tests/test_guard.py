@@ -17,6 +17,10 @@ from lbw_optax import Regime, testing
 hypothesis.settings.register_profile("default", derandomize=True, deadline=None, max_examples=25)
 hypothesis.settings.load_profile("default")
 
+# The governor's statistical scale cuts (its v1 defaults; off by default since the per-tensor
+# limiter does the control): the tests of those rules turn them on.
+DAMPING = dict(damping=0.2, spike_factor=0.5, overshoot_cos=0.0)
+
 PARAMS = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.full((4,), 0.5)}
 
 
@@ -238,7 +242,8 @@ def test_governor_spike_holds_then_recovers_to_stable():
     losses[60] = 50.0  # a severe loss spike
     grads = [scaled_grads(1.0)] * n
     grads[60] = scaled_grads(1e3)
-    _, records, _ = run(lbw_optax.lbw_adamw(1e-2), grads, losses)
+    policy = lbw_optax.governor_policy(**DAMPING)
+    _, records, _ = run(lbw_optax.lbw_adamw(1e-2, policy=policy), grads, losses)
     spike = records[60]
     assert int(spike["regime"]) == Regime.SPIKE and bool(spike["held"])
     assert float(spike["scale"]) == pytest.approx(0.5)
@@ -258,7 +263,9 @@ def test_governor_damps_a_rising_loss_and_stays_in_bounds():
     losses = [3.0] * 40 + [3.0 * 1.02**k for k in range(160)]
     grads = [scaled_grads(1.0)] * n
     _, records, _ = run(
-        lbw_optax.lbw_adamw(1e-2, policy=lbw_optax.governor_policy(min_scale=0.2)), grads, losses
+        lbw_optax.lbw_adamw(1e-2, policy=lbw_optax.governor_policy(min_scale=0.2, **DAMPING)),
+        grads,
+        losses,
     )
     regimes = {int(r["regime"]) for r in records}
     assert Regime.STRESSED in regimes
@@ -362,13 +369,14 @@ def test_governor_damps_when_gradients_oppose_the_momentum():
     n = 80
     grads = [scaled_grads((-1.0) ** k) for k in range(n)]  # every step reverses the last
     losses = [2.0] * n
-    _, records, _ = run(lbw_optax.lbw_adamw(1e-2), grads, losses)
+    policy = lbw_optax.governor_policy(**DAMPING)
+    _, records, _ = run(lbw_optax.lbw_adamw(1e-2, policy=policy), grads, losses)
     assert float(records[10]["grad_momentum_cos"]) < -0.9
     regimes = [int(r["regime"]) for r in records]
     assert Regime.OSCILLATION in regimes
     assert float(records[-1]["scale"]) < 0.5
     # Without the cue the same sequence is left alone.
-    policy = lbw_optax.governor_policy(overshoot_cos=None)
+    policy = lbw_optax.governor_policy(**{**DAMPING, "overshoot_cos": None})
     _, records, _ = run(lbw_optax.lbw_adamw(1e-2, policy=policy), grads, losses)
     assert {int(r["regime"]) for r in records} == {Regime.STABLE}
 
@@ -438,7 +446,7 @@ def _nan_above(limit):
 
 def test_a_nonfinite_inner_update_is_held_and_never_reaches_the_parameters():
     for policy in ("governor", "reference"):
-        tx = lbw_optax.guard(_nan_above(1.0), policy=policy)
+        tx = lbw_optax.guard(_nan_above(1.0), policy=policy, check_updates=True)
         params, state = PARAMS, tx.init(PARAMS)
         update = jax.jit(tx.update)
         for k in range(5):
@@ -448,9 +456,21 @@ def test_a_nonfinite_inner_update_is_held_and_never_reaches_the_parameters():
             chex.assert_tree_all_finite(params)
             if k == 2:
                 assert bool(state.held) and int(state.regime) == Regime.NONFINITE
-                assert int(state.inner_state.count) == 2  # The inner state was not advanced.
+                # Gradients were finite: the inner state advances (see guard's docstring).
+                assert int(state.inner_state.count) == 3
         assert int(state.nonfinite_steps) == 1 and int(state.skipped_steps) == 1
         chex.assert_tree_all_finite(state)
+
+
+def test_without_the_update_check_a_nonfinite_inner_update_goes_through():
+    # What check_updates buys (and why it is on whenever the policy senses the update).
+    tx = lbw_optax.guard(_nan_above(1.0), policy="reference")
+    state = tx.init(PARAMS)
+    updates, state = jax.jit(tx.update)(scaled_grads(100.0), state, PARAMS)
+    assert not bool(state.held)
+    assert not np.isfinite(np.asarray(updates["w"])).all()
+    with pytest.raises(ValueError, match="check_updates=False"):
+        lbw_optax.guard(optax.adamw(1e-3), policy=lbw_optax.governor_policy(), check_updates=False)
 
 
 def test_bf16_moments_that_overflow_never_reach_the_parameters():
@@ -475,7 +495,7 @@ def test_a_parameter_called_mu_does_not_hide_the_first_moment():
     found = lbw_optax._sense.find_first_moment(state, grads)
     assert found is not None
     chex.assert_trees_all_equal(found, state[0].mu)
-    tx = lbw_optax.lbw_adamw(1e-2)
+    tx = lbw_optax.lbw_adamw(1e-2, policy=lbw_optax.governor_policy(overshoot_cos=0.0))
     _, records, _ = run(tx, [grads] * 3, [2.0] * 3, params=params)
     assert float(records[-1]["grad_momentum_cos"]) > 0.99
 
@@ -530,6 +550,7 @@ def _numpy_pace(cosines, *, initial, growth, cut, release, cooldown, decay, low)
 
 def test_pace_matches_its_numpy_restatement():
     knobs = dict(initial_scale=0.2, growth=1.3, pace_cut=0.5, pace_release=0.02, cooldown=4)
+    knobs.update(overshoot_cos=0.0, max_update_ratio=None)
     # The statistics never engage (warm-up 1000): only the pace acts.
     policy = lbw_optax.governor_policy(**knobs, alignment_decay=0.3, warmup=1000)
     tx = lbw_optax.guard(optax.adam(1e-3), policy=policy)

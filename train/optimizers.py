@@ -176,6 +176,18 @@ def adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
     return _adamw(config, learning_rate)
 
 
+@register_optimizer("lion")
+def lion(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    """Lion (``optax.lion``), ungoverned: the baseline of ``lbw --inner lion``."""
+    return _lion(config, learning_rate)
+
+
+@register_optimizer("muon")
+def muon(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    """Muon (``optax.contrib.muon``), ungoverned: the baseline of ``lbw --inner muon``."""
+    return _muon(config, learning_rate)
+
+
 @register_optimizer("adamw+clip")
 def adamw_clip(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
     """Global-norm clipping at ``config.clip_threshold``, then AdamW."""

@@ -401,9 +401,10 @@ def plot_scale(suite: Suite, setting: str, fault: str, path: Path) -> bool:
                 if r.get("kind") == "train" and "scale" in (r.get("telemetry") or {})
             ]
             steps = [r["step"] for r in lines]
-            axes[0][col].plot(
-                steps, [r["telemetry"]["scale"] for r in lines], color=cmap(i), label=method
-            )
+            # The effective scale (per-tensor limits included) where the run logged it.
+            tels = [r["telemetry"] for r in lines]
+            applied = [t.get("effective_scale", t["scale"]) for t in tels]
+            axes[0][col].plot(steps, applied, color=cmap(i), label=method)
             reg = [r["telemetry"]["regime"] for r in lines]
             for r in lines:
                 regimes[r["telemetry"]["regime"]] = r["telemetry"].get("regime_name", "")
@@ -411,7 +412,7 @@ def plot_scale(suite: Suite, setting: str, fault: str, path: Path) -> bool:
                 steps, [x + 0.08 * i for x in reg], where="post", color=cmap(i), label=method
             )
         axes[0][col].set_title(f"LR ×{m:g} ({suite.lr_of(setting, m):.0e})")
-        axes[0][col].set_ylabel("scale")
+        axes[0][col].set_ylabel("effective scale")
         axes[0][col].set_ylim(0, 1.05)
         axes[0][col].grid(alpha=0.3)
         axes[1][col].set_ylabel("regime")

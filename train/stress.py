@@ -119,6 +119,9 @@ class Setting:
         exported weights (``init_from``). ``None``: the runs start from a random base.
       methods: the names of the suite's methods this setting runs (empty: all of them).
       lr_multipliers: this setting's learning-rate multipliers (empty: the suite's).
+      train: :class:`TrainConfig` fields that replace the suite's for this setting (e.g. a
+        longer run: ``{"steps": 2000}``).
+      seeds: this setting's seeds (empty: the suite's).
     """
 
     name: str
@@ -131,6 +134,8 @@ class Setting:
     pretrain: Mapping[str, Any] | None = None
     methods: tuple[str, ...] = ()
     lr_multipliers: tuple[float, ...] = ()
+    train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    seeds: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.base_lr is None and not self.lr_grid:
@@ -256,6 +261,7 @@ def run_id(setting: str, method: str, learning_rate: float, fault: str, seed: in
 
 def _config(spec: SuiteSpec, setting: Setting, method: Method, lr: float, fault: str, seed: int):
     values = dict(spec.train)
+    values.update(setting.train)
     values.update(
         model=setting.model,
         model_overrides=dict(setting.model_overrides),
@@ -383,7 +389,7 @@ def expand(spec: SuiteSpec, base_lrs: Mapping[str, float] | None = None) -> list
                     ):
                         continue
                     lr = float(f"{(method.base_lr or base) * mult:.6g}")
-                    for seed in spec.seeds:
+                    for seed in setting.seeds or spec.seeds:
                         run = Run(
                             run_id=run_id(setting.name, method.name, lr, fault, seed),
                             stage="control" if method.control else "method",
@@ -469,7 +475,9 @@ def mean_scale(telemetry: Mapping[str, Any]) -> float | None:
 
 
 def scale_trace(lines: Iterable[Mapping[str, Any]], steps: int) -> list[float]:
-    """The per-step applied scale (0 on a held step) from a run logged every step.
+    """The per-step applied scale from a run logged every step: the guard's
+    ``effective_scale`` (its per-tensor limits included, 0 on a held step), or for older runs
+    ``scale`` (0 on a held step).
 
     Raises:
       ValueError: if a step in ``1..steps`` has no telemetry line.
@@ -477,7 +485,11 @@ def scale_trace(lines: Iterable[Mapping[str, Any]], steps: int) -> list[float]:
     by_step = {}
     for line in lines:
         tel = line.get("telemetry") or {}
-        if line.get("kind") == "train" and "scale" in tel:
+        if line.get("kind") != "train":
+            continue
+        if "effective_scale" in tel:
+            by_step[line["step"]] = float(tel["effective_scale"])
+        elif "scale" in tel:
             by_step[line["step"]] = 0.0 if tel.get("held") else float(tel["scale"])
     missing = [s for s in range(1, steps + 1) if s not in by_step]
     if missing:
@@ -962,6 +974,11 @@ def _core_methods(clips: Sequence[float]) -> list[Method]:
     methods += [
         Method(name="reference", optimizer="lbw", overrides=REFERENCE),
         Method(name="governor", optimizer="lbw", overrides=GOVERNOR),
+        Method(
+            name="governor+clip",
+            optimizer="lbw+clip",
+            overrides={**GOVERNOR, "clip_threshold": clips[0]},
+        ),
         _peer("sgg"),
         _peer("governor+sgg", "lbw+sgg", overrides=GOVERNOR),
         _peer("zclip"),
@@ -970,16 +987,28 @@ def _core_methods(clips: Sequence[float]) -> list[Method]:
     return methods
 
 
+# The guard over another inner optimizer, beside that optimizer alone.
+OTHER_INNER = ("lion", "governor(lion)")
+
+
 def quick() -> SuiteSpec:
     """The default suite: CPU, about ten minutes on two quiet cores."""
+    quick_methods = (
+        *_core_methods([1.0]),
+        *(m for m in LR_FREE if m.name in ("stable-adamw", "reduce-on-plateau")),
+        Method(name="effective-lr", optimizer="adamw", control="effective-lr", source="governor"),
+        Method(name="lion", optimizer="lion"),
+        Method(name="governor(lion)", optimizer="lbw", overrides={**GOVERNOR, "inner": "lion"}),
+    )
     return SuiteSpec(
         name="quick",
         description=(
             "CPU suite: the shipped WikiText-2 sample, a 2-layer cut of the tiny Qwen2.5-3B-style "
-            "preset (byte-level), full-parameter training, 200 steps of 8×64 tokens; eleven "
-            "methods (StableAdamW, reduce-on-plateau and the effective-LR control included) at "
-            "the sweep's base learning rate and two stress multipliers, two seeds. The peers' "
-            "time constants are fractions of the run (see Time constants)."
+            "preset (byte-level), full-parameter training, 200 steps of 8×64 tokens; twelve "
+            "methods (the governor over clipping, StableAdamW, reduce-on-plateau and the "
+            "effective-LR control included) at the sweep's base learning rate and two stress "
+            "multipliers, two seeds; and Lion alone and governed at ×1 and ×10 of 1e-4. The "
+            "peers' time constants are fractions of the run (see Time constants)."
         ),
         settings=(
             Setting(
@@ -987,15 +1016,19 @@ def quick() -> SuiteSpec:
                 model="tiny_qwen2_5_3b",
                 model_overrides={"num_layers": 2},
                 lr_grid=(3e-4, 1e-3, 3e-3),
+                methods=tuple(m.name for m in quick_methods if m.name not in OTHER_INNER),
+            ),
+            Setting(
+                name="tiny_qwen2_5_3b/lion",
+                model="tiny_qwen2_5_3b",
+                model_overrides={"num_layers": 2},
+                base_lr=1e-4,
+                base_lr_note="a tenth of AdamW's base, within the Lion paper's 3-10x smaller",
+                methods=OTHER_INNER,
+                lr_multipliers=(1.0, 10.0),
             ),
         ),
-        methods=(
-            *_core_methods([1.0]),
-            *(m for m in LR_FREE if m.name in ("stable-adamw", "reduce-on-plateau")),
-            Method(
-                name="effective-lr", optimizer="adamw", control="effective-lr", source="governor"
-            ),
-        ),
+        methods=quick_methods,
         lr_multipliers=(1.0, 3.0, 10.0),
         seeds=(0, 1),
         train=QUICK_TRAIN,
@@ -1042,6 +1075,16 @@ def full() -> SuiteSpec:
             methods=LADDER_METHODS,
             lr_multipliers=(1.0, 10.0),
             lr_grid=(1e-3, 3e-3, 1e-2),
+        ),
+        Setting(
+            name="tiny_qwen2_5_3b/2000-steps",
+            model="tiny_qwen2_5_3b",
+            base_lr=3e-3,
+            base_lr_note="the tiny_qwen2_5_3b sweep's choice at 300 steps",
+            methods=("adamw", "adamw+clip1", "governor", "effective-lr"),
+            lr_multipliers=(1.0, 10.0),
+            train={"steps": 2000, "warmup_steps": 200, "eval_every": 250},
+            seeds=(0, 1),
         ),
         Setting(name="tiny_tinyllama_1_1b", model="tiny_tinyllama_1_1b", **ladder),
         Setting(name="tiny_qwen2_5_7b", model="tiny_qwen2_5_7b", **ladder),
