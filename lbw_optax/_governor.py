@@ -355,7 +355,16 @@ class GovernorPolicy(Policy):
 
 
 def governor_policy(**overrides) -> GovernorPolicy:
-    r"""Our governance policy: senses loss and gradient norm, interprets with hysteresis.
+    r"""Our governance policy: a per-tensor update limiter, regimes read from the loss and the
+    gradients, holds on severe spikes.
+
+    **Limit** (every step from the first, no statistics needed): each tensor's applied update
+    is cut, if needed, so that its norm is at most ``max_update_ratio`` times the tensor's
+    norm before the step, the norm floored at ``param_floor·√size`` (for tensors that start at
+    zero, LoRA's B or biases): the factor ``min(1, r·max(‖θ‖, floor·√n) / (scale·‖u‖))``
+    (trust-ratio style; Kosson et al. 2024 on the angular update; LARS/LAMB). Calibrated on the
+    quick probe so that it barely binds at the swept base learning rate and holds a stressed
+    learning rate to a productive step from step 1, before a statistic could react.
 
     **Sense** (every step, on device): the loss :math:`\ell` (``value=``) and the global
     gradient norm :math:`\|g\|`. Running statistics: fast and slow EMAs of :math:`\ell` and of
@@ -379,14 +388,23 @@ def governor_policy(**overrides) -> GovernorPolicy:
     damping regime is kept until no cue has been seen for ``calm_steps`` steps, then
     ``RECOVERY`` until the scale is back at ``max_scale``, then ``STABLE``.
 
-    **Control**: spike: ``scale ·= spike_factor``; engaged stress: ``scale ·= 1 - damping``;
+    **Control** (of the global scale; these cuts are off by default, ``damping=0``,
+    ``spike_factor=1``, ``overshoot_cos=None``, since the probe measured that with the limiter
+    they cost: the regimes are still read and reported): spike: ``scale ·= spike_factor``;
+    engaged stress: ``scale ·= 1 - damping``;
     engaged oscillation: ``scale ·= 1 - damping/2``; a damping regime without a current cue
     keeps its scale; otherwise ``scale += release``. The scale is clipped to
     ``[min_scale, max_scale]``, so it moves down by at most one bounded factor and up by at most
     ``release`` per step. A severe spike also **holds** the step (zero update, inner state not
     advanced), at most ``max_holds`` steps in a row so a lasting level shift is eventually
     accepted. With constant loss and gradients no cue ever fires and the guard is the identity;
-    with ``min_scale == max_scale`` the policy is pinned (and never holds).
+    with ``min_scale == max_scale`` the policy is pinned (it never holds nor limits).
+
+    **Pace** (off by default; measured worse than AdamW on the probe): with ``pace_cut < 1``
+    and an ``overshoot_cos``, the gradient–momentum alignment EMA drives a second factor from
+    the second step on: a slow start from ``initial_scale`` (×``growth`` per step) until the
+    first overshoot (alignment below ``overshoot_cos``), then ×``pace_cut`` on each overshoot
+    at most once per ``cooldown`` steps and ``+pace_release`` per step otherwise (AIMD).
 
     Args:
       min_scale: lower bound of the scale, in (0, ``max_scale``].
@@ -408,6 +426,13 @@ def governor_policy(**overrides) -> GovernorPolicy:
       spike_factor: multiplicative cut on a spike, in (0, 1].
       release: per-step additive release while recovering (>= 0).
       max_holds: most consecutive held steps (>= 0; 0 never holds).
+      overshoot_cos: alignment EMA below which the steps overshoot (an oscillation cue, or the
+        pace's congestion signal), in [-1, 1]; ``None``: not sensed.
+      alignment_decay: decay of the alignment EMA, in [0, 1).
+      initial_scale, growth, pace_cut, pace_release, cooldown: the pace (above).
+      max_update_ratio: the per-tensor limit on ``‖Δθ‖ / ‖θ‖`` per step (> 0); ``None``: no
+        limiter (and the update is not sensed).
+      param_floor: the floor of ``‖θ‖`` as a root-mean-square (>= 0).
 
     Returns:
       A :class:`GovernorPolicy` for :func:`~lbw_optax.guard`.
