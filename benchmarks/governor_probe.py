@@ -7,7 +7,8 @@ Usage::
 ``VARIANTS.json`` maps a variant name to ``{"optimizer": NAME, "knobs": {...}, "config": {...}}``:
 ``optimizer`` is a registered ``lbw-train`` optimizer, or ``"governor"`` to build
 ``lbw_optax.guard(adamw, policy=lbw_optax.governor_policy(**knobs))`` (over global-norm
-clipping at ``"clip"``, then AdamW, when the variant has that key); ``config`` overrides
+clipping at ``"clip"``, then AdamW, when the variant has that key; over the registered
+optimizer ``"inner"`` instead of AdamW when it has that one); ``config`` overrides
 :class:`~train.config.TrainConfig` fields. Every run uses the quick suite's setting (the shipped
 WikiText-2 sample, the 2-layer tiny Qwen2.5-3B-style preset, 200 steps of 8×64 tokens, warm-up
 20, cosine) and prints its final eval perplexity and mean effective scale; the last lines are a
@@ -16,6 +17,7 @@ table of means over seeds per variant and learning rate.
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import statistics
@@ -29,7 +31,7 @@ def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
     import lbw_optax
     from train.config import TrainConfig
     from train.loop import train
-    from train.optimizers import _adamw, available_optimizers, register_optimizer
+    from train.optimizers import _adamw, available_optimizers, build_optimizer, register_optimizer
 
     optimizer = variant.get("optimizer", "governor")
     if optimizer == "governor":
@@ -41,6 +43,9 @@ def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
             def _probe(config, schedule):
                 policy = lbw_optax.governor_policy(**knobs)
                 inner = _adamw(config, schedule)
+                if "inner" in variant:  # A registered optimizer, e.g. "mechanic".
+                    inner_config = dataclasses.replace(config, optimizer=variant["inner"])
+                    inner = build_optimizer(inner_config, schedule)
                 if "clip" in variant:  # What a practitioner runs: clipping, then AdamW.
                     inner = optax.chain(optax.clip_by_global_norm(variant["clip"]), inner)
                 return lbw_optax.guard(inner, policy=policy)
