@@ -1019,7 +1019,7 @@ def quick() -> SuiteSpec:
                 methods=tuple(m.name for m in quick_methods if m.name not in OTHER_INNER),
             ),
             Setting(
-                name="tiny_qwen2_5_3b/lion",
+                name="tiny_qwen2_5_3b+lion",
                 model="tiny_qwen2_5_3b",
                 model_overrides={"num_layers": 2},
                 base_lr=1e-4,
@@ -1077,7 +1077,7 @@ def full() -> SuiteSpec:
             lr_grid=(1e-3, 3e-3, 1e-2),
         ),
         Setting(
-            name="tiny_qwen2_5_3b/2000-steps",
+            name="tiny_qwen2_5_3b+2000-steps",
             model="tiny_qwen2_5_3b",
             base_lr=3e-3,
             base_lr_note="the tiny_qwen2_5_3b sweep's choice at 300 steps",
