@@ -60,13 +60,13 @@ METHODS: list[Method] = [
     Method("lbw(reference)", lambda: lbw_optax.lbw_adamw(LEARNING_RATE, policy="reference")),
     Method("lbw(governor)", lambda: lbw_optax.lbw_adamw(LEARNING_RATE, policy="governor")),
     Method(
-        "lbw(governor, no limiter)",
+        "lbw(governor-no-limiter)",
         lambda: lbw_optax.lbw_adamw(
             LEARNING_RATE, policy=lbw_optax.governor_policy(max_update_ratio=None)
         ),
     ),
     Method(
-        "lbw(reference, update check)",
+        "lbw(reference+update-check)",
         lambda: lbw_optax.guard(optax.adamw(LEARNING_RATE), policy="reference", check_updates=True),
     ),
     Method("sgg_adamw ordinary step", lambda: sgg_adamw_fixed("never")),
