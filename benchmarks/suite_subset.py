@@ -1,0 +1,58 @@
+"""Runs part of a stress suite (some settings and methods) as a suite of its own.
+
+Usage::
+
+    python benchmarks/suite_subset.py full --name full-core --settings tiny_qwen2_5_3b \\
+        --methods adamw,adamw+clip1,adamw+clip0.5,reference,governor,governor+clip,effective-lr
+
+The subset keeps everything else of the suite (steps, seeds, data, multipliers, faults of the
+kept settings); controls need their source method in the list. The report goes to
+``--out/--name`` like any suite's, and says which command made it. For when the whole suite
+does not fit the time at hand: its parts land one by one.
+"""
+
+import argparse
+import dataclasses
+
+from train import stress
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("suite", choices=sorted(stress.SUITES))
+    parser.add_argument("--name", required=True, help="the subset's name (its folder)")
+    parser.add_argument("--settings", required=True, help="comma-separated setting names")
+    parser.add_argument("--methods", required=True, help="comma-separated method names")
+    parser.add_argument("--faults", default="none", help="comma-separated faults (default: none)")
+    parser.add_argument("--out", default="runs")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    spec = stress.SUITES[args.suite]()
+    names = args.methods.split(",")
+    settings = []
+    for name in args.settings.split(","):
+        setting = spec.setting(name)
+        kept = tuple(m for m in spec.methods_of(setting) if m in names)
+        settings.append(dataclasses.replace(setting, methods=kept))
+    faults = {f: spec.faults[f] for f in args.faults.split(",")}
+    subset = spec.replaced(
+        name=args.name,
+        description=f"A subset of `{args.suite}`: settings {args.settings}; methods "
+        f"{args.methods}; faults {args.faults}. " + spec.description,
+        settings=tuple(settings),
+        methods=tuple(m for m in spec.methods if m.name in names),
+        faults=faults,
+        fault_methods=tuple(m for m in spec.fault_methods if m in names),
+    )
+    stress.run_suite(
+        subset,
+        args.out,
+        workers=args.workers,
+        progress=False,
+        command="python benchmarks/suite_subset.py " + " ".join(__import__("sys").argv[1:]),
+        machine=stress._machine(),
+    )
+
+
+if __name__ == "__main__":
+    main()
