@@ -51,6 +51,8 @@ from train.config import FaultConfig, TrainConfig, UserError
 from train.data import Batches, DataStream, eval_set, load_text, tokenize
 from train.faults import loss_factor, perturb_grads
 from train.optimizers import (
+    PEAK_INSIDE,
+    applied_schedule,
     build_optimizer,
     check_optimizer,
     eval_params,
@@ -267,7 +269,8 @@ def _transform(*values):
     config = TrainConfig(**dict(zip(_OPTIMIZER_FIELDS, values, strict=True)))
     schedule = learning_rate_schedule(config)
     tx = build_optimizer(config, schedule)
-    if config.peak_lr_in_state:  # Here learning_rate is 1: the peak is set in the state.
+    # Here learning_rate is 1: the peak is set in the state (inside the guard, for a guard).
+    if config.peak_lr_in_state and config.optimizer not in PEAK_INSIDE:
         tx = optax.with_extra_args_support(optax.chain(tx, scale_by_peak_learning_rate()))
     return schedule, tx
 
@@ -683,7 +686,9 @@ class _Session:
         # cached_partial traverses the model and optimizer graphs once, not at every call.
         step_fn = make_train_step(config, setup.wrt, setup.mesh)
         self.train_step = nnx.cached_partial(step_fn, setup.model, setup.optimizer)
-        self.schedule = jax.jit(setup.schedule)  # Compiled here, outside the timed steps.
+        # The schedule the optimizer applies (the replay control's includes its trace), compiled
+        # here, outside the timed steps.
+        self.schedule = jax.jit(applied_schedule(config.optimizer, setup.schedule))
         self.schedule(0)
         self.tokens_per_step = config.batch_size * config.seq_len
         self.metrics = self.metrics_path.open("a")

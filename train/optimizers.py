@@ -48,10 +48,15 @@ _GUARDED: set[str] = set()
 # parameters they train (schedule-free methods).
 EvalParams = Callable[[Any, Any], Any]
 _EVAL_PARAMS: dict[str, EvalParams] = {}
+_APPLIED_SCHEDULES: dict[str, Callable[[optax.Schedule], optax.Schedule]] = {}
 
 
 def register_optimizer(
-    name: str, *, guarded: bool = False, eval_params: EvalParams | None = None
+    name: str,
+    *,
+    guarded: bool = False,
+    eval_params: EvalParams | None = None,
+    applied_schedule: Callable[[optax.Schedule], optax.Schedule] | None = None,
 ) -> Callable[[Factory], Factory]:
     """Registers ``factory`` under ``name`` (a decorator).
 
@@ -62,6 +67,8 @@ def register_optimizer(
       eval_params: for an optimizer whose evaluation point is not the trained parameters
         (e.g. ``optax.contrib.schedule_free_eval_params``), ``(opt_state, params) -> params``
         on plain arrays; the loop evaluates there.
+      applied_schedule: for an optimizer that multiplies the run's schedule by its own factor
+        (the replay control), ``schedule -> the schedule it applies``; the loop logs that one.
 
     Raises:
       ValueError: if ``name`` is already registered.
@@ -75,9 +82,17 @@ def register_optimizer(
             _GUARDED.add(name)
         if eval_params is not None:
             _EVAL_PARAMS[name] = eval_params
+        if applied_schedule is not None:
+            _APPLIED_SCHEDULES[name] = applied_schedule
         return factory
 
     return decorator
+
+
+def applied_schedule(name: str, schedule: optax.Schedule) -> optax.Schedule:
+    """The learning-rate schedule optimizer ``name`` applies, given the run's ``schedule``."""
+    hook = _APPLIED_SCHEDULES.get(name)
+    return schedule if hook is None else hook(schedule)
 
 
 def eval_params(name: str) -> EvalParams | None:
@@ -196,12 +211,26 @@ def adamw_clip(config: TrainConfig, learning_rate) -> optax.GradientTransformati
     )
 
 
+# The guarded optimizers that take the peak learning rate inside the guard (peak_lr_in_state):
+# the guard's per-tensor limiter is not linear in the learning rate, so it must see the update
+# with its real peak.
+PEAK_INSIDE = frozenset({"lbw", "lbw+clip", "lbw+sgg"})
+
+
+def _governed(config: TrainConfig, inner: optax.GradientTransformation):
+    """``lbw_optax.guard(inner, policy=config.policy)``; with ``peak_lr_in_state``, the peak
+    (held in the state) scales ``inner``'s update inside the guard."""
+    if config.peak_lr_in_state:
+        inner = optax.chain(inner, scale_by_peak_learning_rate())
+    return lbw_optax.guard(inner, policy=config.policy)
+
+
 @register_optimizer("lbw", guarded=True)
 def lbw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
     """``config.inner`` (AdamW by default) governed by the LBW guard with ``config.policy``."""
     if config.inner not in INNER:
         raise ValueError(f"Unknown inner optimizer {config.inner!r}; known: {', '.join(INNER)}.")
-    return lbw_optax.guard(INNER[config.inner](config, learning_rate), policy=config.policy)
+    return _governed(config, INNER[config.inner](config, learning_rate))
 
 
 @register_optimizer("lbw+clip", guarded=True)
@@ -210,7 +239,7 @@ def lbw_clip(config: TrainConfig, learning_rate) -> optax.GradientTransformation
     inner = optax.chain(
         optax.clip_by_global_norm(config.clip_threshold), _adamw(config, learning_rate)
     )
-    return lbw_optax.guard(inner, policy=config.policy)
+    return _governed(config, inner)
 
 
 @register_optimizer("sgg")
@@ -222,7 +251,7 @@ def sgg(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
 @register_optimizer("lbw+sgg", guarded=True)
 def lbw_sgg(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
     """SGG-AdamW governed by the LBW guard with ``config.policy``."""
-    return lbw_optax.guard(_sgg_adamw(config, learning_rate), policy=config.policy)
+    return _governed(config, _sgg_adamw(config, learning_rate))
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:

@@ -212,5 +212,6 @@ def register_replay(trace: Sequence[float]) -> str:
             return optax.adamw(replay_schedule(learning_rate, frozen), **_adamw_args(config))
 
         factory.__doc__ = f"AdamW on the learning-rate schedule × a {len(frozen)}-step trace."
-        register_optimizer(name)(factory)
+        applied = lambda schedule: replay_schedule(schedule, frozen)
+        register_optimizer(name, applied_schedule=applied)(factory)
     return name
