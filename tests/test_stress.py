@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from train import archive, peers, report, stress
-from train.stress import Method, Setting, SuiteSpec
+from train import archive, peers, stress
+from train.stress import Method, Setting, SuiteSpec, report
 
 MICRO_MODEL = {
     "num_layers": 1,
