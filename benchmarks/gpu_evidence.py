@@ -60,8 +60,9 @@ import optax  # noqa: E402
 
 import lbw_optax  # noqa: E402
 import models  # noqa: E402
-from train import gpu_suite, report, stress  # noqa: E402
+from train import gpu_suite, stress  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
+from train.stress import report  # noqa: E402
 
 SGG_INTERVAL = 500  # sgg_adamw's default recluster_every, for the mean over an interval.
 SGG_TIMED_INTERVAL = 4  # The timed states: a re-clustering step's work does not depend on it.
@@ -188,7 +189,7 @@ def machine() -> dict[str, Any]:
         "versions": {k: v for k, v in versions.items() if v is not None},
         "python": platform.python_version(),
         "host": f"{os.cpu_count()} CPUs, {platform.machine()}, {platform.system()}",
-        "summary": stress._machine(),
+        "summary": stress.machine(),
     }
     try:
         smi = subprocess.run(

@@ -50,7 +50,7 @@ def main() -> None:
         workers=args.workers,
         progress=False,
         command="python benchmarks/suite_subset.py " + " ".join(__import__("sys").argv[1:]),
-        machine=stress._machine(),
+        machine=stress.machine(),
     )
 
 

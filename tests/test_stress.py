@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from train import archive, peers, report, stress
-from train.stress import Method, Setting, SuiteSpec
+from train import archive, peers, stress
+from train.stress import Method, Setting, SuiteSpec, report
 
 MICRO_MODEL = {
     "num_layers": 1,
@@ -444,3 +444,64 @@ def test_cli_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| governor | 11.00 ± 0.71 | 16.00 ± 1.41 |" in out
     assert (tmp_path / "summary.md").exists()
+
+
+def test_report_roles_come_from_the_spec_not_names():
+    """A renamed method needs no report edit: its role is read from the spec."""
+    methods = (
+        Method(name="base", optimizer="adamw"),
+        Method(name="clipped", optimizer="adamw+clip", overrides={"clip_threshold": 1.0}),
+        Method(name="published", optimizer="lbw", overrides={"policy": "reference"}),
+        Method(name="mine", optimizer="lbw", overrides={"policy": "governor"}),
+        Method(name="mine+sgg", optimizer="lbw+sgg", overrides={"policy": "governor"}),
+        Method(name="other", optimizer="zclip"),
+        Method(name="lower-lr", optimizer="adamw", control="effective-lr", source="mine"),
+        Method(name="lower-lr(pub)", optimizer="adamw", control="effective-lr", source="published"),
+        Method(name="schedule", optimizer="adamw", control="replay", source="mine"),
+    )
+    spec = SuiteSpec(
+        name="s",
+        description="",
+        settings=(Setting(name="m", model="tiny", base_lr=1e-3),),
+        methods=methods,
+        lr_multipliers=(1.0,),
+    )
+    roles = spec.roles()
+    assert roles.subject == "mine"
+    assert roles.guarded == {"published", "mine", "mine+sgg"}
+    assert roles.baselines == ("base", "clipped")
+    assert [c[0] for c in roles.controls if c[2] == roles.subject] == ["lower-lr", "schedule"]
+    assert roles.ladder == ("base", "clipped", "published", "mine", "lower-lr")
+
+
+def test_report_reads_a_renamed_subject(tmp_path):
+    _fixture_suite(tmp_path)
+    path = tmp_path / "runs.jsonl"
+    records = stress.read_jsonl(path)
+    for r in records:
+        r["method"] = r["method"].replace("governor", "lbw-governor")
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = report.write_report(tmp_path).read_text()
+    assert "lbw-governor / AdamW = 11.00 / 11.00 = 1.000" in text
+    assert "adamw: 21.50 (lbw-governor / adamw = 0.628)" in text
+    assert "scale_regime.png" in text
+
+
+def test_stress_modules_import_only_those_above_them():
+    """No import cycle: spec < expand < records < report < runner < suites < cli."""
+    import ast
+    from pathlib import Path
+
+    order = ["spec", "expand", "records", "report", "runner", "suites", "cli"]
+    package = Path(stress.__file__).parent
+    for i, name in enumerate(order):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        used = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "train.stress":
+                used |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "train.stress."
+            ):
+                used.add(node.module.rsplit(".", 1)[1])
+        assert used <= set(order[:i]), (name, used - set(order[:i]))

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from train.config import TrainConfig
-from train.stress import Method, Run, Setting, SuiteSpec, expand, read_jsonl
+from train.stress.expand import expand
+from train.stress.records import read_jsonl
+from train.stress.spec import Method, Run, Setting, SuiteSpec
 
 DEFAULT_BUDGET_S = 360.0  # Six minutes of one GPU, probe and compilation included.
 CALM_LR = 1e-4  # The paper's calm learning rate; ×10 and ×30 are its stress rates.

@@ -3,7 +3,8 @@
 Everything is computed from the files a suite commits (``suite.json``, ``runs.jsonl`` and the
 runs' metrics: ``runs/<id>/metrics.jsonl`` where the run folders are, else the suite's
 ``metrics.jsonl.xz``, see :mod:`train.archive`), so ``lbw-stress report DIR`` regenerates the
-report anywhere.
+report anywhere. Which method is the baseline, which are guarded, which are controls and what
+they read come from the suite's spec (:class:`~train.stress.spec.Roles`), never from names.
 """
 
 from __future__ import annotations
@@ -16,33 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from train import archive
-from train.stress import SPIKE_FACTOR, TARGET_FACTOR, read_jsonl
-
-GUARDED = ("governor", "reference", "governor+sgg")
-PEER_ORDER = (
-    "adamw",
-    "adamw+clip",
-    "adamw+clip1",
-    "adamw+clip0.5",
-    "reference",
-    "governor",
-    "sgg",
-    "governor+sgg",
-    "zclip",
-    "skip-step",
-    "adagc",
-    "spam",
-    "stable-adamw",
-    "prodigy",
-    "dadapt-adamw",
-    "mechanic",
-    "schedule-free-adamw",
-    "reduce-on-plateau",
-    "apply-if-finite",
-    "effective-lr",
-    "effective-lr(reference)",
-    "replay",
-)
+from train.stress.records import read_jsonl
+from train.stress.spec import SPIKE_FACTOR, TARGET_FACTOR, Roles
 
 
 def _finite(x: Any) -> bool:
@@ -73,10 +49,24 @@ def fmt(mean: float, std: float | None = None, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _method_order(names: Iterable[str]) -> list[str]:
-    names = set(names)
-    known = [n for n in PEER_ORDER if n in names]
-    return known + sorted(names - set(known))
+def _roles(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> Roles:
+    """The roles from the suite's spec, or (a spec without methods) from the records."""
+    if meta.get("spec", {}).get("methods"):
+        return Roles.from_spec(meta["spec"])
+    method_of = {r["run_id"]: r["method"] for r in records}
+    methods: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r["stage"] in ("method", "control"):
+            methods.setdefault(
+                r["method"],
+                {
+                    "name": r["method"],
+                    "optimizer": r["optimizer"],
+                    "control": r["control"],
+                    "source": method_of.get(r["depends_on"]) if r["control"] else None,
+                },
+            )
+    return Roles.of(list(methods.values()))
 
 
 class Suite:
@@ -91,7 +81,10 @@ class Suite:
         self.grid = [r for r in self.records if r["lr_multiplier"] is not None]
         self.settings = list(dict.fromkeys(r["setting"] for r in self.grid))
         self.faults = list(dict.fromkeys(r["fault"] for r in self.grid))
-        self.methods = _method_order(r["method"] for r in self.grid)
+        self.roles = _roles(self.meta, self.records)
+        ran = {r["method"] for r in self.grid}
+        known = [n for n in self.roles.order if n in ran]
+        self.methods = known + sorted(ran - set(known))
         self._archive: dict[str, dict[str, Any]] | None = None
 
     def metrics(self, run_id: str) -> list[dict[str, Any]]:
@@ -159,13 +152,14 @@ def targets_block(suite: Suite, setting: str, fault: str) -> list[str]:
     def mean(method: str, m: float) -> float:
         return suite.cell(setting, fault, method, m)[0][0]
 
-    adamw = {m: mean("adamw", m) for m in mults}
+    subject = suite.roles.subject
+    adamw = {m: mean(suite.roles.baseline, m) for m in mults}
     finite = [v for v in adamw.values() if math.isfinite(v)]
-    if "governor" not in suite.methods:
-        return ["(no governor runs)"]
+    if subject not in suite.methods:
+        return [f"(no {subject or 'guarded'} runs)"]
     if not finite:
-        gov = "; ".join(f"×{m:g} {fmt(mean('governor', m))}" for m in mults)
-        return [f"- AdamW diverged or did not run at every learning rate here; governor: {gov}."]
+        gov = "; ".join(f"×{m:g} {fmt(mean(subject, m))}" for m in mults)
+        return [f"- AdamW diverged or did not run at every learning rate here; {subject}: {gov}."]
     best = min(finite)
     best_m = min(adamw, key=lambda m: adamw[m])
     out.append(
@@ -175,10 +169,10 @@ def targets_block(suite: Suite, setting: str, fault: str) -> list[str]:
     stress = [m for m in mults if adamw[m] >= 2 * best]
     if stress:
         for m in stress:
-            g = mean("governor", m)
+            g = mean(subject, m)
             out.append(
-                f"- Stress LR ×{m:g} (AdamW {fmt(adamw[m])} ≥ 2× its best): governor "
-                f"{fmt(g)}, governor / AdamW-best = {g / best:.2f}."
+                f"- Stress LR ×{m:g} (AdamW {fmt(adamw[m])} ≥ 2× its best): {subject} "
+                f"{fmt(g)}, {subject} / AdamW-best = {g / best:.2f}."
             )
     else:
         worst = max(adamw.values())
@@ -187,27 +181,28 @@ def targets_block(suite: Suite, setting: str, fault: str) -> list[str]:
             f"{worst / best:.2f}×): the paper's stress regime was not reached."
         )
     base = min(mults, key=lambda m: abs(m - 1.0))
-    g, a = mean("governor", base), adamw[base]
-    out.append(f"- Base LR (×{base:g}): governor / AdamW = {fmt(g)} / {fmt(a)} = {g / a:.3f}.")
-    gov = _mean_over_grid(suite, setting, fault, "governor")
-    out.append(f"- Mean final perplexity over the LR grid: governor {fmt(gov)}; against:")
+    g, a = mean(subject, base), adamw[base]
+    out.append(f"- Base LR (×{base:g}): {subject} / AdamW = {fmt(g)} / {fmt(a)} = {g / a:.3f}.")
+    gov = _mean_over_grid(suite, setting, fault, subject)
+    out.append(f"- Mean final perplexity over the LR grid: {subject} {fmt(gov)}; against:")
     for method in suite.methods:
-        if method == "governor":
+        if method == subject:
             continue
         other = _mean_over_grid(suite, setting, fault, method)
         if not math.isnan(other):
             ratio = gov / other if math.isfinite(other) else 0.0
-            out.append(f"  - {method}: {fmt(other)} (governor / {method} = {ratio:.3f})")
-    for control in ("effective-lr", "replay"):
-        if control not in suite.methods:
+            out.append(f"  - {method}: {fmt(other)} ({subject} / {method} = {ratio:.3f})")
+    title = subject[:1].upper() + subject[1:]
+    for control, _, source in suite.roles.controls:
+        if source != subject or control not in suite.methods:
             continue
         parts = []
         for m in mults:
-            g, c = mean("governor", m), mean(control, m)
+            g, c = mean(subject, m), mean(control, m)
             if math.isfinite(g) and math.isfinite(c):
                 parts.append(f"×{m:g}: {g:.2f} vs {c:.2f} ({g / c:.3f})")
         if parts:
-            out.append(f"- Governor vs {control} control (governor / control): " + "; ".join(parts))
+            out.append(f"- {title} vs {control} control ({subject} / control): " + "; ".join(parts))
     return out
 
 
@@ -223,7 +218,9 @@ def speed_table(suite: Suite, setting: str, fault: str) -> list[str]:
             reached = [r for r in rs if r["steps_to_target"] is not None]
             steps = [r["steps_to_target"] for r in reached]
             times = [r["time_to_target_s"] for r in reached]
-            ref = suite.select(setting=setting, fault=fault, method="adamw", lr_multiplier=m)
+            ref = suite.select(
+                setting=setting, fault=fault, method=suite.roles.baseline, lr_multiplier=m
+            )
             ref_t = [r["time_to_target_s"] for r in ref if r["time_to_target_s"] is not None]
             speedup = (
                 f"{statistics.fmean(ref_t) / statistics.fmean(times):.2f}×"
@@ -316,6 +313,11 @@ def _curves(suite: Suite, record: Mapping[str, Any]) -> list[dict[str, Any]]:
     return suite.metrics(record["run_id"])
 
 
+def _solid(suite: Suite, method: str) -> bool:
+    """Guarded methods and the baseline are drawn solid, the others dashed."""
+    return method in suite.roles.guarded or method == suite.roles.baseline
+
+
 def plot_losses(suite: Suite, setting: str, fault: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -335,7 +337,7 @@ def plot_losses(suite: Suite, setting: str, fault: str, path: Path) -> None:
             pts = [(r["step"], r["loss"]) for r in lines if r["step"] % every == 0]
             pts = [(s, v) for s, v in pts if _finite(v)]
             if pts:
-                style = "-" if method in GUARDED or method == "adamw" else "--"
+                style = "-" if _solid(suite, method) else "--"
                 ax.plot(*zip(*pts, strict=True), style, color=cmap(i), label=method, lw=1.3)
         ax.set_title(f"LR ×{m:g} ({suite.lr_of(setting, m):.0e})")
         ax.set_xlabel("step")
@@ -363,7 +365,7 @@ def plot_robustness(suite: Suite, setting: str, fault: str, path: Path) -> None:
                 ys.append(mean)
                 es.append(std)
         if xs:
-            style = "o-" if method in GUARDED or method == "adamw" else "s--"
+            style = "o-" if _solid(suite, method) else "s--"
             ax.errorbar(xs, ys, yerr=es, fmt=style, color=cmap(i), label=method, capsize=3, lw=1.3)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -380,7 +382,7 @@ def plot_robustness(suite: Suite, setting: str, fault: str, path: Path) -> None:
 def plot_scale(suite: Suite, setting: str, fault: str, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
-    methods = [m for m in suite.methods if m in GUARDED]
+    methods = [m for m in suite.methods if m in suite.roles.guarded]
     if not methods:
         return False
     mults = suite.multipliers(setting, fault)
@@ -519,6 +521,7 @@ def write_report(directory: Path) -> Path:
             "- Per run: "
             + ", ".join(f"{k} {v}" for k, v in train.items() if k not in ("checkpoint_every",))
         )
+    source = suite.roles.subject or "guarded"  # The run the controls read.
     spike = meta.get("definitions", {}).get("spike_factor", SPIKE_FACTOR)
     target = meta.get("definitions", {}).get("target_factor", TARGET_FACTOR)
     md += [
@@ -537,9 +540,9 @@ def write_report(directory: Path) -> Path:
         "- **Mean scale**: the guard's applied scale averaged over steps (0 on a held step), "
         "`1 − control_energy / steps`. **Control-active steps**: steps with scale ≠ 1 or a held "
         "update (for ZClip: clipped steps). **Held steps**: zero updates (guard, skip-step).",
-        "- **effective-lr** control: AdamW at LR × the governor run's mean scale (same setting, "
-        "LR, fault, seed). **replay** control: AdamW whose LR schedule is multiplied by the "
-        "governor run's per-step applied scale, open loop.",
+        f"- **effective-lr** control: AdamW at LR × the {source} run's mean scale (same setting, "
+        f"LR, fault, seed). **replay** control: AdamW whose LR schedule is multiplied by the "
+        f"{source} run's per-step applied scale, open loop.",
         "",
     ]
     md += time_constants_block(meta)
@@ -587,8 +590,14 @@ def write_report(directory: Path) -> Path:
                 "",
             ]
             md += ["### Targets", "", *targets_block(suite, setting, fault), ""]
-            clips = [m for m in suite.methods if m.startswith("adamw")] + [
-                m for m in ("governor", "effective-lr") if m in suite.methods
+            roles = suite.roles
+            subject_and_lr = [roles.subject] + [
+                name
+                for name, kind, source in roles.controls
+                if kind == "effective-lr" and source == roles.subject
+            ]
+            clips = [m for m in suite.methods if m in roles.baselines] + [
+                m for m in subject_and_lr if m in suite.methods
             ]
             md += [
                 "### Clipping baselines",
@@ -611,11 +620,7 @@ def write_report(directory: Path) -> Path:
                 pngs.append(f"scale_regime{sfx}.png")
             md += [f"![{p}]({p})" for p in pngs] + [""]
     if len(suite.settings) > 1:
-        methods = [
-            m
-            for m in suite.methods
-            if m in ("adamw", "reference", "governor", "effective-lr") or m.startswith("adamw+clip")
-        ]
+        methods = [m for m in suite.methods if m in suite.roles.ladder]
         md += ["## Size ladder and LoRA vs full (fault: none)", ""]
         md += [*ladder_table(suite, "none", methods), ""]
     md += [

@@ -1,0 +1,144 @@
+"""``lbw-stress``: run a suite (resumable), or regenerate a suite's report from its records."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from train.config import UserError
+from train.stress import report
+from train.stress.records import read_jsonl
+from train.stress.runner import run_suite
+from train.stress.suites import SUITES
+
+
+def machine() -> str:
+    import platform
+
+    import jax
+
+    backend = jax.default_backend().upper()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    arch = platform.machine().replace("_", "-")
+    return f"{os.cpu_count()}-core {arch} {backend}, {memory:.0f} GiB, JAX {jax.__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lbw-stress [quick|full|paper|gpu] [--out results] [--workers N] [--seeds ...] [--quiet]
+    [--budget-s S] [--steps N]``, or ``lbw-stress report DIR``."""
+    from train.cli import ArgumentParser, one_line
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        p = ArgumentParser(
+            prog="lbw-stress report", description="Regenerate a suite's report from its JSONL."
+        )
+        p.add_argument("directory", help="a suite directory, e.g. results/quick")
+        args = p.parse_args(argv[1:])
+        directory = Path(args.directory)
+        if not directory.is_dir():
+            p.error(f"no suite folder {str(directory)!r}; give the folder of a suite run")
+        if not read_jsonl(directory / "runs.jsonl"):
+            p.error(
+                f"{str(directory)!r} holds no runs.jsonl with finished runs; give the folder of "
+                "a suite run (e.g. results/quick), or write one from an interrupted suite's "
+                "finished runs with 'lbw-stress SUITE --out ROOT --collect'"
+            )
+        path = report.write_report(directory)
+        print(report.headline(directory))
+        print(f"\nreport: {path}")
+        return 0
+    p = ArgumentParser(
+        prog="lbw-stress",
+        description="Run a stress suite (resumable: finished runs are not redone), then write "
+        "summary.md, runs.jsonl and plots under OUT/SUITE. 'lbw-stress report DIR' regenerates "
+        "a report from the JSONL alone.",
+    )
+    p.add_argument("suite", nargs="?", default="quick", choices=sorted(SUITES))
+    p.add_argument(
+        "--out",
+        default="runs",
+        help="output root (default: %(default)s; the committed results/ used --out results)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes (default: min(2, CPU count) = %(default)s)",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", help="override the suite's seeds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: write runs.jsonl and the report from the finished runs of an "
+        "interrupted suite",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="gpu suite: its time budget in seconds, probe and compilation included (default: "
+        "360); a plan that does not fit is refused before any run starts",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="gpu suite: steps per run (default: the most that fit the budget)",
+    )
+    args = p.parse_args(argv)
+    spec = SUITES[args.suite]()
+    plan = None
+    if args.suite == "gpu" and not args.collect:
+        from train import gpu_suite
+
+        try:
+            budget = gpu_suite.DEFAULT_BUDGET_S if args.budget_s is None else args.budget_s
+            plan = gpu_suite.prepare(args.out, budget, steps=args.steps)
+        except gpu_suite.BudgetError as e:
+            print(f"lbw-stress: error: {e}", file=sys.stderr)
+            return 2
+        spec = plan.spec
+    if args.seeds:
+        spec = spec.replaced(seeds=tuple(args.seeds))
+    command = "lbw-stress " + " ".join(argv) if argv else "lbw-stress"
+    out = Path(args.out)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                p.error(f"--out {str(out)!r}: {str(path)!r} is a file; give a folder")
+            break
+    try:
+        suite_dir = run_suite(
+            spec,
+            args.out,
+            workers=1 if args.suite == "gpu" else args.workers,  # One process shares compilations.
+            progress=not args.quiet,
+            command=command.strip(),
+            machine=machine(),
+            collect_only=args.collect,
+        )
+    except UserError as e:
+        print(f"lbw-stress: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "lbw-stress: interrupted; finished runs are kept: the same command resumes the suite, "
+            "and --collect reports the finished runs",
+            file=sys.stderr,
+        )
+        return 130
+    if plan is not None:
+        from train import gpu_suite
+
+        gpu_suite.record_plan(suite_dir, plan)
+    print(report.headline(suite_dir))
+    print(f"\nreport: {suite_dir / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

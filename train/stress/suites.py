@@ -1,0 +1,314 @@
+"""The suite catalogue: ``quick`` (CPU, minutes), ``full`` (CPU, hours), ``paper`` (a GPU) and
+``gpu`` (one GPU within a budget, :mod:`train.gpu_suite`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from train.stress.spec import BASELINE, Method, Setting, SuiteSpec
+
+# The shipped data, a tiny Qwen2.5-style model, a short cosine run: a ~10-minute CPU suite.
+QUICK_TRAIN = dict(
+    data="wikitext2",
+    seq_len=64,
+    batch_size=8,
+    steps=200,
+    warmup_steps=20,
+    schedule="cosine",
+    eval_every=50,
+    eval_batches=4,
+    log_every=5,
+    checkpoint_every=0,
+)
+
+GOVERNOR = dict(policy="governor")
+REFERENCE = dict(policy="reference")
+
+# The peers' time constants as fractions of the run (the library defaults stay the papers',
+# set for runs of 10k steps and more). SGG: T at 5 % of the steps, the top of the paper's
+# 1-5 % (Appendix A), so 20 re-clusterings per run. SPAM: two moment resets per run (every
+# third of it), the ramp and the no-clip window keeping their reference ratios to the
+# interval (150 and 20 of 500). AdaGC and ZClip: warm-ups of 5 % of the run, half the
+# learning-rate warm-up. Reduce-on-plateau: the loss averaged over 2.5 % of the run, so its
+# patience of 10 such means is a quarter of the run.
+TIME_CONSTANTS = {
+    "sgg": {"recluster_every": 0.05},
+    "lbw+sgg": {"recluster_every": 0.05},
+    "spam": {"reset_interval": 1 / 3, "warmup_steps": 0.1, "clip_delay": 0.04 / 3},
+    "adagc": {"warmup_steps": 0.05},
+    "zclip": {"warmup_steps": 0.05},
+    "reduce-on-plateau": {"accumulation_size": 0.025},
+}
+
+
+def _peer(name: str, optimizer: str | None = None, **kwargs) -> Method:
+    """A method with the suite's time constants for ``optimizer`` (default: ``name``)."""
+    optimizer = optimizer or name
+    return Method(
+        name=name, optimizer=optimizer, time_constants=TIME_CONSTANTS.get(optimizer, {}), **kwargs
+    )
+
+
+# The learning-rate-robust methods a user would pick instead of a governor. Prodigy and
+# D-Adaptation run at their own base, 1.0 (a multiplier of the learned step), times the
+# suite's multipliers; the others at the setting's base times the multipliers.
+LR_FREE = (
+    _peer("stable-adamw"),
+    _peer("prodigy", base_lr=1.0),
+    _peer("dadapt-adamw", base_lr=1.0),
+    _peer("mechanic"),
+    _peer("schedule-free-adamw"),
+    _peer("reduce-on-plateau"),
+    _peer("apply-if-finite"),
+)
+
+
+def _core_methods(clips: Sequence[float]) -> list[Method]:
+    methods = [BASELINE]
+    for c in clips:
+        label = "adamw+clip" if len(clips) == 1 else f"adamw+clip{c:g}"
+        methods.append(Method(name=label, optimizer="adamw+clip", overrides={"clip_threshold": c}))
+    methods += [
+        Method(name="reference", optimizer="lbw", overrides=REFERENCE),
+        Method(name="governor", optimizer="lbw", overrides=GOVERNOR),
+        Method(
+            name="governor+clip",
+            optimizer="lbw+clip",
+            overrides={**GOVERNOR, "clip_threshold": clips[0]},
+        ),
+        _peer("sgg"),
+        _peer("governor+sgg", "lbw+sgg", overrides=GOVERNOR),
+        _peer("zclip"),
+        _peer("skip-step"),
+    ]
+    return methods
+
+
+# The guard over another inner optimizer, beside that optimizer alone.
+OTHER_INNER = ("lion", "governor(lion)")
+
+
+def quick() -> SuiteSpec:
+    """The default suite: CPU, about ten minutes on two quiet cores."""
+    quick_methods = (
+        *_core_methods([1.0]),
+        *(m for m in LR_FREE if m.name in ("stable-adamw", "reduce-on-plateau")),
+        Method(name="effective-lr", optimizer="adamw", control="effective-lr", source="governor"),
+        Method(name="lion", optimizer="lion"),
+        Method(name="governor(lion)", optimizer="lbw", overrides={**GOVERNOR, "inner": "lion"}),
+    )
+    return SuiteSpec(
+        name="quick",
+        description=(
+            "CPU suite: the shipped WikiText-2 sample, a 2-layer cut of the tiny Qwen2.5-3B-style "
+            "preset (byte-level), full-parameter training, 200 steps of 8×64 tokens; twelve "
+            "methods (the governor over clipping, StableAdamW, reduce-on-plateau and the "
+            "effective-LR control included) at the sweep's base learning rate and two stress "
+            "multipliers, two seeds; and Lion alone and governed at ×1 and ×10 of 1e-4. The "
+            "peers' time constants are fractions of the run (see Time constants)."
+        ),
+        settings=(
+            Setting(
+                name="tiny_qwen2_5_3b",
+                model="tiny_qwen2_5_3b",
+                model_overrides={"num_layers": 2},
+                lr_grid=(3e-4, 1e-3, 3e-3),
+                methods=tuple(m.name for m in quick_methods if m.name not in OTHER_INNER),
+            ),
+            Setting(
+                name="tiny_qwen2_5_3b+lion",
+                model="tiny_qwen2_5_3b",
+                model_overrides={"num_layers": 2},
+                base_lr=1e-4,
+                base_lr_note="a tenth of AdamW's base, within the Lion paper's 3-10x smaller",
+                methods=OTHER_INNER,
+                lr_multipliers=(1.0, 10.0),
+            ),
+        ),
+        methods=quick_methods,
+        lr_multipliers=(1.0, 3.0, 10.0),
+        seeds=(0, 1),
+        train=QUICK_TRAIN,
+    )
+
+
+FULL_TRAIN = dict(
+    data="wikitext2",
+    seq_len=64,
+    batch_size=8,
+    steps=300,
+    warmup_steps=30,
+    schedule="cosine",
+    eval_every=50,
+    eval_batches=8,
+    log_every=5,
+    checkpoint_every=0,
+)
+
+# Faults of the full suite, at fixed steps of its 300-step runs.
+FULL_FAULTS = {
+    "none": {},
+    "grad-spike": {"grad_spike_steps": (150,), "grad_spike_factor": 1e4},
+    "nan-loss": {"nan_loss_steps": (150,)},
+    "corrupt": {"corrupt_start": 150, "corrupt_steps": 10},
+    "lr-shock": {"lr_shock_start": 150, "lr_shock_steps": 10, "lr_shock_factor": 10.0},
+}
+
+# What the size ladder, TinyLlama and LoRA settings run: the baselines, both rules, the control.
+LADDER_METHODS = ("adamw", "adamw+clip1", "reference", "governor", "effective-lr")
+
+
+def full() -> SuiteSpec:
+    """CPU, hours: every method and control, the size ladder, TinyLlama, LoRA, faults, 3 seeds."""
+    qwen_grid = (3e-4, 1e-3, 3e-3, 1e-2)
+    ladder = dict(methods=LADDER_METHODS, lr_multipliers=(1.0, 10.0), lr_grid=qwen_grid[:3])
+    settings = (
+        Setting(name="tiny_qwen2_5_3b", model="tiny_qwen2_5_3b", lr_grid=qwen_grid),
+        Setting(
+            name="tiny_qwen2_5_3b+lora8",
+            model="tiny_qwen2_5_3b",
+            lora_rank=8,
+            pretrain={"learning_rate": 1e-3},
+            methods=LADDER_METHODS,
+            lr_multipliers=(1.0, 10.0),
+            lr_grid=(1e-3, 3e-3, 1e-2),
+        ),
+        Setting(
+            name="tiny_qwen2_5_3b+2000-steps",
+            model="tiny_qwen2_5_3b",
+            base_lr=3e-3,
+            base_lr_note="the tiny_qwen2_5_3b sweep's choice at 300 steps",
+            methods=("adamw", "adamw+clip1", "governor", "effective-lr"),
+            lr_multipliers=(1.0, 10.0),
+            train={"steps": 2000, "warmup_steps": 200, "eval_every": 250},
+            seeds=(0, 1),
+        ),
+        Setting(name="tiny_tinyllama_1_1b", model="tiny_tinyllama_1_1b", **ladder),
+        Setting(name="tiny_qwen2_5_7b", model="tiny_qwen2_5_7b", **ladder),
+        Setting(name="tiny_qwen2_5_14b", model="tiny_qwen2_5_14b", **ladder),
+    )
+    methods = (
+        *_core_methods([1.0, 0.5]),
+        _peer("adagc"),
+        _peer("spam"),
+        *LR_FREE,
+        Method(name="effective-lr", optimizer="adamw", control="effective-lr", source="governor"),
+        Method(
+            name="effective-lr(reference)",
+            optimizer="adamw",
+            control="effective-lr",
+            source="reference",
+        ),
+        Method(name="replay", optimizer="adamw", control="replay", source="governor"),
+    )
+    return SuiteSpec(
+        name="full",
+        description=(
+            "CPU suite (about two hours on two cores): 300 steps of 8×64 byte-level tokens of the "
+            "shipped WikiText-2 sample. The tiny Qwen2.5-3B-style preset (4 layers, full "
+            "parameters) runs every method and control at ×1/×3/×10/×30 of its AdamW-swept base "
+            "learning rate, clipping at 1.0 and 0.5, and each fault type (at ×1, the baselines, "
+            "both rules and the peers), and the learning-rate-robust methods (StableAdamW, "
+            "Prodigy and D-Adaptation at ×1-×30 of their own base 1.0, Mechanic, schedule-free "
+            "AdamW, reduce-on-plateau, apply-if-finite). LoRA (rank 8, on a base pre-trained "
+            "by AdamW for 300 steps), the TinyLlama-style preset (full parameters) and the "
+            "size ladder (tiny Qwen2.5 7B/14B-style presets) run AdamW, clipping at 1.0, both "
+            "rules and the effective-LR control at ×1 and ×10. Three seeds."
+        ),
+        settings=settings,
+        methods=methods,
+        lr_multipliers=(1.0, 3.0, 10.0, 30.0),
+        faults=FULL_FAULTS,
+        fault_settings=("tiny_qwen2_5_3b",),
+        fault_multipliers=(1.0,),
+        fault_methods=(
+            "adamw",
+            "adamw+clip1",
+            "reference",
+            "governor",
+            "zclip",
+            "skip-step",
+            "adagc",
+            "spam",
+            "stable-adamw",
+            "apply-if-finite",
+        ),
+        seeds=(0, 1, 2),
+        train=FULL_TRAIN,
+    )
+
+
+def _wikitext103_cached() -> bool:
+    """Whether ``datasets`` can load WikiText-103 here (reachable Hub or a local cache)."""
+    try:
+        import datasets
+
+        datasets.load_dataset_builder("Salesforce/wikitext", "wikitext-103-raw-v1")
+    except Exception:  # Offline, missing package: any error means "not available".
+        return False
+    return True
+
+
+def paper() -> SuiteSpec:
+    """For a GPU: the paper's learning rates on the largest presets that fit one device."""
+    data = "wikitext103" if _wikitext103_cached() else "wikitext2"
+    train = dict(
+        data=data,
+        seq_len=512,
+        batch_size=8,
+        steps=1000,
+        warmup_steps=50,
+        schedule="cosine",
+        eval_every=100,
+        eval_batches=32,
+        log_every=10,
+        checkpoint_every=0,
+    )
+    return SuiteSpec(
+        name="paper",
+        description=(
+            f"GPU suite: data {data}; Qwen2.5-0.5B-style and TinyLlama-1.1B-style decoders "
+            "(random initialisation, full-parameter), 1000 steps of 8×512 tokens; the paper's "
+            "learning rates 1e-4 (calm) and the stress rates 1e-3 and 3e-3; three seeds."
+        ),
+        settings=(
+            Setting(
+                name="qwen2_5_0_5b",
+                model="qwen2_5_0_5b",
+                base_lr=1e-4,
+                base_lr_note="the paper's calm learning rate",
+            ),
+            Setting(
+                name="tinyllama_1_1b",
+                model="tinyllama_1_1b",
+                base_lr=1e-4,
+                base_lr_note="the paper's calm learning rate",
+            ),
+        ),
+        methods=(
+            *_core_methods([1.0]),
+            Method(
+                name="effective-lr", optimizer="adamw", control="effective-lr", source="governor"
+            ),
+            Method(name="replay", optimizer="adamw", control="replay", source="governor"),
+        ),
+        lr_multipliers=(1.0, 10.0, 30.0),
+        seeds=(0, 1, 2),
+        train=train,
+        device="GPU",
+    )
+
+
+def gpu() -> SuiteSpec:
+    """For one GPU, within a budget (:mod:`train.gpu_suite`; its step count is set by a plan)."""
+    from train import gpu_suite
+
+    return gpu_suite.gpu()
+
+
+SUITES: dict[str, Callable[[], SuiteSpec]] = {
+    "quick": quick,
+    "full": full,
+    "paper": paper,
+    "gpu": gpu,
+}
