@@ -45,7 +45,7 @@ data sources (--data):
 
 files written to --out-dir:
   metrics.jsonl   one JSON line per log interval ("kind": "train") and per evaluation
-                  ("kind": "eval"); see the README for every field
+                  ("kind": "eval"); see docs/training.md for every field
   summary.json    the final summary
   checkpoints/    Orbax checkpoints (with --checkpoint-every)
 
@@ -197,7 +197,7 @@ def build_parser(config: type = TrainConfig) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_fields(p, config)
-    g = p.add_argument_group("multi-process run (see the README's Scaling out section)")
+    g = p.add_argument_group("multi-process run (see docs/scaling.md)")
     for flag, (kind, metavar, text) in _LAUNCH_FLAGS.items():
         g.add_argument(flag, type=kind, metavar=metavar, help=text)
     return p
