@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _peer_utils as _pu
+from lbw_optax import _common as _pu
 from lbw_optax._guard import _check_adamw_args
 from lbw_optax._validate import check_in_range, check_non_negative_int, check_positive
 
@@ -143,9 +143,7 @@ def adagc(
         )
         new_state = AdaGCState(
             adagc_count=optax.safe_increment(state.adagc_count),
-            adagc_observed=jnp.where(
-                finite, optax.safe_increment(state.adagc_observed), state.adagc_observed
-            ),
+            adagc_observed=_pu.count_if(state.adagc_observed, finite),
             adagc_gamma=gammas,
             adagc_clip_coef=coefs,
             adagc_clipped_tensors=clipped_tensors,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lbw_optax import _common as _pu
 from lbw_optax import _validate
 from lbw_optax._governor import governor_policy
 from lbw_optax._policy import Policy
@@ -71,10 +72,6 @@ def resolve_policy(policy: str | Policy) -> Policy:
     )
 
 
-def _count_if(counter: jax.Array, condition: jax.Array) -> jax.Array:
-    return jnp.where(condition, optax.safe_increment(counter), counter)
-
-
 def _per_tensor(tensor_scale: Any) -> bool:
     return not isinstance(tensor_scale, int | float) and jnp.ndim(tensor_scale) == 1
 
@@ -118,11 +115,11 @@ def record(
         scale=scale,
         held=hold,
         effective_scale=applied,
-        control_active_steps=_count_if(state.control_active_steps, hold | (applied != 1.0)),
-        regime_switches=_count_if(state.regime_switches, regime != state.regime),
+        control_active_steps=_pu.count_if(state.control_active_steps, hold | (applied != 1.0)),
+        regime_switches=_pu.count_if(state.regime_switches, regime != state.regime),
         control_energy=state.control_energy + jnp.abs(1.0 - applied),
-        skipped_steps=_count_if(state.skipped_steps, hold),
-        nonfinite_steps=_count_if(state.nonfinite_steps, ~finite),
+        skipped_steps=_pu.count_if(state.skipped_steps, hold),
+        nonfinite_steps=_pu.count_if(state.nonfinite_steps, ~finite),
         signals=signals,
         policy_state=policy_state,
         inner_state=inner_state,
@@ -242,7 +239,6 @@ def guard(
         )
 
         hold = ~finite | decision.hold
-        keep_old = lambda new, old: optax.tree.where(finite, new, old)
         new_updates = actuate(inner_updates, decision.scale, hold, decision.tensor_scale)
         applied = effective_scale(decision.scale, decision.tensor_scale, signals)
         new_state = record(
@@ -252,15 +248,13 @@ def guard(
             applied=jnp.where(hold, 0.0, applied).astype(jnp.float32),
             hold=hold,
             finite=finite,
-            signals=keep_old(signals, state.signals),
-            policy_state=keep_old(policy_state, state.policy_state),
+            signals=_pu.keep_if(finite, signals, state.signals),
+            policy_state=_pu.keep_if(finite, policy_state, state.policy_state),
             # The inner state is kept on non-finite gradients and on a policy's hold. A NaN that
             # the inner optimizer makes itself from finite gradients is never applied, but its
             # state advances: keeping it would cost another pass over the moments, and the
             # moments that made the NaN would make it again.
-            inner_state=optax.tree.where(
-                ~grads_finite | decision.hold, state.inner_state, inner_state
-            ),
+            inner_state=_pu.keep_if(grads_finite & ~decision.hold, inner_state, state.inner_state),
         )
         return new_updates, new_state
 

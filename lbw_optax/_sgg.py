@@ -5,10 +5,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
+from lbw_optax import _common as _pu
 from lbw_optax._sense import first_moments
 from lbw_optax._validate import (
     check_in_range,
@@ -268,13 +268,6 @@ def _recluster(mus, ids, scales, sizes, mdas, model_mda, *, n_clusters, beta3, l
     return new_ids, new_scales, new_sizes, new_mdas, model_mda
 
 
-def _concrete(value: Any) -> Any:
-    """A Python number for a number or a concrete scalar array; the tracer itself otherwise."""
-    if isinstance(value, jax.core.Tracer) or not isinstance(value, jax.Array | np.ndarray):
-        return value
-    return value.item() if value.ndim == 0 else value
-
-
 def _check_scale_bounds(scale_bounds: Any) -> tuple[float, float]:
     if not (isinstance(scale_bounds, tuple | list) and len(scale_bounds) == 2):
         raise ValueError(f"scale_bounds must be a pair (low, high), got {scale_bounds!r}")
@@ -293,7 +286,7 @@ def _sgg_transform(
     clustering's loops (XLA's cost analysis counts a loop body once), for cost measurements."""
     # optax.inject_hyperparams passes every numeric argument as an array, traced inside
     # update: check concrete values; the cluster count is read from the state's shapes.
-    n_clusters, recluster_every, beta3 = map(_concrete, (n_clusters, recluster_every, beta3))
+    n_clusters, recluster_every, beta3 = map(_pu.concrete, (n_clusters, recluster_every, beta3))
     if not isinstance(n_clusters, jax.core.Tracer):
         check_positive_int("n_clusters", n_clusters)
         if n_clusters > 127:

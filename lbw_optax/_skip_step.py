@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _peer_utils as _pu
+from lbw_optax import _common as _pu
 from lbw_optax._guard import _check_adamw_args
 from lbw_optax._validate import check_ordered, check_positive, check_positive_int
 
@@ -160,14 +160,13 @@ def skip_step(
 
         slot = state.skip_recorded % window
         record = lambda buf, x: jnp.where(finite, buf.at[slot].set(x), buf)
-        keep = lambda new, old: jnp.where(finite, new, old)
         new_state = SkipStepState(
             skipstep_count=optax.safe_increment(state.skipstep_count),
             skip_loss_window=record(state.skip_loss_window, loss),
             skip_grad_norm_window=record(state.skip_grad_norm_window, norm),
-            skip_recorded=keep(optax.safe_increment(state.skip_recorded), state.skip_recorded),
-            skipstep_loss=keep(loss, state.skipstep_loss),
-            skipstep_grad_norm=keep(norm, state.skipstep_grad_norm),
+            skip_recorded=_pu.count_if(state.skip_recorded, finite),
+            skipstep_loss=_pu.keep_if(finite, loss, state.skipstep_loss),
+            skipstep_grad_norm=_pu.keep_if(finite, norm, state.skipstep_grad_norm),
             skipstep_skipped=skip,
             skipstep_skipped_steps=_pu.count_if(state.skipstep_skipped_steps, skip),
             skipstep_nonfinite_steps=_pu.count_if(state.skipstep_nonfinite_steps, ~finite),

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _peer_utils as _pu
+from lbw_optax import _common as _pu
 from lbw_optax._guard import _check_adamw_args
 from lbw_optax._validate import (
     check_in_range,

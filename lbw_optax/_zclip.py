@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _peer_utils as _pu
+from lbw_optax import _common as _pu
 from lbw_optax._guard import _check_adamw_args
 from lbw_optax._validate import check_in_range, check_positive, check_positive_int
 
@@ -164,12 +164,13 @@ def zclip(
         changed = clip | capped
         factor = jnp.where(changed, applied / jnp.where(changed, norm, 1.0), 1.0)
         new_updates = _pu.scale_tree(updates, factor)
-        keep = lambda new, old: jnp.where(finite, new, old)
         new_state = ZClipState(
             zclip_count=optax.safe_increment(state.zclip_count),
-            zclip_observed=keep(optax.safe_increment(state.zclip_observed), state.zclip_observed),
-            zclip_mean=keep(jnp.where(warming, warm_mean, ema_mean), state.zclip_mean),
-            zclip_var=keep(jnp.where(warming, warm_var, ema_var), state.zclip_var),
+            zclip_observed=_pu.count_if(state.zclip_observed, finite),
+            zclip_mean=_pu.keep_if(
+                finite, jnp.where(warming, warm_mean, ema_mean), state.zclip_mean
+            ),
+            zclip_var=_pu.keep_if(finite, jnp.where(warming, warm_var, ema_var), state.zclip_var),
             zclip_norm=norm,
             zclip_zscore=jnp.where(finite & ~warming, z, 0.0),
             zclip_clipped=clip,
