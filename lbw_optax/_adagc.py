@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lbw_optax import _adamw
 from lbw_optax import _common as _pu
-from lbw_optax._guard import _check_adamw_args
 from lbw_optax._validate import check_in_range, check_non_negative_int, check_positive
 
 
@@ -162,6 +162,9 @@ def adagc_adamw(
     weight_decay: float = 1e-4,
     *,
     mask: Any = None,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     beta: float = 0.99,
     lambda_rel: float = 1.04,
     warmup_steps: int = 100,
@@ -171,7 +174,7 @@ def adagc_adamw(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
+      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       beta, lambda_rel, warmup_steps, warmup_clip: as in :func:`adagc`.
 
     Returns:
@@ -185,7 +188,9 @@ def adagc_adamw(
       Wang et al., `AdaGC: Improving Training Stability for Large Language Model Pretraining
       <https://arxiv.org/abs/2502.11034>`_, 2025.
     """
-    _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
+    adamw = _adamw.adamw(
+        learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
+    )
     return optax.chain(
         adagc(
             beta=beta,
@@ -193,5 +198,5 @@ def adagc_adamw(
             warmup_steps=warmup_steps,
             warmup_clip=warmup_clip,
         ),
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+        adamw,
     )

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lbw_optax import _adamw
 from lbw_optax import _common as _pu
-from lbw_optax import _validate
 from lbw_optax._governor import governor_policy
 from lbw_optax._policy import Policy
 from lbw_optax._reference import reference_policy
@@ -261,25 +261,6 @@ def guard(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_adamw_args(learning_rate, b1, b2, eps, weight_decay) -> None:
-    """Validates the AdamW arguments given as Python numbers (arrays pass: inject_hyperparams)."""
-    number = lambda x: isinstance(x, int | float) and not isinstance(x, bool)
-    if number(learning_rate):
-        _validate.check_non_negative("learning_rate", learning_rate)
-    elif not callable(learning_rate) and not isinstance(learning_rate, jax.Array):
-        raise ValueError(
-            f"learning_rate must be a number, an array or a schedule, got {learning_rate!r}"
-        )
-    if number(b1):
-        _validate.check_in_range("b1", b1, 0.0, 1.0, closed="left")
-    if number(b2):
-        _validate.check_in_range("b2", b2, 0.0, 1.0, closed="left")
-    if number(eps):
-        _validate.check_non_negative("eps", eps)
-    if number(weight_decay):
-        _validate.check_non_negative("weight_decay", weight_decay)
-
-
 def lbw_adamw(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -288,6 +269,9 @@ def lbw_adamw(
     weight_decay: float = 1e-4,
     *,
     mask: Any = None,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     policy: str | Policy = "governor",
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW governed by :func:`guard`: ``guard(optax.adamw(...), policy=policy)``.
@@ -297,7 +281,7 @@ def lbw_adamw(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
+      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       policy: ``"governor"``, ``"reference"`` or a policy instance (see :func:`guard`).
 
     Returns:
@@ -307,8 +291,7 @@ def lbw_adamw(
       >>> import lbw_optax
       >>> tx = lbw_optax.lbw_adamw(1e-3, policy="reference")
     """
-    _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
-    return guard(
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
-        policy=policy,
+    adamw = _adamw.adamw(
+        learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
     )
+    return guard(adamw, policy=policy)

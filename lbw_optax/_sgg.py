@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from lbw_optax import _adamw
 from lbw_optax import _common as _pu
 from lbw_optax._sense import first_moments
 from lbw_optax._validate import (
@@ -490,6 +491,9 @@ def sgg_adamw(
     weight_decay: float = 1e-4,
     *,
     mask: Any = None,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     n_clusters: int = 3,
     recluster_every: int = 500,
     beta3: float = 0.99,
@@ -508,7 +512,7 @@ def sgg_adamw(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
+      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       n_clusters, recluster_every, beta3, scale_bounds: as in :func:`sgg`.
 
     Returns:
@@ -522,14 +526,17 @@ def sgg_adamw(
       Li et al., `Taming LLMs by Scaling Learning Rates with Gradient Grouping
       <https://arxiv.org/abs/2506.01049>`_, ACL 2025.
     """
-    return optax.chain(
+    _adamw.check_adamw_args(learning_rate, b1, b2, eps, weight_decay, eps_root)
+    adam = optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov)
+    return _adamw.decoupled(
         sgg(
-            optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+            adam,
             n_clusters=n_clusters,
             recluster_every=recluster_every,
             beta3=beta3,
             scale_bounds=scale_bounds,
         ),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
+        learning_rate,
+        weight_decay,
+        mask,
     )

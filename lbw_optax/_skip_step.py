@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lbw_optax import _adamw
 from lbw_optax import _common as _pu
-from lbw_optax._guard import _check_adamw_args
 from lbw_optax._validate import check_ordered, check_positive, check_positive_int
 
 
@@ -191,6 +191,9 @@ def skip_step_adamw(
     weight_decay: float = 1e-4,
     *,
     mask: Any = None,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     window: int = 128,
     sigma_factor: float = 6.0,
     min_history: int | None = None,
@@ -205,7 +208,7 @@ def skip_step_adamw(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
+      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       window, sigma_factor, min_history: as in :func:`skip_step`.
       max_grad_norm: the global-norm clipping threshold, > 0, or ``None`` for no clipping.
 
@@ -220,8 +223,9 @@ def skip_step_adamw(
       OLMo-core pairs ``SkipStepAdamWConfig`` with ``max_grad_norm=1.0``
       (``src/examples/moe/train.py``, commit fa6c501, lines 114 and 129).
     """
-    _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
-    inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+    inner = _adamw.adamw(
+        learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
+    )
     if max_grad_norm is not None:
         _pu.check(check_positive, "max_grad_norm", max_grad_norm)
         inner = optax.chain(optax.clip_by_global_norm(max_grad_norm), inner)

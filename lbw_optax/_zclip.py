@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lbw_optax import _adamw
 from lbw_optax import _common as _pu
-from lbw_optax._guard import _check_adamw_args
 from lbw_optax._validate import check_in_range, check_positive, check_positive_int
 
 
@@ -191,6 +191,9 @@ def zclip_adamw(
     weight_decay: float = 1e-4,
     *,
     mask: Any = None,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     alpha: float = 0.97,
     z_threshold: float = 2.5,
     warmup_steps: int = 25,
@@ -200,7 +203,7 @@ def zclip_adamw(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
+      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       alpha, z_threshold, warmup_steps, max_grad_norm: as in :func:`zclip`.
 
     Returns:
@@ -214,7 +217,9 @@ def zclip_adamw(
       Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
       <https://arxiv.org/abs/2504.02507>`_, 2025.
     """
-    _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
+    adamw = _adamw.adamw(
+        learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
+    )
     return optax.chain(
         zclip(
             alpha=alpha,
@@ -222,5 +227,5 @@ def zclip_adamw(
             warmup_steps=warmup_steps,
             max_grad_norm=max_grad_norm,
         ),
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+        adamw,
     )
