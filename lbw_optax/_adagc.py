@@ -32,6 +32,15 @@ class AdaGCState(NamedTuple):
     adagc_clip_coef: Any
     adagc_clipped_tensors: jax.Array
     adagc_nonfinite_steps: jax.Array
+    # What lbw_optax.telemetry reports.
+    telemetry_fields = (
+        "adagc_count",
+        "adagc_observed",
+        "adagc_gamma",
+        "adagc_clip_coef",
+        "adagc_clipped_tensors",
+        "adagc_nonfinite_steps",
+    )
 
 
 def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:

@@ -59,6 +59,21 @@ class GuardState(NamedTuple):
     signals: Signals
     policy_state: Any
     inner_state: Any
+    # What lbw_optax.telemetry reports (the nested signals and policy state flattened).
+    telemetry_fields = (
+        "step",
+        "regime",
+        "scale",
+        "held",
+        "effective_scale",
+        "control_active_steps",
+        "regime_switches",
+        "control_energy",
+        "skipped_steps",
+        "nonfinite_steps",
+        "signals",
+        "policy_state",
+    )
 
 
 def resolve_policy(policy: str | Policy) -> Policy:

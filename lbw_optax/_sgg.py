@@ -52,6 +52,8 @@ class SGGState(NamedTuple):
     cluster_mda: Any
     model_mda: jax.Array
     inner_state: Any
+    # What lbw_optax.telemetry reports (the per-element cluster ids are state, not a record).
+    telemetry_fields = ("sgg_count", "cluster_scales", "cluster_sizes", "cluster_mda", "model_mda")
 
 
 def _first_moment(inner_state: Any) -> Any:

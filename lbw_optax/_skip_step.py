@@ -39,6 +39,18 @@ class SkipStepState(NamedTuple):
     skipstep_skipped_steps: jax.Array
     skipstep_nonfinite_steps: jax.Array
     inner_state: Any
+    # What lbw_optax.telemetry reports.
+    telemetry_fields = (
+        "skipstep_count",
+        "skip_loss_window",
+        "skip_grad_norm_window",
+        "skip_recorded",
+        "skipstep_loss",
+        "skipstep_grad_norm",
+        "skipstep_skipped",
+        "skipstep_skipped_steps",
+        "skipstep_nonfinite_steps",
+    )
 
 
 def _window_mean_std(window: jax.Array, filled: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -42,6 +42,15 @@ class SpamRecord(NamedTuple):
     spam_warmup_scale: jax.Array
     spam_clipped: jax.Array
     spam_clipped_total: jax.Array
+    # What lbw_optax.telemetry reports.
+    telemetry_fields = (
+        "spam_count",
+        "spam_since_reset",
+        "spam_resets",
+        "spam_warmup_scale",
+        "spam_clipped",
+        "spam_clipped_total",
+    )
 
 
 class ScaleBySpamState(NamedTuple):

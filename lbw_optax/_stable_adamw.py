@@ -25,6 +25,8 @@ class StableAdamRecord(NamedTuple):
     stable_count: jax.Array
     stable_clipped_tensors: jax.Array
     stable_min_factor: jax.Array
+    # What lbw_optax.telemetry reports.
+    telemetry_fields = ("stable_count", "stable_clipped_tensors", "stable_min_factor")
 
 
 class ScaleByStableAdamState(NamedTuple):

@@ -42,6 +42,19 @@ class ZClipState(NamedTuple):
     zclip_clipped_steps: jax.Array
     zclip_capped_steps: jax.Array
     zclip_nonfinite_steps: jax.Array
+    # What lbw_optax.telemetry reports.
+    telemetry_fields = (
+        "zclip_count",
+        "zclip_observed",
+        "zclip_mean",
+        "zclip_var",
+        "zclip_norm",
+        "zclip_zscore",
+        "zclip_clipped",
+        "zclip_clipped_steps",
+        "zclip_capped_steps",
+        "zclip_nonfinite_steps",
+    )
 
 
 def zclip(

@@ -1,5 +1,7 @@
 """Defining behaviour of the peers (ZClip, skip-step, AdaGC, SPAM), checked against NumPy."""
 
+from typing import Any, NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -649,3 +651,25 @@ def test_adamw_wrappers_forward_mu_dtype_eps_root_and_nesterov(wrapper):
 def test_adamw_wrappers_reject_negative_adamw_arguments(name):
     with pytest.raises(ValueError, match=name):
         lbw_optax.sgg_adamw(1e-3, **{name: -1.0})
+
+
+def test_a_state_takes_part_in_telemetry_by_declaring_its_fields():
+    class MyState(NamedTuple):
+        my_count: jax.Array
+        my_window: jax.Array
+        telemetry_fields = ("my_count",)
+
+    state = (optax.EmptyState(), MyState(jnp.int32(3), jnp.zeros(4)))
+    assert lbw_optax.telemetry(state) == {"my_count": 3}
+
+
+def test_register_telemetry_state_is_a_deprecated_alias():
+    class OldState(NamedTuple):
+        old_count: jax.Array
+        inner_state: Any
+
+    with pytest.warns(DeprecationWarning):
+        lbw_optax.register_telemetry_state(OldState)
+    state = OldState(jnp.int32(2), lbw_optax.zclip().init({}))
+    got = lbw_optax.telemetry(state)
+    assert got["old_count"] == 2 and "zclip_count" in got
