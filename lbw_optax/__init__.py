@@ -19,15 +19,6 @@ from lbw_optax._stable_adamw import (
 from lbw_optax._telemetry import register_telemetry_state, telemetry
 from lbw_optax._zclip import ZClipState, zclip, zclip_adamw
 
-register_telemetry_state(GuardState)
-register_telemetry_state(SGGState)
-# The peers' fields are prefixed, so they never collide with the guard's in one chain.
-register_telemetry_state(ZClipState)
-register_telemetry_state(SkipStepState)
-register_telemetry_state(AdaGCState)
-register_telemetry_state(SpamRecord)
-register_telemetry_state(StableAdamRecord)
-
 __version__ = "0.1.0"
 
 __all__ = [

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _peer_utils as _pu
-from lbw_optax._guard import _check_adamw_args
+from lbw_optax import _adamw
+from lbw_optax import _common as _pu
 from lbw_optax._validate import check_in_range, check_non_negative_int, check_positive
 
 
@@ -32,6 +32,15 @@ class AdaGCState(NamedTuple):
     adagc_clip_coef: Any
     adagc_clipped_tensors: jax.Array
     adagc_nonfinite_steps: jax.Array
+    # What lbw_optax.telemetry reports.
+    telemetry_fields = (
+        "adagc_count",
+        "adagc_observed",
+        "adagc_gamma",
+        "adagc_clip_coef",
+        "adagc_clipped_tensors",
+        "adagc_nonfinite_steps",
+    )
 
 
 def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -143,9 +152,7 @@ def adagc(
         )
         new_state = AdaGCState(
             adagc_count=optax.safe_increment(state.adagc_count),
-            adagc_observed=jnp.where(
-                finite, optax.safe_increment(state.adagc_observed), state.adagc_observed
-            ),
+            adagc_observed=_pu.count_if(state.adagc_observed, finite),
             adagc_gamma=gammas,
             adagc_clip_coef=coefs,
             adagc_clipped_tensors=clipped_tensors,
@@ -164,6 +171,9 @@ def adagc_adamw(
     weight_decay: float = 1e-4,
     *,
     mask: Any = None,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     beta: float = 0.99,
     lambda_rel: float = 1.04,
     warmup_steps: int = 100,
@@ -173,7 +183,7 @@ def adagc_adamw(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
+      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       beta, lambda_rel, warmup_steps, warmup_clip: as in :func:`adagc`.
 
     Returns:
@@ -187,7 +197,9 @@ def adagc_adamw(
       Wang et al., `AdaGC: Improving Training Stability for Large Language Model Pretraining
       <https://arxiv.org/abs/2502.11034>`_, 2025.
     """
-    _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
+    adamw = _adamw.adamw(
+        learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
+    )
     return optax.chain(
         adagc(
             beta=beta,
@@ -195,5 +207,5 @@ def adagc_adamw(
             warmup_steps=warmup_steps,
             warmup_clip=warmup_clip,
         ),
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+        adamw,
     )

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _validate
+from lbw_optax import _adamw
+from lbw_optax import _common as _pu
 from lbw_optax._governor import governor_policy
 from lbw_optax._policy import Policy
 from lbw_optax._reference import reference_policy
@@ -58,6 +59,21 @@ class GuardState(NamedTuple):
     signals: Signals
     policy_state: Any
     inner_state: Any
+    # What lbw_optax.telemetry reports (the nested signals and policy state flattened).
+    telemetry_fields = (
+        "step",
+        "regime",
+        "scale",
+        "held",
+        "effective_scale",
+        "control_active_steps",
+        "regime_switches",
+        "control_energy",
+        "skipped_steps",
+        "nonfinite_steps",
+        "signals",
+        "policy_state",
+    )
 
 
 def resolve_policy(policy: str | Policy) -> Policy:
@@ -69,10 +85,6 @@ def resolve_policy(policy: str | Policy) -> Policy:
     raise ValueError(
         f"policy must be one of {sorted(_POLICIES)} or a lbw_optax.Policy instance, got {policy!r}"
     )
-
-
-def _count_if(counter: jax.Array, condition: jax.Array) -> jax.Array:
-    return jnp.where(condition, optax.safe_increment(counter), counter)
 
 
 def _per_tensor(tensor_scale: Any) -> bool:
@@ -118,11 +130,11 @@ def record(
         scale=scale,
         held=hold,
         effective_scale=applied,
-        control_active_steps=_count_if(state.control_active_steps, hold | (applied != 1.0)),
-        regime_switches=_count_if(state.regime_switches, regime != state.regime),
+        control_active_steps=_pu.count_if(state.control_active_steps, hold | (applied != 1.0)),
+        regime_switches=_pu.count_if(state.regime_switches, regime != state.regime),
         control_energy=state.control_energy + jnp.abs(1.0 - applied),
-        skipped_steps=_count_if(state.skipped_steps, hold),
-        nonfinite_steps=_count_if(state.nonfinite_steps, ~finite),
+        skipped_steps=_pu.count_if(state.skipped_steps, hold),
+        nonfinite_steps=_pu.count_if(state.nonfinite_steps, ~finite),
         signals=signals,
         policy_state=policy_state,
         inner_state=inner_state,
@@ -242,7 +254,6 @@ def guard(
         )
 
         hold = ~finite | decision.hold
-        keep_old = lambda new, old: optax.tree.where(finite, new, old)
         new_updates = actuate(inner_updates, decision.scale, hold, decision.tensor_scale)
         applied = effective_scale(decision.scale, decision.tensor_scale, signals)
         new_state = record(
@@ -252,38 +263,17 @@ def guard(
             applied=jnp.where(hold, 0.0, applied).astype(jnp.float32),
             hold=hold,
             finite=finite,
-            signals=keep_old(signals, state.signals),
-            policy_state=keep_old(policy_state, state.policy_state),
+            signals=_pu.keep_if(finite, signals, state.signals),
+            policy_state=_pu.keep_if(finite, policy_state, state.policy_state),
             # The inner state is kept on non-finite gradients and on a policy's hold. A NaN that
             # the inner optimizer makes itself from finite gradients is never applied, but its
             # state advances: keeping it would cost another pass over the moments, and the
             # moments that made the NaN would make it again.
-            inner_state=optax.tree.where(
-                ~grads_finite | decision.hold, state.inner_state, inner_state
-            ),
+            inner_state=_pu.keep_if(grads_finite & ~decision.hold, inner_state, state.inner_state),
         )
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_adamw_args(learning_rate, b1, b2, eps, weight_decay) -> None:
-    """Validates the AdamW arguments given as Python numbers (arrays pass: inject_hyperparams)."""
-    number = lambda x: isinstance(x, int | float) and not isinstance(x, bool)
-    if number(learning_rate):
-        _validate.check_non_negative("learning_rate", learning_rate)
-    elif not callable(learning_rate) and not isinstance(learning_rate, jax.Array):
-        raise ValueError(
-            f"learning_rate must be a number, an array or a schedule, got {learning_rate!r}"
-        )
-    if number(b1):
-        _validate.check_in_range("b1", b1, 0.0, 1.0, closed="left")
-    if number(b2):
-        _validate.check_in_range("b2", b2, 0.0, 1.0, closed="left")
-    if number(eps):
-        _validate.check_non_negative("eps", eps)
-    if number(weight_decay):
-        _validate.check_non_negative("weight_decay", weight_decay)
 
 
 def lbw_adamw(
@@ -294,6 +284,9 @@ def lbw_adamw(
     weight_decay: float = 1e-4,
     *,
     mask: Any = None,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     policy: str | Policy = "governor",
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW governed by :func:`guard`: ``guard(optax.adamw(...), policy=policy)``.
@@ -303,7 +296,7 @@ def lbw_adamw(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
+      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       policy: ``"governor"``, ``"reference"`` or a policy instance (see :func:`guard`).
 
     Returns:
@@ -313,8 +306,7 @@ def lbw_adamw(
       >>> import lbw_optax
       >>> tx = lbw_optax.lbw_adamw(1e-3, policy="reference")
     """
-    _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
-    return guard(
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
-        policy=policy,
+    adamw = _adamw.adamw(
+        learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
     )
+    return guard(adamw, policy=policy)

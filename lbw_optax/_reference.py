@@ -46,6 +46,20 @@ class ReferencePolicy(Policy):
 
     needs_value = False
 
+    def __post_init__(self):
+        _validate.check_positive("stress_threshold", self.stress_threshold)
+        _validate.check_positive("spike_threshold", self.spike_threshold)
+        _validate.check_ordered(
+            "stress_threshold", self.stress_threshold, "spike_threshold", self.spike_threshold
+        )
+        _validate.check_in_range("min_scale", self.min_scale, 0.0, 1.0, closed="right")
+        _validate.check_non_negative("recovery", self.recovery)
+        _validate.check_bool("use_max", self.use_max)
+        _validate.check_positive_int("every", self.every)
+        _validate.check_in_range("ema_decay", self.ema_decay, 0.0, 1.0, closed="left")
+        for name in ("stress_threshold", "spike_threshold", "min_scale", "recovery", "ema_decay"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
     @property
     def scale_bounds(self) -> tuple[float, float]:
         return (self.min_scale, 1.0)
@@ -90,16 +104,7 @@ class ReferencePolicy(Policy):
         return decision, new_state
 
 
-def reference_policy(
-    *,
-    stress_threshold: float = 1.1,
-    spike_threshold: float = 1.5,
-    min_scale: float = 0.1,
-    recovery: float = 0.01,
-    use_max: bool = True,
-    every: int = 10,
-    ema_decay: float = 0.85,
-) -> ReferencePolicy:
+def reference_policy(**overrides) -> ReferencePolicy:
     r"""The published LBW-Guard control rule (the vendor package's behaviour).
 
     On step 1 and every ``every`` steps the rule collects telemetry and decides; in between the
@@ -120,6 +125,7 @@ def reference_policy(
     oscillation → ``OSCILLATION``, spike → ``SPIKE``. The rule does not read the loss.
 
     Args:
+      **overrides: any of the fields below; the others keep their defaults.
       stress_threshold: ratio above which the mode is oscillation (> 0).
       spike_threshold: ratio above which the mode is spike (>= ``stress_threshold``).
       min_scale: the floor of the scale, in (0, 1]; 1 pins the rule to the identity.
@@ -140,22 +146,4 @@ def reference_policy(
       Stress for Stability and Efficiency", arXiv 2605.19008, 2026; the ``lbw-guard`` 1.1.3
       package.
     """
-    _validate.check_positive("stress_threshold", stress_threshold)
-    _validate.check_positive("spike_threshold", spike_threshold)
-    _validate.check_ordered(
-        "stress_threshold", stress_threshold, "spike_threshold", spike_threshold
-    )
-    _validate.check_in_range("min_scale", min_scale, 0.0, 1.0, closed="right")
-    _validate.check_non_negative("recovery", recovery)
-    _validate.check_bool("use_max", use_max)
-    _validate.check_positive_int("every", every)
-    _validate.check_in_range("ema_decay", ema_decay, 0.0, 1.0, closed="left")
-    return ReferencePolicy(
-        stress_threshold=float(stress_threshold),
-        spike_threshold=float(spike_threshold),
-        min_scale=float(min_scale),
-        recovery=float(recovery),
-        use_max=use_max,
-        every=every,
-        ema_decay=float(ema_decay),
-    )
+    return ReferencePolicy(**overrides)

@@ -5,10 +5,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
+from lbw_optax import _adamw
+from lbw_optax import _common as _pu
 from lbw_optax._sense import first_moments
 from lbw_optax._validate import (
     check_in_range,
@@ -51,6 +52,8 @@ class SGGState(NamedTuple):
     cluster_mda: Any
     model_mda: jax.Array
     inner_state: Any
+    # What lbw_optax.telemetry reports (the per-element cluster ids are state, not a record).
+    telemetry_fields = ("sgg_count", "cluster_scales", "cluster_sizes", "cluster_mda", "model_mda")
 
 
 def _first_moment(inner_state: Any) -> Any:
@@ -268,13 +271,6 @@ def _recluster(mus, ids, scales, sizes, mdas, model_mda, *, n_clusters, beta3, l
     return new_ids, new_scales, new_sizes, new_mdas, model_mda
 
 
-def _concrete(value: Any) -> Any:
-    """A Python number for a number or a concrete scalar array; the tracer itself otherwise."""
-    if isinstance(value, jax.core.Tracer) or not isinstance(value, jax.Array | np.ndarray):
-        return value
-    return value.item() if value.ndim == 0 else value
-
-
 def _check_scale_bounds(scale_bounds: Any) -> tuple[float, float]:
     if not (isinstance(scale_bounds, tuple | list) and len(scale_bounds) == 2):
         raise ValueError(f"scale_bounds must be a pair (low, high), got {scale_bounds!r}")
@@ -293,7 +289,7 @@ def _sgg_transform(
     clustering's loops (XLA's cost analysis counts a loop body once), for cost measurements."""
     # optax.inject_hyperparams passes every numeric argument as an array, traced inside
     # update: check concrete values; the cluster count is read from the state's shapes.
-    n_clusters, recluster_every, beta3 = map(_concrete, (n_clusters, recluster_every, beta3))
+    n_clusters, recluster_every, beta3 = map(_pu.concrete, (n_clusters, recluster_every, beta3))
     if not isinstance(n_clusters, jax.core.Tracer):
         check_positive_int("n_clusters", n_clusters)
         if n_clusters > 127:
@@ -497,6 +493,9 @@ def sgg_adamw(
     weight_decay: float = 1e-4,
     *,
     mask: Any = None,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     n_clusters: int = 3,
     recluster_every: int = 500,
     beta3: float = 0.99,
@@ -515,7 +514,7 @@ def sgg_adamw(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
+      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       n_clusters, recluster_every, beta3, scale_bounds: as in :func:`sgg`.
 
     Returns:
@@ -529,14 +528,17 @@ def sgg_adamw(
       Li et al., `Taming LLMs by Scaling Learning Rates with Gradient Grouping
       <https://arxiv.org/abs/2506.01049>`_, ACL 2025.
     """
-    return optax.chain(
+    _adamw.check_adamw_args(learning_rate, b1, b2, eps, weight_decay, eps_root)
+    adam = optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov)
+    return _adamw.decoupled(
         sgg(
-            optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+            adam,
             n_clusters=n_clusters,
             recluster_every=recluster_every,
             beta3=beta3,
             scale_bounds=scale_bounds,
         ),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
+        learning_rate,
+        weight_decay,
+        mask,
     )

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _peer_utils as _pu
-from lbw_optax._guard import _check_adamw_args
+from lbw_optax import _adamw
+from lbw_optax import _common as _pu
 from lbw_optax._validate import check_ordered, check_positive, check_positive_int
 
 
@@ -39,6 +39,18 @@ class SkipStepState(NamedTuple):
     skipstep_skipped_steps: jax.Array
     skipstep_nonfinite_steps: jax.Array
     inner_state: Any
+    # What lbw_optax.telemetry reports.
+    telemetry_fields = (
+        "skipstep_count",
+        "skip_loss_window",
+        "skip_grad_norm_window",
+        "skip_recorded",
+        "skipstep_loss",
+        "skipstep_grad_norm",
+        "skipstep_skipped",
+        "skipstep_skipped_steps",
+        "skipstep_nonfinite_steps",
+    )
 
 
 def _window_mean_std(window: jax.Array, filled: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -160,14 +172,13 @@ def skip_step(
 
         slot = state.skip_recorded % window
         record = lambda buf, x: jnp.where(finite, buf.at[slot].set(x), buf)
-        keep = lambda new, old: jnp.where(finite, new, old)
         new_state = SkipStepState(
             skipstep_count=optax.safe_increment(state.skipstep_count),
             skip_loss_window=record(state.skip_loss_window, loss),
             skip_grad_norm_window=record(state.skip_grad_norm_window, norm),
-            skip_recorded=keep(optax.safe_increment(state.skip_recorded), state.skip_recorded),
-            skipstep_loss=keep(loss, state.skipstep_loss),
-            skipstep_grad_norm=keep(norm, state.skipstep_grad_norm),
+            skip_recorded=_pu.count_if(state.skip_recorded, finite),
+            skipstep_loss=_pu.keep_if(finite, loss, state.skipstep_loss),
+            skipstep_grad_norm=_pu.keep_if(finite, norm, state.skipstep_grad_norm),
             skipstep_skipped=skip,
             skipstep_skipped_steps=_pu.count_if(state.skipstep_skipped_steps, skip),
             skipstep_nonfinite_steps=_pu.count_if(state.skipstep_nonfinite_steps, ~finite),
@@ -192,6 +203,9 @@ def skip_step_adamw(
     weight_decay: float = 1e-4,
     *,
     mask: Any = None,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     window: int = 128,
     sigma_factor: float = 6.0,
     min_history: int | None = None,
@@ -206,7 +220,7 @@ def skip_step_adamw(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
+      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       window, sigma_factor, min_history: as in :func:`skip_step`.
       max_grad_norm: the global-norm clipping threshold, > 0, or ``None`` for no clipping.
 
@@ -221,8 +235,9 @@ def skip_step_adamw(
       OLMo-core pairs ``SkipStepAdamWConfig`` with ``max_grad_norm=1.0``
       (``src/examples/moe/train.py``, commit fa6c501, lines 114 and 129).
     """
-    _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
-    inner = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
+    inner = _adamw.adamw(
+        learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
+    )
     if max_grad_norm is not None:
         _pu.check(check_positive, "max_grad_norm", max_grad_norm)
         inner = optax.chain(optax.clip_by_global_norm(max_grad_norm), inner)

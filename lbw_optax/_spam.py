@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _peer_utils as _pu
-from lbw_optax._guard import _check_adamw_args
+from lbw_optax import _adamw
+from lbw_optax import _common as _pu
 from lbw_optax._validate import (
     check_in_range,
     check_non_negative,
@@ -42,6 +42,15 @@ class SpamRecord(NamedTuple):
     spam_warmup_scale: jax.Array
     spam_clipped: jax.Array
     spam_clipped_total: jax.Array
+    # What lbw_optax.telemetry reports.
+    telemetry_fields = (
+        "spam_count",
+        "spam_since_reset",
+        "spam_resets",
+        "spam_warmup_scale",
+        "spam_clipped",
+        "spam_clipped_total",
+    )
 
 
 class ScaleBySpamState(NamedTuple):
@@ -240,8 +249,8 @@ def spam_adamw(
       Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training
       <https://arxiv.org/abs/2501.06842>`_, ICLR 2025.
     """
-    _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
-    return optax.chain(
+    _adamw.check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
+    return _adamw.decoupled(
         scale_by_spam(
             b1,
             b2,
@@ -251,6 +260,7 @@ def spam_adamw(
             warmup_steps=warmup_steps,
             clip_delay=clip_delay,
         ),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
+        learning_rate,
+        weight_decay,
+        mask,
     )

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _peer_utils as _pu
-from lbw_optax._guard import _check_adamw_args
+from lbw_optax import _adamw
+from lbw_optax import _common as _pu
 from lbw_optax._validate import check_in_range, check_non_negative
 
 
@@ -25,6 +25,8 @@ class StableAdamRecord(NamedTuple):
     stable_count: jax.Array
     stable_clipped_tensors: jax.Array
     stable_min_factor: jax.Array
+    # What lbw_optax.telemetry reports.
+    telemetry_fields = ("stable_count", "stable_clipped_tensors", "stable_min_factor")
 
 
 class ScaleByStableAdamState(NamedTuple):
@@ -178,7 +180,7 @@ def stable_adamw(
       Wortsman et al., `Stable and low-precision training for large-scale vision-language
       models <https://arxiv.org/abs/2304.13013>`_, NeurIPS 2023.
     """
-    _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
+    _adamw.check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
     return optax.chain(
         scale_by_stable_adam(b1, b2, eps, weight_decay),
         optax.scale_by_learning_rate(learning_rate),

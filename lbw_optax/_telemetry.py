@@ -1,38 +1,53 @@
 """Read the governance record out of any optimizer state, however deeply it is nested."""
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 
-_TELEMETRY_TYPES: list[type] = []
-# Per-element fields (SGG's cluster ids) are state, not a record to report.
-_SKIP_FIELDS = frozenset({"inner_state", "cluster_ids"})
-
 
 def register_telemetry_state(state_type: type) -> type:
-    """Marks a NamedTuple state type whose scalar fields :func:`telemetry` reports.
+    """Deprecated: declare ``telemetry_fields`` on the state class instead.
 
-    Its fields are reported by name; nested NamedTuples (signals, a policy's state) are
-    flattened into the same dict; ``inner_state`` is searched for further states instead.
-    Usable as a class decorator.
+    Sets ``state_type.telemetry_fields`` to all its fields but ``inner_state``, which is what
+    registering meant.
     """
-    if state_type not in _TELEMETRY_TYPES:
-        _TELEMETRY_TYPES.append(state_type)
+    warnings.warn(
+        "register_telemetry_state is deprecated: give the NamedTuple state a class attribute "
+        "telemetry_fields = (<field names>) instead",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    if not hasattr(state_type, "telemetry_fields"):
+        state_type.telemetry_fields = tuple(f for f in state_type._fields if f != "inner_state")
     return state_type
 
 
 def _is_telemetry_state(node: Any) -> bool:
-    return isinstance(node, tuple(_TELEMETRY_TYPES))
+    """A NamedTuple whose class declares the fields it reports (``telemetry_fields``)."""
+    return isinstance(node, tuple) and hasattr(type(node), "telemetry_fields")
 
 
 def _fields(node: Any) -> dict[str, Any]:
     out = {}
-    for name, value in zip(node._fields, node, strict=True):
-        if name in _SKIP_FIELDS:
-            continue
+    for name in type(node).telemetry_fields:
+        value = getattr(node, name)
         if isinstance(value, tuple) and hasattr(value, "_fields"):
-            out.update(_fields(value))
+            out.update(_nested(value))
+        else:
+            out[name] = _unwrap(value)
+    return out
+
+
+def _nested(node: Any) -> dict[str, Any]:
+    """Every field of a NamedTuple held in a reported field (signals, a policy's state)."""
+    if _is_telemetry_state(node):
+        return _fields(node)
+    out = {}
+    for name, value in zip(node._fields, node, strict=True):
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            out.update(_nested(value))
         else:
             out[name] = _unwrap(value)
     return out
@@ -51,6 +66,11 @@ def _is_box(node: Any) -> bool:
 
 def telemetry(opt_state: Any) -> dict[str, jax.Array]:
     """Collects the telemetry fields of every governance state found in ``opt_state``.
+
+    A state takes part by declaring the fields it reports as a class attribute of its
+    NamedTuple, ``telemetry_fields = ("step", ...)``; a reported field that is itself a
+    NamedTuple (the guard's signals, a policy's state) is flattened into the same dict, and a
+    field named ``inner_state`` is searched for further states.
 
     Walks the state by type (it does not match dictionary keys of the moment trees, so a
     Flax model with parameters called ``scale`` is no problem), so it works for a bare guard

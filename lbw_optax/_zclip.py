@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _peer_utils as _pu
-from lbw_optax._guard import _check_adamw_args
+from lbw_optax import _adamw
+from lbw_optax import _common as _pu
 from lbw_optax._validate import check_in_range, check_positive, check_positive_int
 
 
@@ -42,6 +42,19 @@ class ZClipState(NamedTuple):
     zclip_clipped_steps: jax.Array
     zclip_capped_steps: jax.Array
     zclip_nonfinite_steps: jax.Array
+    # What lbw_optax.telemetry reports.
+    telemetry_fields = (
+        "zclip_count",
+        "zclip_observed",
+        "zclip_mean",
+        "zclip_var",
+        "zclip_norm",
+        "zclip_zscore",
+        "zclip_clipped",
+        "zclip_clipped_steps",
+        "zclip_capped_steps",
+        "zclip_nonfinite_steps",
+    )
 
 
 def zclip(
@@ -164,12 +177,13 @@ def zclip(
         changed = clip | capped
         factor = jnp.where(changed, applied / jnp.where(changed, norm, 1.0), 1.0)
         new_updates = _pu.scale_tree(updates, factor)
-        keep = lambda new, old: jnp.where(finite, new, old)
         new_state = ZClipState(
             zclip_count=optax.safe_increment(state.zclip_count),
-            zclip_observed=keep(optax.safe_increment(state.zclip_observed), state.zclip_observed),
-            zclip_mean=keep(jnp.where(warming, warm_mean, ema_mean), state.zclip_mean),
-            zclip_var=keep(jnp.where(warming, warm_var, ema_var), state.zclip_var),
+            zclip_observed=_pu.count_if(state.zclip_observed, finite),
+            zclip_mean=_pu.keep_if(
+                finite, jnp.where(warming, warm_mean, ema_mean), state.zclip_mean
+            ),
+            zclip_var=_pu.keep_if(finite, jnp.where(warming, warm_var, ema_var), state.zclip_var),
             zclip_norm=norm,
             zclip_zscore=jnp.where(finite & ~warming, z, 0.0),
             zclip_clipped=clip,
@@ -190,6 +204,9 @@ def zclip_adamw(
     weight_decay: float = 1e-4,
     *,
     mask: Any = None,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
     alpha: float = 0.97,
     z_threshold: float = 2.5,
     warmup_steps: int = 25,
@@ -199,7 +216,7 @@ def zclip_adamw(
 
     Args:
       learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask: as in :func:`optax.adamw`.
+      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       alpha, z_threshold, warmup_steps, max_grad_norm: as in :func:`zclip`.
 
     Returns:
@@ -213,7 +230,9 @@ def zclip_adamw(
       Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
       <https://arxiv.org/abs/2504.02507>`_, 2025.
     """
-    _check_adamw_args(learning_rate, b1, b2, eps, weight_decay)
+    adamw = _adamw.adamw(
+        learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
+    )
     return optax.chain(
         zclip(
             alpha=alpha,
@@ -221,5 +240,5 @@ def zclip_adamw(
             warmup_steps=warmup_steps,
             max_grad_norm=max_grad_norm,
         ),
-        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
+        adamw,
     )

@@ -1,5 +1,7 @@
 """Defining behaviour of the peers (ZClip, skip-step, AdaGC, SPAM), checked against NumPy."""
 
+from typing import Any, NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -615,3 +617,59 @@ def test_peers_compose_in_one_chain_with_distinct_fields():
     record = lbw_optax.telemetry(state)
     for counter in ("zclip_count", "adagc_count", "skipstep_count", "spam_count"):
         assert int(record[counter]) == 3
+
+
+# --- the *_adamw wrappers forward every optax.adamw argument ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "wrapper",
+    [
+        lbw_optax.lbw_adamw,
+        lbw_optax.zclip_adamw,
+        lbw_optax.adagc_adamw,
+        lbw_optax.skip_step_adamw,
+        lbw_optax.sgg_adamw,
+    ],
+    ids=lambda w: w.__name__,
+)
+def test_adamw_wrappers_forward_mu_dtype_eps_root_and_nesterov(wrapper):
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    grads = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.full(3, 0.5)}
+
+    def first_update(**options):
+        tx = wrapper(1e-2, 0.9, 0.999, 1e-8, 0.0, mu_dtype=jnp.bfloat16, eps_root=1e-8, **options)
+        state = tx.init(params)
+        moments = [x for x in jax.tree.leaves(state) if x.dtype == jnp.bfloat16]
+        assert len(moments) == 2  # the first moments, one per parameter
+        return tx.update(grads, state, params, value=jnp.float32(1.0))[0]
+
+    assert not np.allclose(first_update(nesterov=True)["w"], first_update()["w"])
+
+
+@pytest.mark.parametrize("name", ["eps_root", "weight_decay", "eps"])
+def test_adamw_wrappers_reject_negative_adamw_arguments(name):
+    with pytest.raises(ValueError, match=name):
+        lbw_optax.sgg_adamw(1e-3, **{name: -1.0})
+
+
+def test_a_state_takes_part_in_telemetry_by_declaring_its_fields():
+    class MyState(NamedTuple):
+        my_count: jax.Array
+        my_window: jax.Array
+        telemetry_fields = ("my_count",)
+
+    state = (optax.EmptyState(), MyState(jnp.int32(3), jnp.zeros(4)))
+    assert lbw_optax.telemetry(state) == {"my_count": 3}
+
+
+def test_register_telemetry_state_is_a_deprecated_alias():
+    class OldState(NamedTuple):
+        old_count: jax.Array
+        inner_state: Any
+
+    with pytest.warns(DeprecationWarning):
+        lbw_optax.register_telemetry_state(OldState)
+    state = OldState(jnp.int32(2), lbw_optax.zclip().init({}))
+    got = lbw_optax.telemetry(state)
+    assert got["old_count"] == 2 and "zclip_count" in got

@@ -1,4 +1,5 @@
-"""Helpers shared by the peer transformations: float32 norms, counters, concrete checks."""
+"""The control skeleton shared by the guard, SGG and the peers: float32 norms, actuation by a
+scale, counters, keeping the old value on a non-finite step, concrete hyperparameter checks."""
 
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,12 @@ def scale_tree(tree: Any, factor: jax.Array) -> Any:
 def count_if(counter: jax.Array, condition: jax.Array) -> jax.Array:
     """Advances an int32 counter (saturating) where ``condition`` holds."""
     return jnp.where(condition, optax.safe_increment(counter), counter)
+
+
+def keep_if(condition: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``condition`` holds, else ``old``, leaf by leaf (the value kept on a
+    non-finite step: ``keep_if(finite, new, old)``)."""
+    return optax.tree.where(condition, new, old)
 
 
 def concrete(value: Any) -> Any:
