@@ -663,31 +663,25 @@ def main(argv: list[str] | None = None) -> int:
     # Estimates (seconds) of each cost stage before it starts; compilations dominate.
     reused = plan is not None  # The suite compiled the loop steps stage 2 times.
     guard_need = (0 if reused else 3 * compile_guess) + 30.0
-    if "guard" not in stages:
-        pass
-    elif left() >= guard_need:
-        run_stage("guard", stage_guard, sizes, steps, state)
-    else:
-        skip("guard", f"needs about {guard_need:.0f} s, {left():.0f} s left")
-    sgg_need = 0.5 * compile_guess + 10.0
-    if "sgg" not in stages:
-        pass
-    elif left() >= sgg_need:
-        run_stage("sgg", stage_sgg, sizes, state)
-    else:
-        skip("sgg", f"needs about {sgg_need:.0f} s, {left():.0f} s left")
+
+    def cost_stage(name: str, stage: str, need: float, fn, *fn_args) -> None:
+        """Runs a selected cost stage if its estimate fits what is left, else records why not."""
+        if stage not in stages:
+            return
+        if left() >= need:
+            run_stage(name, fn, *fn_args)
+        else:
+            skip(name, f"needs about {need:.0f} s, {left():.0f} s left")
+
+    cost_stage("guard", "guard", guard_need, stage_guard, sizes, steps, state)
+    cost_stage("sgg", "sgg", 0.5 * compile_guess + 10.0, stage_sgg, sizes, state)
     state.pop("adamw_model", None)
     gc.collect()
     for i, (label, preset) in enumerate(sizes.model_presets):
         name = f"model_step {label}"
         factor = 1.0 if i == 0 else 1.5  # The larger preset compiles and steps longer.
         need = factor * 2 * compile_guess * (0.1 if args.smoke else 1.0)
-        if "model_step" not in stages:
-            pass
-        elif left() >= need:
-            run_stage(name, stage_model_step, sizes, label, preset)
-        else:
-            skip(name, f"needs about {need:.0f} s, {left():.0f} s left")
+        cost_stage(name, "model_step", need, stage_model_step, sizes, label, preset)
 
     ev = state["evidence"]
     ev["wall_s"] = round(time.perf_counter() - start, 1)
