@@ -201,7 +201,7 @@ def machine() -> dict[str, Any]:
         )
         out["nvidia_smi"] = smi.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        pass
+        out["nvidia_smi"] = "unavailable"  # No NVIDIA driver tool here (e.g. the CPU smoke run).
     return out
 
 
