@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 import lbw_optax
-from lbw_optax._sgg import _sgg_transform
+from lbw_optax import _sgg
 
 LEARNING_RATE = 1e-3
 SGG_INTERVAL = 500  # sgg_adamw's default recluster_every
@@ -81,20 +81,34 @@ METHODS: list[Method] = [
 
 
 def sgg_adamw_fixed(when: str) -> optax.GradientTransformation:
-    """``sgg_adamw`` compiled as one kind of step only (see the module docstring)."""
-    sgg = _sgg_transform(
-        optax.scale_by_adam(),
-        n_clusters=3,
-        recluster_every=SGG_INTERVAL,
-        beta3=0.99,
-        scale_bounds=(0.1, 10.0),
-        min_ndim=2,
-        when=when,
-        unroll=when == "always",
-    )
-    return optax.chain(
-        sgg, optax.add_decayed_weights(1e-4), optax.scale_by_learning_rate(LEARNING_RATE)
-    )
+    """``sgg_adamw`` compiled as one kind of step only (see the module docstring).
+
+    While the update is traced, SGG's ``lax`` is swapped for one whose ``cond`` always takes
+    the re-clustering branch (``"always"``, with every ``fori_loop`` unrolled) or never does
+    (``"never"``): the library carries no switch for this measurement.
+    """
+    tx = lbw_optax.sgg_adamw(LEARNING_RATE, recluster_every=SGG_INTERVAL)
+
+    class OneKindOfStep:
+        def __getattr__(self, name):
+            return getattr(jax.lax, name)
+
+        @staticmethod
+        def cond(pred, recluster, keep, *operands):
+            return (recluster if when == "always" else keep)(*operands)
+
+        @staticmethod
+        def fori_loop(lower, upper, body, init, **kwargs):
+            return jax.lax.fori_loop(lower, upper, body, init, **{**kwargs, "unroll": True})
+
+    def update(updates, state, params=None, **extra):
+        saved, _sgg.lax = _sgg.lax, OneKindOfStep()
+        try:
+            return tx.update(updates, state, params, **extra)
+        finally:
+            _sgg.lax = saved
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def add_sgg_interval_mean(rows: dict, ordinary: str, reclustering: str) -> None:

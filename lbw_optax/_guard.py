@@ -203,7 +203,7 @@ def guard(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        tensors = num_sensed_tensors(params) if policy.needs_tensor_norms else 0
+        tensors = num_sensed_tensors(params) if policy.needs_tensor_norms else None
         return GuardState(
             step=jnp.zeros([], jnp.int32),
             regime=jnp.asarray(Regime.STABLE, jnp.int32),

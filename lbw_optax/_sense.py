@@ -23,12 +23,13 @@ class Signals(NamedTuple):
         optimizer has been moving in: the steps overshoot.
       update_norm: global L2 norm of the inner optimizer's update, before the guard scales it.
       tensor_update_norms: float32 ``[n]``, the L2 norm of each non-empty tensor of the inner
-        update (leaf order), when the policy asks for per-tensor signals; shape ``[0]``
-        otherwise.
+        update (leaf order), when the policy asks for per-tensor signals;
+        :class:`optax.MaskedNode` (no leaves) otherwise.
       tensor_param_norms: float32 ``[n]``, the L2 norm of each matching parameter tensor
-        before the step; shape ``[0]`` when not sensed.
+        before the step; :class:`optax.MaskedNode` when not sensed.
       tensor_sizes: float32 ``[n]``, the element count of each sensed tensor (a constant), so
-        that a policy can turn norms into root-mean-squares; shape ``[0]`` when not sensed.
+        that a policy can turn norms into root-mean-squares; :class:`optax.MaskedNode` when
+        not sensed.
     """
 
     loss: jax.Array
@@ -38,14 +39,20 @@ class Signals(NamedTuple):
     grad_mean: jax.Array
     grad_momentum_cos: jax.Array
     update_norm: jax.Array
-    tensor_update_norms: jax.Array
-    tensor_param_norms: jax.Array
-    tensor_sizes: jax.Array
+    tensor_update_norms: jax.Array | optax.MaskedNode
+    tensor_param_norms: jax.Array | optax.MaskedNode
+    tensor_sizes: jax.Array | optax.MaskedNode
 
 
-def empty_signals(num_tensors: int = 0) -> Signals:
+def empty_signals(num_tensors: int | None = None) -> Signals:
+    """Zero signals: per-tensor vectors of ``num_tensors`` zeros (at least one, so that no
+    zero-size array enters a state, which Orbax cannot save, and the state's structure does not
+    depend on the parameters' count), or :class:`optax.MaskedNode` when ``None`` (not sensed)."""
     zero = jnp.zeros([], jnp.float32)
-    vector = jnp.zeros([num_tensors], jnp.float32)
+    if num_tensors is None:
+        vector = optax.MaskedNode()
+    else:
+        vector = jnp.zeros([max(num_tensors, 1)], jnp.float32)
     return Signals(zero, zero, zero, zero, zero, zero, zero, vector, vector, vector)
 
 
@@ -152,9 +159,9 @@ def sense(
         grad_mean=total / count,
         grad_momentum_cos=cos,
         update_norm=jnp.zeros([], jnp.float32),
-        tensor_update_norms=jnp.zeros([0], jnp.float32),
-        tensor_param_norms=jnp.zeros([0], jnp.float32),
-        tensor_sizes=jnp.zeros([0], jnp.float32),
+        tensor_update_norms=optax.MaskedNode(),
+        tensor_param_norms=optax.MaskedNode(),
+        tensor_sizes=optax.MaskedNode(),
     )
     return signals, finite
 

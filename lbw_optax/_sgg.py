@@ -29,7 +29,7 @@ class SGGState(NamedTuple):
     """State of :func:`sgg`: cluster assignment, per-cluster scales and statistics.
 
     Per-tensor fields are trees matching the parameters; a tensor with ``ndim < min_ndim``
-    holds an empty array there (it is never scaled).
+    holds :class:`optax.MaskedNode` there (it is never scaled), as :func:`optax.masked` does.
 
     Attributes:
       sgg_count: int32, updates seen (1 after the first update).
@@ -97,7 +97,7 @@ def _count_at_or_below(bits, groups, query_groups, mid):
     return jnp.sum(below, axis=0, dtype=jnp.int32)
 
 
-def _order_statistics(bits, groups, local, shared=None, unroll=False):
+def _order_statistics(bits, groups, local, shared=None):
     """k-th smallest values (0-based ranks) by group, within each tensor and over all tensors.
 
     Args:
@@ -107,7 +107,6 @@ def _order_statistics(bits, groups, local, shared=None, unroll=False):
       local: per tensor, ``(query_groups, ranks)``: a static tuple of group ids (or ``_ANY``)
         and int32 ranks, one per query, answered within that tensor.
       shared: ``(query_groups, ranks)`` answered over the union of all tensors, or None.
-      unroll: unroll the bisection loop.
 
     Returns:
       (a float32 array of answers per tensor, the shared answers); ``+inf`` where a group has
@@ -138,7 +137,7 @@ def _order_statistics(bits, groups, local, shared=None, unroll=False):
 
     start = lambda n: (jnp.zeros([n], jnp.int32), jnp.full([n], _INF_BITS, jnp.int32))
     bounds = ([start(len(q)) for q, _ in local], start(n_shared))
-    local_bounds, (_, shared_hi) = lax.fori_loop(0, _BISECTIONS, halve, bounds, unroll=unroll)
+    local_bounds, (_, shared_hi) = lax.fori_loop(0, _BISECTIONS, halve, bounds)
     as_float = lambda b: lax.bitcast_convert_type(b, jnp.float32)
     return [as_float(hi) for _, hi in local_bounds], as_float(shared_hi)
 
@@ -147,7 +146,7 @@ def _member_columns(groups, query_groups):
     return [(groups >= 0) if q == _ANY else (groups == q) for q in query_groups]
 
 
-def _medians(bits, groups, local_groups, local_sizes, shared_groups, shared_size, unroll):
+def _medians(bits, groups, local_groups, local_sizes, shared_groups, shared_size):
     """Median of each queried group (mean of the two middle values if the count is even).
 
     The lower middle comes from :func:`_order_statistics`; the upper one is the lower one if
@@ -156,7 +155,7 @@ def _medians(bits, groups, local_groups, local_sizes, shared_groups, shared_size
     lower = lambda size: (size - 1) // 2
     local = [(q, lower(size)) for q, size in zip(local_groups, local_sizes, strict=True)]
     local_low, shared_low = _order_statistics(
-        bits, groups, local, (shared_groups, lower(shared_size)), unroll
+        bits, groups, local, (shared_groups, lower(shared_size))
     )
     as_bits = lambda v: lax.bitcast_convert_type(v, jnp.int32)
     shared_count = jnp.zeros(shared_size.shape, jnp.int32)
@@ -201,7 +200,7 @@ def _member_sums(x, centres):
     return sums, jnp.sum(one_hot, axis=0, dtype=jnp.int32)
 
 
-def _kmeans_1d(xs, n_clusters, unroll=False):
+def _kmeans_1d(xs, n_clusters):
     """Deterministic 1-D K-means of each array's finite values: (ids, sizes) per array.
 
     Cluster 0 holds the smallest values; non-finite values get id 0 and are in no cluster.
@@ -213,7 +212,7 @@ def _kmeans_1d(xs, n_clusters, unroll=False):
     two_k = 2 * n_clusters
     ranks = [(n // two_k) * odd + ((n % two_k) * odd) // two_k for n in n_finite]
     local = [((0,) * n_clusters, r) for r in ranks]
-    quantiles, _ = _order_statistics([_bits(x) for x in xs], [None] * len(xs), local, None, unroll)
+    quantiles, _ = _order_statistics([_bits(x) for x in xs], [None] * len(xs), local, None)
     result = []
     for x, n, q in zip(xs, n_finite, quantiles, strict=True):
 
@@ -222,17 +221,17 @@ def _kmeans_1d(xs, n_clusters, unroll=False):
             return jnp.where(counts > 0, sums / jnp.maximum(counts, 1), centres)
 
         centres = jnp.where(n > 0, q, 0.0)
-        centres = jnp.sort(lax.fori_loop(0, _LLOYD_ITERATIONS, lloyd, centres, unroll=unroll))
+        centres = jnp.sort(lax.fori_loop(0, _LLOYD_ITERATIONS, lloyd, centres))
         _, sizes = _member_sums(x, centres)
         result.append((_assign(x, centres), sizes))
     return result
 
 
-def _recluster(mus, ids, scales, sizes, mdas, model_mda, *, n_clusters, beta3, low, high, unroll):
+def _recluster(mus, ids, scales, sizes, mdas, model_mda, *, n_clusters, beta3, low, high):
     """Re-clusters every clustered tensor and advances the scales' EMA (pure, jit-able)."""
     del sizes  # Recomputed.
     ms = [m.reshape(-1).astype(jnp.float32) for m in mus]
-    clusters = _kmeans_1d([jnp.abs(m) for m in ms], n_clusters, unroll)
+    clusters = _kmeans_1d([jnp.abs(m) for m in ms], n_clusters)
     deviation_bits, groups, sizes_list, total = [], [], [], 0
     for m, (cluster, size) in zip(ms, clusters, strict=True):
         finite = jnp.isfinite(m)
@@ -250,7 +249,6 @@ def _recluster(mus, ids, scales, sizes, mdas, model_mda, *, n_clusters, beta3, l
         sizes_list,
         (_ANY,),
         total[None],
-        unroll,
     )
     new_model_mda = shared_mda[0]
     model_ok = (total > 0) & jnp.isfinite(new_model_mda)
@@ -279,117 +277,6 @@ def _check_scale_bounds(scale_bounds: Any) -> tuple[float, float]:
     check_positive("scale_bounds[1]", high)
     check_ordered("scale_bounds[0]", low, "scale_bounds[1]", high)
     return float(low), float(high)
-
-
-def _sgg_transform(
-    inner, *, n_clusters, recluster_every, beta3, scale_bounds, min_ndim, when, unroll=False
-):
-    """Builds :func:`sgg`; ``when`` is ``"interval"`` (the public behaviour), or ``"never"`` /
-    ``"always"`` to compile one of the two kinds of step alone, and ``unroll`` unrolls the
-    clustering's loops (XLA's cost analysis counts a loop body once), for cost measurements."""
-    # optax.inject_hyperparams passes every numeric argument as an array, traced inside
-    # update: check concrete values; the cluster count is read from the state's shapes.
-    n_clusters, recluster_every, beta3 = map(_pu.concrete, (n_clusters, recluster_every, beta3))
-    if not isinstance(n_clusters, jax.core.Tracer):
-        check_positive_int("n_clusters", n_clusters)
-        if n_clusters > 127:
-            raise ValueError(f"n_clusters must be <= 127 (ids are int8), got {n_clusters!r}")
-    if not isinstance(recluster_every, jax.core.Tracer):
-        check_positive_int("recluster_every", recluster_every)
-    if not isinstance(beta3, jax.core.Tracer):
-        check_in_range("beta3", beta3, 0.0, 1.0, closed="left")
-    low, high = _check_scale_bounds(scale_bounds)
-    check_non_negative_int("min_ndim", min_ndim)
-    inner = optax.with_extra_args_support(inner)
-    clustered = lambda x: x.ndim >= min_ndim
-
-    def per_tensor(params, make):
-        return jax.tree.map(lambda p: make(p) if clustered(p) else jnp.zeros([0], jnp.int8), params)
-
-    def init_fn(params):
-        inner_state = inner.init(params)
-        _first_moment(inner_state)
-        scale0 = min(max(1.0, low), high)
-        return SGGState(
-            sgg_count=jnp.zeros([], jnp.int32),
-            cluster_ids=per_tensor(params, lambda p: jnp.zeros(p.shape, jnp.int8)),
-            cluster_scales=per_tensor(
-                params, lambda _: jnp.full([n_clusters], scale0, jnp.float32)
-            ),
-            cluster_sizes=per_tensor(params, lambda _: jnp.zeros([n_clusters], jnp.int32)),
-            cluster_mda=per_tensor(params, lambda _: jnp.zeros([n_clusters], jnp.float32)),
-            model_mda=jnp.zeros([], jnp.float32),
-            inner_state=inner_state,
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        treedef = jax.tree.structure(inner_updates)
-        leaves = treedef.flatten_up_to(inner_updates)
-        ids = treedef.flatten_up_to(state.cluster_ids)
-        scales = treedef.flatten_up_to(state.cluster_scales)
-        sizes = treedef.flatten_up_to(state.cluster_sizes)
-        mdas = treedef.flatten_up_to(state.cluster_mda)
-        chosen = [i for i, u in enumerate(leaves) if clustered(u)]
-
-        # Every step: one gather of the tensor's few scales by the stored ids, one multiply.
-        # The scales are the ones in force before this step's re-clustering (see sgg's notes).
-        scaled = list(leaves)
-        for i in chosen:
-            u = leaves[i]
-            scaled[i] = (u * scales[i][ids[i].astype(jnp.int32)]).astype(u.dtype)
-
-        model_mda = state.model_mda
-        if chosen:
-            mu_leaves = treedef.flatten_up_to(_first_moment(inner_state))
-            recluster = functools.partial(
-                _recluster,
-                n_clusters=scales[chosen[0]].shape[0],
-                beta3=beta3,
-                low=low,
-                high=high,
-                unroll=unroll,
-            )
-            operands = (
-                [mu_leaves[i] for i in chosen],
-                [ids[i] for i in chosen],
-                [scales[i] for i in chosen],
-                [sizes[i] for i in chosen],
-                [mdas[i] for i in chosen],
-                state.model_mda,
-            )
-            keep = lambda mus, ids, scales, sizes, mdas, model_mda: (
-                ids,
-                scales,
-                sizes,
-                mdas,
-                model_mda,
-            )
-            if when == "always":
-                out = recluster(*operands)
-            elif when == "never":
-                out = keep(*operands)
-            else:
-                # The paper's t mod T = 0, with t the 1-based number of this update.
-                due = (optax.safe_increment(state.sgg_count) % recluster_every) == 0
-                out = lax.cond(due, recluster, keep, *operands)
-            new_ids, new_scales, new_sizes, new_mdas, model_mda = out
-            for j, i in enumerate(chosen):
-                ids[i], scales[i] = new_ids[j], new_scales[j]
-                sizes[i], mdas[i] = new_sizes[j], new_mdas[j]
-
-        new_state = SGGState(
-            sgg_count=optax.safe_increment(state.sgg_count),
-            cluster_ids=treedef.unflatten(ids),
-            cluster_scales=treedef.unflatten(scales),
-            cluster_sizes=treedef.unflatten(sizes),
-            cluster_mda=treedef.unflatten(mdas),
-            model_mda=model_mda,
-            inner_state=inner_state,
-        )
-        return treedef.unflatten(scaled), new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def sgg(
@@ -474,15 +361,104 @@ def sgg(
       Li et al., `Taming LLMs by Scaling Learning Rates with Gradient Grouping
       <https://arxiv.org/abs/2506.01049>`_, ACL 2025.
     """
-    return _sgg_transform(
-        inner,
-        n_clusters=n_clusters,
-        recluster_every=recluster_every,
-        beta3=beta3,
-        scale_bounds=scale_bounds,
-        min_ndim=min_ndim,
-        when="interval",
-    )
+    # optax.inject_hyperparams passes every numeric argument as an array, traced inside
+    # update: check concrete values; the cluster count is read from the state's shapes.
+    n_clusters, recluster_every, beta3 = map(_pu.concrete, (n_clusters, recluster_every, beta3))
+    if not isinstance(n_clusters, jax.core.Tracer):
+        check_positive_int("n_clusters", n_clusters)
+        if n_clusters > 127:
+            raise ValueError(f"n_clusters must be <= 127 (ids are int8), got {n_clusters!r}")
+    if not isinstance(recluster_every, jax.core.Tracer):
+        check_positive_int("recluster_every", recluster_every)
+    if not isinstance(beta3, jax.core.Tracer):
+        check_in_range("beta3", beta3, 0.0, 1.0, closed="left")
+    low, high = _check_scale_bounds(scale_bounds)
+    check_non_negative_int("min_ndim", min_ndim)
+    inner = optax.with_extra_args_support(inner)
+    clustered = lambda x: x.ndim >= min_ndim
+
+    def per_tensor(params, make):
+        # optax.MaskedNode (no leaves) where a tensor is never scaled, as in optax.masked.
+        return jax.tree.map(lambda p: make(p) if clustered(p) else optax.MaskedNode(), params)
+
+    def init_fn(params):
+        inner_state = inner.init(params)
+        _first_moment(inner_state)
+        scale0 = min(max(1.0, low), high)
+        return SGGState(
+            sgg_count=jnp.zeros([], jnp.int32),
+            cluster_ids=per_tensor(params, lambda p: jnp.zeros(p.shape, jnp.int8)),
+            cluster_scales=per_tensor(
+                params, lambda _: jnp.full([n_clusters], scale0, jnp.float32)
+            ),
+            cluster_sizes=per_tensor(params, lambda _: jnp.zeros([n_clusters], jnp.int32)),
+            cluster_mda=per_tensor(params, lambda _: jnp.zeros([n_clusters], jnp.float32)),
+            model_mda=jnp.zeros([], jnp.float32),
+            inner_state=inner_state,
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        treedef = jax.tree.structure(inner_updates)
+        leaves = treedef.flatten_up_to(inner_updates)
+        ids = treedef.flatten_up_to(state.cluster_ids)
+        scales = treedef.flatten_up_to(state.cluster_scales)
+        sizes = treedef.flatten_up_to(state.cluster_sizes)
+        mdas = treedef.flatten_up_to(state.cluster_mda)
+        chosen = [i for i, u in enumerate(leaves) if clustered(u)]
+
+        # Every step: one gather of the tensor's few scales by the stored ids, one multiply.
+        # The scales are the ones in force before this step's re-clustering (see sgg's notes).
+        scaled = list(leaves)
+        for i in chosen:
+            u = leaves[i]
+            scaled[i] = (u * scales[i][ids[i].astype(jnp.int32)]).astype(u.dtype)
+
+        model_mda = state.model_mda
+        if chosen:
+            mu_leaves = treedef.flatten_up_to(_first_moment(inner_state))
+            recluster = functools.partial(
+                _recluster,
+                n_clusters=scales[chosen[0]].shape[0],
+                beta3=beta3,
+                low=low,
+                high=high,
+            )
+            operands = (
+                [mu_leaves[i] for i in chosen],
+                [ids[i] for i in chosen],
+                [scales[i] for i in chosen],
+                [sizes[i] for i in chosen],
+                [mdas[i] for i in chosen],
+                state.model_mda,
+            )
+            keep = lambda mus, ids, scales, sizes, mdas, model_mda: (
+                ids,
+                scales,
+                sizes,
+                mdas,
+                model_mda,
+            )
+            # The paper's t mod T = 0, with t the 1-based number of this update.
+            due = (optax.safe_increment(state.sgg_count) % recluster_every) == 0
+            out = lax.cond(due, recluster, keep, *operands)
+            new_ids, new_scales, new_sizes, new_mdas, model_mda = out
+            for j, i in enumerate(chosen):
+                ids[i], scales[i] = new_ids[j], new_scales[j]
+                sizes[i], mdas[i] = new_sizes[j], new_mdas[j]
+
+        new_state = SGGState(
+            sgg_count=optax.safe_increment(state.sgg_count),
+            cluster_ids=treedef.unflatten(ids),
+            cluster_scales=treedef.unflatten(scales),
+            cluster_sizes=treedef.unflatten(sizes),
+            cluster_mda=treedef.unflatten(mdas),
+            model_mda=model_mda,
+            inner_state=inner_state,
+        )
+        return treedef.unflatten(scaled), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def sgg_adamw(

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import optax
 
 
 def register_telemetry_state(state_type: type) -> type:
@@ -56,12 +57,18 @@ def _nested(node: Any) -> dict[str, Any]:
 def _unwrap(value: Any) -> Any:
     # Containers that box one array (e.g. the variables of flax.nnx.Optimizer.opt_state) are
     # pytrees with a single leaf: report the array itself. A tree-valued field (one small
-    # array per parameter tensor) is reported as that tree, each of its arrays unboxed.
-    return jax.tree.map(lambda node: jax.tree.leaves(node)[0], value, is_leaf=_is_box)
+    # array per parameter tensor) is reported as that tree, each of its arrays unboxed; a box
+    # of nothing (flax.nnx wraps the optax.MaskedNode of a skipped tensor) as MaskedNode.
+    return jax.tree.map(_unbox, value, is_leaf=_is_box)
 
 
 def _is_box(node: Any) -> bool:
-    return not isinstance(node, Mapping | list | tuple) and len(jax.tree.leaves(node)) == 1
+    return not isinstance(node, Mapping | list | tuple) and len(jax.tree.leaves(node)) <= 1
+
+
+def _unbox(node: Any) -> Any:
+    leaves = jax.tree.leaves(node)
+    return leaves[0] if leaves else optax.MaskedNode()
 
 
 def telemetry(opt_state: Any) -> dict[str, jax.Array]:

@@ -270,7 +270,11 @@ def test_a_suite_without_its_run_folders_reports_and_resumes_from_the_archive(fi
     packed = archive.read(copy)
     assert list(packed) == [r.run_id for r in stress.expand(spec)]
     for rid, run in packed.items():
-        assert run["metrics"] == stress.read_jsonl(suite_dir / "runs" / rid / "metrics.jsonl")
+        lines = stress.read_jsonl(suite_dir / "runs" / rid / "metrics.jsonl")
+        assert run["metrics"] == [archive.compact(line) for line in lines]
+        for kept, line in zip(run["metrics"], lines, strict=True):  # Only tensor_* left out.
+            dropped = set(line.get("telemetry", {})) - set(kept.get("telemetry", {}))
+            assert all(k.startswith("tensor_") for k in dropped)
         assert run["summary"] == json.loads((suite_dir / "runs" / rid / "summary.json").read_text())
     before = {p.name: p.read_bytes() for p in copy.glob("*.png")}
     (copy / "summary.md").unlink()
@@ -283,6 +287,20 @@ def test_a_suite_without_its_run_folders_reports_and_resumes_from_the_archive(fi
     for rid in packed:
         assert stress.read_summary(copy / "runs" / rid) == packed[rid]["summary"]
     assert (copy / "runs.jsonl").read_text() == (suite_dir / "runs.jsonl").read_text()
+
+
+def test_the_archive_leaves_out_only_per_tensor_vectors():
+    line = {
+        "step": 5,
+        "loss": 5.655632019042969,
+        "telemetry": {"scale": 0.5, "tensor_update_norms": [1.0, 2.0], "regime": 0},
+    }
+    assert archive.compact(line) == {
+        "step": 5,
+        "loss": 5.655632019042969,
+        "telemetry": {"scale": 0.5, "regime": 0},
+    }
+    assert line["telemetry"]["tensor_update_norms"] == [1.0, 2.0]  # The input is not changed.
 
 
 def test_controls_read_the_governor_run(finished):
@@ -436,6 +454,16 @@ def test_targets_when_adamw_diverged_everywhere(tmp_path):
         "- AdamW diverged or did not run at every learning rate here; "
         "governor: ×1 11.00; ×10 16.00."
     ]
+
+
+def test_report_of_a_subset_without_the_baseline(tmp_path):
+    """A subset of a suite (benchmarks/suite_subset.py) may leave AdamW out: no speedup then."""
+    _fixture_suite(tmp_path)
+    path = tmp_path / "runs.jsonl"
+    records = [r for r in stress.read_jsonl(path) if r["method"] != "adamw"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = report.write_report(tmp_path).read_text()
+    assert "| governor | ×1 | 2/2 |" in text and "| adamw |" not in text
 
 
 def test_cli_report(tmp_path, capsys):

@@ -66,3 +66,65 @@ def test_processes_exchange_only_per_leaf_sums(monkeypatch):
     whole = block_checksum(x.shape, (0, 0, 0), x)
     assert checksums({"w": jnp.asarray(x)}) == [f"{whole:016x}"]
     assert [w.shape for w in sent] == [(1, 2)]
+
+
+def _masked_state():
+    """SGG over a guard with the reference policy: MaskedNode for the bias's cluster fields and
+    for the unsensed per-tensor signals."""
+    import optax
+
+    import lbw_optax
+
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    tx = lbw_optax.sgg(lbw_optax.guard(optax.adam(1e-2), policy="reference"), recluster_every=1)
+    state = tx.init(params)
+    grads = {"w": jnp.arange(12.0).reshape(4, 3), "b": jnp.ones(3)}
+    _, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+    return state
+
+
+def test_a_state_with_masked_nodes_round_trips(tmp_path):
+    import optax
+
+    state = _masked_state()
+    assert isinstance(state.cluster_ids["b"], optax.MaskedNode)
+    saver = checkpoint.Checkpointer(tmp_path / "ckpt", keep=2, every=1)
+    try:
+        saver.save(1, state, {"note": "x"})
+        restored, meta = saver.restore(1, state)
+    finally:
+        saver.close()
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert meta["note"] == "x"
+
+
+def test_a_checkpoint_saved_with_zero_size_placeholders_still_restores(tmp_path):
+    """Before MaskedNode, those places held zero-size arrays: saved as nothing (None), summed."""
+    import optax
+    import orbax.checkpoint as ocp
+
+    state = _masked_state()
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)
+    old = jax.tree.map(lambda x: jnp.zeros([0]) if is_masked(x) else x, state, is_leaf=is_masked)
+    on_disk = jax.tree.map(lambda x: None if x.size == 0 else x, old)
+    meta = {"step": 3, "checksums": checksums(old)}
+    assert len(meta["checksums"]) > len(jax.tree.leaves(state))
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("state", "meta")) as manager:
+        manager.save(
+            3,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(on_disk), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+        manager.wait_until_finished()
+    saver = checkpoint.Checkpointer(tmp_path / "ckpt", keep=2, every=1)
+    try:
+        restored, _ = saver.restore(3, state)
+    finally:
+        saver.close()
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    meta["checksums"][-1] = "1" * 16  # A changed array still fails the check.
+    assert not checkpoint._same_sums(meta["checksums"], checksums(state), "0" * 16)

@@ -6,6 +6,11 @@ xz-compressed JSON-lines file: each line is one line of a run's ``metrics.jsonl`
 id as a first key ``"run_id"``, and each run ends with one ``{"run_id": …, "kind": "summary",
 "summary": {…}}`` line holding its ``summary.json``. Read it with ``xzcat`` or :func:`read`.
 
+The guard's per-tensor signal vectors (``tensor_*`` telemetry, logged at every step) are left
+out of the metrics lines (:func:`compact`): the report does not read them, they were 60 % of
+the archive, and each run's ``summary.json`` keeps their final values. Every other number is
+kept exactly, so the report made from the archive is the report made from the run folders.
+
 The per-run folders stay out of version control; the report reads a run's curve from its folder
 when there is one and from the archive otherwise, and :func:`restore` unpacks the archive into
 ``runs/`` so that a suite resumes (or is collected) from a fresh clone as from its own run.
@@ -25,6 +30,19 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 
 
+# Telemetry left out of the archived metrics lines (see the module docstring).
+OMITTED_PREFIX = "tensor_"
+
+
+def compact(line: dict[str, Any]) -> dict[str, Any]:
+    """A ``metrics.jsonl`` line as the archive keeps it: without per-tensor signal vectors."""
+    telemetry = line.get("telemetry")
+    if isinstance(telemetry, dict):
+        kept = {k: v for k, v in telemetry.items() if not k.startswith(OMITTED_PREFIX)}
+        line = {**line, "telemetry": kept}
+    return line
+
+
 def write(suite_dir: str | os.PathLike, run_ids: Iterable[str]) -> Path | None:
     """Packs the ``metrics.jsonl`` and ``summary.json`` of ``run_ids`` under ``suite_dir/runs``
     into ``suite_dir/metrics.jsonl.xz`` (atomically); returns its path, or ``None`` (and leaves
@@ -39,7 +57,7 @@ def write(suite_dir: str | os.PathLike, run_ids: Iterable[str]) -> Path | None:
         if metrics.is_file():
             for text in metrics.read_text().splitlines():
                 if text.strip():
-                    lines.append(json.dumps({"run_id": rid, **json.loads(text)}))
+                    lines.append(json.dumps({"run_id": rid, **compact(json.loads(text))}))
         summary = json.loads((run_dir / SUMMARY).read_text())
         lines.append(json.dumps({"run_id": rid, "kind": "summary", "summary": summary}))
     if not lines:

@@ -360,14 +360,13 @@ def _numbers(x: Any) -> list[Any]:
 def _telemetry_value(value: Any) -> Any:
     """A telemetry field as JSON: a scalar as a number, an array as a list, and a per-tensor
     field (a tree of small arrays matching the parameters, e.g. SGG's ``cluster_scales``) as
-    ``{"layers/0/mlp/down_proj/kernel": [...], ...}`` without the tensors whose array is empty
-    (those SGG skips)."""
+    ``{"layers/0/mlp/down_proj/kernel": [...], ...}`` (the tensors SGG skips hold
+    ``optax.MaskedNode``, which has no leaves, so they do not appear)."""
     if isinstance(value, np.ndarray | np.generic | int | float | bool):
         return _scalar(value) if np.ndim(value) == 0 else _numbers(value)
     return {
         jax.tree_util.keystr(path, simple=True, separator="/"): _numbers(leaf)
         for path, leaf in jax.tree_util.tree_leaves_with_path(value)
-        if np.size(leaf)
     }
 
 

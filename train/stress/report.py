@@ -224,7 +224,7 @@ def speed_table(suite: Suite, setting: str, fault: str) -> list[str]:
             ref_t = [r["time_to_target_s"] for r in ref if r["time_to_target_s"] is not None]
             speedup = (
                 f"{statistics.fmean(ref_t) / statistics.fmean(times):.2f}×"
-                if times and len(ref_t) == len(ref)
+                if times and ref_t and len(ref_t) == len(ref)
                 else "–"
             )
             rows.append(
