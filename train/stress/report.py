@@ -206,39 +206,43 @@ def targets_block(suite: Suite, setting: str, fault: str) -> list[str]:
     return out
 
 
+def _cells(suite: Suite, setting: str, fault: str):
+    """``(method, multiplier, runs)`` for every method × multiplier of a setting that ran."""
+    for method in suite.methods:
+        for m in suite.multipliers(setting, fault):
+            rs = suite.select(setting=setting, fault=fault, method=method, lr_multiplier=m)
+            if rs:
+                yield method, m, rs
+
+
 def speed_table(suite: Suite, setting: str, fault: str) -> list[str]:
     """Steps and time to the target perplexity, wall time, tokens/s; speedup vs AdamW."""
-    mults = suite.multipliers(setting, fault)
     rows = []
-    for method in suite.methods:
-        for m in mults:
-            rs = suite.select(setting=setting, fault=fault, method=method, lr_multiplier=m)
-            if not rs:
-                continue
-            reached = [r for r in rs if r["steps_to_target"] is not None]
-            steps = [r["steps_to_target"] for r in reached]
-            times = [r["time_to_target_s"] for r in reached]
-            ref = suite.select(
-                setting=setting, fault=fault, method=suite.roles.baseline, lr_multiplier=m
-            )
-            ref_t = [r["time_to_target_s"] for r in ref if r["time_to_target_s"] is not None]
-            speedup = (
-                f"{statistics.fmean(ref_t) / statistics.fmean(times):.2f}×"
-                if times and ref_t and len(ref_t) == len(ref)
-                else "–"
-            )
-            rows.append(
-                [
-                    method,
-                    f"×{m:g}",
-                    f"{len(reached)}/{len(rs)}",
-                    fmt(statistics.fmean(steps), None, 0) if steps else "–",
-                    fmt(statistics.fmean(times), None, 1) if times else "–",
-                    speedup,
-                    fmt(*mean_std([r["wall_time_s"] for r in rs]), digits=1),
-                    fmt(statistics.fmean([r["tokens_per_s"] or 0.0 for r in rs]), None, 0),
-                ]
-            )
+    for method, m, rs in _cells(suite, setting, fault):
+        reached = [r for r in rs if r["steps_to_target"] is not None]
+        steps = [r["steps_to_target"] for r in reached]
+        times = [r["time_to_target_s"] for r in reached]
+        ref = suite.select(
+            setting=setting, fault=fault, method=suite.roles.baseline, lr_multiplier=m
+        )
+        ref_t = [r["time_to_target_s"] for r in ref if r["time_to_target_s"] is not None]
+        speedup = (
+            f"{statistics.fmean(ref_t) / statistics.fmean(times):.2f}×"
+            if times and ref_t and len(ref_t) == len(ref)
+            else "–"
+        )
+        rows.append(
+            [
+                method,
+                f"×{m:g}",
+                f"{len(reached)}/{len(rs)}",
+                fmt(statistics.fmean(steps), None, 0) if steps else "–",
+                fmt(statistics.fmean(times), None, 1) if times else "–",
+                speedup,
+                fmt(*mean_std([r["wall_time_s"] for r in rs]), digits=1),
+                fmt(statistics.fmean([r["tokens_per_s"] or 0.0 for r in rs]), None, 0),
+            ]
+        )
     return _table(
         [
             "method",
@@ -255,28 +259,23 @@ def speed_table(suite: Suite, setting: str, fault: str) -> list[str]:
 
 
 def telemetry_table(suite: Suite, setting: str, fault: str) -> list[str]:
-    mults = suite.multipliers(setting, fault)
     rows = []
-    for method in suite.methods:
-        for m in mults:
-            rs = suite.select(setting=setting, fault=fault, method=method, lr_multiplier=m)
-            if not rs:
-                continue
+    for method, m, rs in _cells(suite, setting, fault):
 
-            def avg(key, rs=rs):
-                vals = [r["telemetry"].get(key) for r in rs]
-                vals = [v for v in vals if _finite(v)]
-                return statistics.fmean(vals) if vals else math.nan
+        def avg(key, rs=rs):
+            vals = [r["telemetry"].get(key) for r in rs]
+            vals = [v for v in vals if _finite(v)]
+            return statistics.fmean(vals) if vals else math.nan
 
-            spikes = statistics.fmean([r["loss_spikes"] for r in rs])
-            tel = [
-                fmt(avg("mean_scale"), None, 3),
-                fmt(avg("control_active_steps"), None, 1),
-                fmt(avg("regime_switches"), None, 1),
-                fmt(avg("control_energy"), None, 1),
-                fmt(avg("held_steps"), None, 1),
-            ]
-            rows.append([method, f"×{m:g}", f"{spikes:.1f}", *tel])
+        spikes = statistics.fmean([r["loss_spikes"] for r in rs])
+        tel = [
+            fmt(avg("mean_scale"), None, 3),
+            fmt(avg("control_active_steps"), None, 1),
+            fmt(avg("regime_switches"), None, 1),
+            fmt(avg("control_energy"), None, 1),
+            fmt(avg("held_steps"), None, 1),
+        ]
+        rows.append([method, f"×{m:g}", f"{spikes:.1f}", *tel])
     return _table(
         [
             "method",

@@ -132,18 +132,8 @@ def quick() -> SuiteSpec:
     )
 
 
-FULL_TRAIN = dict(
-    data="wikitext2",
-    seq_len=64,
-    batch_size=8,
-    steps=300,
-    warmup_steps=30,
-    schedule="cosine",
-    eval_every=50,
-    eval_batches=8,
-    log_every=5,
-    checkpoint_every=0,
-)
+# The quick suite's run, 1.5x longer, evaluated on twice the batches.
+FULL_TRAIN = dict(QUICK_TRAIN, steps=300, warmup_steps=30, eval_batches=8)
 
 # Faults of the full suite, at fixed steps of its 300-step runs.
 FULL_FAULTS = {
