@@ -250,6 +250,7 @@ def test_collect_reports_an_interrupted_suite_without_running(finished, tmp_path
         (copy / name).unlink()
     meta = json.loads((copy / "suite.json").read_text())
     assert meta["started"]["git_commit"] == meta["git_commit"]  # Written before any run.
+    assert [p["runs"] for p in meta["invocations"]] == [3]
     lost = stress.expand(spec)[-1].run_id  # Interrupted: its summary was never written.
     (copy / "runs" / lost / "summary.json").unlink()
     stress.run_suite(spec, tmp_path, progress=False, command="collect", collect_only=True)
@@ -464,6 +465,19 @@ def test_report_of_a_subset_without_the_baseline(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     text = report.write_report(tmp_path).read_text()
     assert "| governor | ×1 | 2/2 |" in text and "| adamw |" not in text
+
+
+def test_report_lists_the_invocations_of_a_suite_run_in_parts(tmp_path):
+    _fixture_suite(tmp_path)
+    meta = json.loads((tmp_path / "suite.json").read_text())
+    meta["invocations"] = [
+        {"command": "part one", "git_commit": "a" * 40, "runs": 3, "seconds": 10.0},
+        {"command": "part two", "git_commit": "b" * 40, "runs": 5, "seconds": 20.4},
+    ]
+    (tmp_path / "suite.json").write_text(json.dumps(meta))
+    text = report.write_report(tmp_path).read_text()
+    assert "- Run in 2 invocations into the same folder" in text
+    assert "  - `part two`: 5 runs in 20 s, commit `bbbbbbb`" in text
 
 
 def test_cli_report(tmp_path, capsys):

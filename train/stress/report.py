@@ -503,6 +503,17 @@ def write_report(directory: Path) -> Path:
         f"({sum(r['status'] == 'nonfinite' for r in suite.records)} stopped on NaN/Inf), "
         f"total run wall time {sum(r['wall_time_s'] or 0 for r in suite.records):.0f} s",
     ]
+    parts = meta.get("invocations", [])
+    if len(parts) > 1:
+        md.append(
+            f"- Run in {len(parts)} invocations into the same folder (each skips finished runs):"
+        )
+        md += [
+            f"  - `{p['command']}`: {p['runs']} runs in {p['seconds']:.0f} s, commit "
+            f"`{p['git_commit'][:7]}`"
+            + (" (with uncommitted changes)" if p.get("uncommitted") else "")
+            for p in parts
+        ]
     if meta.get("collected_by"):
         md.append(
             f"- Interrupted before every planned run finished; this report was collected from "

@@ -300,12 +300,17 @@ def run_suite(
             meta.update(meta.get("started") or dict(version, command=command, machine=machine))
         meta["collected_by"] = command
     elif ran or "git_commit" not in meta:  # A no-op invocation keeps the record of the real one.
+        seconds = round(time.perf_counter() - start, 1)
         meta.update(
             version,
             command=command,
             machine=machine,
-            last_invocation_s=round(time.perf_counter() - start, 1),
+            last_invocation_s=seconds,
             runs_in_last_invocation=ran,
+        )
+        # Every invocation that ran something, in order: a suite run in parts keeps them all.
+        meta.setdefault("invocations", []).append(
+            dict(version, command=command, machine=machine, runs=ran, seconds=seconds)
         )
     write_json(meta_path, meta)
     report.write_report(suite_dir)
