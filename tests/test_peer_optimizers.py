@@ -136,9 +136,12 @@ def test_schedule_free_is_evaluated_at_its_averaged_parameters(tmp_path):
     def loss_fn(m):
         return jnp.mean(m(tokens[0, :, :-1]) ** 2)
 
+    @nnx.jit
+    def step(model, optimizer):
+        optimizer.update(model, nnx.grad(loss_fn)(model), value=jnp.float32(1.0))
+
     for _ in range(3):
-        grads = nnx.grad(loss_fn)(model)
-        optimizer.update(model, grads, value=jnp.float32(1.0))
+        step(model, optimizer)
     before = _raw(nnx.state(model, wrt))
     at_x = evaluate_optimizer_point(config.optimizer, model, optimizer, wrt, np.asarray(tokens))
     at_y = evaluate(model, np.asarray(tokens))

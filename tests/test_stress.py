@@ -260,6 +260,25 @@ def test_collect_reports_an_interrupted_suite_without_running(finished, tmp_path
     assert "2 finished of the 3 the suite plans" in text and "`collect`" in text
 
 
+def test_collect_leaves_out_a_setting_whose_sweep_has_not_run(finished, tmp_path):
+    import shutil
+
+    spec, suite_dir = finished
+    copy = tmp_path / suite_dir.name
+    shutil.copytree(suite_dir, copy)
+    later = Setting(
+        name="n", model="tiny_qwen2_5_3b", model_overrides=MICRO_MODEL, lr_grid=(1e-3, 3e-3)
+    )
+    bigger = spec.replaced(settings=(*spec.settings, later))
+    stress.run_suite(bigger, tmp_path, progress=False, command="collect", collect_only=True)
+    meta = json.loads((copy / "suite.json").read_text())
+    assert meta["not_collected"] == ["n"] and meta["planned_runs"] == 3 + 2 + 3
+    assert len(stress.read_jsonl(copy / "runs.jsonl")) == 3
+    text = (copy / "summary.md").read_text()
+    assert "3 finished of the 8 the suite plans" in text
+    assert "(their base learning-rate sweep has not run): `n`" in text
+
+
 def test_a_suite_without_its_run_folders_reports_and_resumes_from_the_archive(finished, tmp_path):
     import shutil
 

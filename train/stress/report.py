@@ -514,6 +514,11 @@ def write_report(directory: Path) -> Path:
             + (" (with uncommitted changes)" if p.get("uncommitted") else "")
             for p in parts
         ]
+    if meta.get("not_collected"):
+        md.append(
+            "- Not in this report (their base learning-rate sweep has not run): "
+            + ", ".join(f"`{n}`" for n in meta["not_collected"])
+        )
     if meta.get("collected_by"):
         md.append(
             f"- Interrupted before every planned run finished; this report was collected from "

@@ -248,14 +248,20 @@ def run_suite(
         _run_stage(bases, runs_dir, workers, _Bar(0, 0, False, ""))
         _run_stage(todo, runs_dir, workers, bar)
 
+    planned = spec  # What the suite plans; ``spec`` becomes what is collected.
+    unswept: list[str] = []
     try:
         stage(sweep)
         swept = {r["run_id"]: r for r in collect(spec, sweep, runs_dir)}
-        if collect_only and sweep_ids - set(swept):
-            raise UserError(
-                f"{suite_dir}: the base learning-rate sweep has not finished; nothing to collect "
-                "(run the suite without --collect)."
-            )
+        if collect_only:  # Settings whose sweep has not finished have no runs to collect.
+            unswept = sorted({r.setting for r in sweep if r.run_id not in swept})
+            if len(unswept) == len(spec.settings):
+                raise UserError(
+                    f"{suite_dir}: the base learning-rate sweep has not finished; nothing to "
+                    "collect (run the suite without --collect)."
+                )
+            spec = spec.replaced(settings=tuple(s for s in spec.settings if s.name not in unswept))
+            sweep = [r for r in sweep if r.setting not in unswept]
         base = choose_base_lr(spec, swept)
         runs = expand(spec, {k: v["base_lr"] for k, v in base.items()})
         ids = [r.run_id for r in runs]
@@ -280,7 +286,14 @@ def run_suite(
     archive.write(suite_dir, [*pretrain, *(r["run_id"] for r in records)])
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     ran = len({r["run_id"] for r in records} - already)
-    meta.update(spec=spec.to_dict(), base_lr=base, planned_runs=len(set(ids) | sweep_ids))
+    meta.update(spec=planned.to_dict(), base_lr=base, planned_runs=len(set(ids) | sweep_ids))
+    if unswept:
+        meta["planned_runs"] = len(set(ids) | sweep_ids) + len(
+            {r.run_id for r in expand(planned, guess) if r.setting in unswept} - sweep_ids
+        )
+        meta["not_collected"] = unswept
+    else:
+        meta.pop("not_collected", None)
     bases = {}
     for r in pretrain.values():
         summary = read_summary(runs_dir / r.run_id)
