@@ -491,12 +491,12 @@ def test_report_lists_the_invocations_of_a_suite_run_in_parts(tmp_path):
     meta = json.loads((tmp_path / "suite.json").read_text())
     meta["invocations"] = [
         {"command": "part one", "git_commit": "a" * 40, "runs": 3, "seconds": 10.0},
-        {"command": "part two", "git_commit": "b" * 40, "runs": 5, "seconds": 20.4},
+        {"command": "part two", "git_commit": "b" * 40, "runs": 5, "seconds": 20.4, "note": "n"},
     ]
     (tmp_path / "suite.json").write_text(json.dumps(meta))
     text = report.write_report(tmp_path).read_text()
     assert "- Run in 2 invocations into the same folder" in text
-    assert "  - `part two`: 5 runs in 20 s, commit `bbbbbbb`" in text
+    assert "  - `part two`: 5 runs in 20 s, commit `bbbbbbb`; n" in text
 
 
 def test_cli_report(tmp_path, capsys):

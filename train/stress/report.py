@@ -512,6 +512,7 @@ def write_report(directory: Path) -> Path:
             f"  - `{p['command']}`: {p['runs']} runs in {p['seconds']:.0f} s, commit "
             f"`{p['git_commit'][:7]}`"
             + (" (with uncommitted changes)" if p.get("uncommitted") else "")
+            + (f"; {p['note']}" if p.get("note") else "")
             for p in parts
         ]
     if meta.get("not_collected"):
