@@ -6,9 +6,13 @@ Usage::
         --methods adamw,adamw+clip1,adamw+clip0.5,reference,governor,governor+clip,effective-lr
 
 The subset keeps everything else of the suite (steps, seeds, data, multipliers, faults of the
-kept settings); controls need their source method in the list. The report goes to
-``--out/--name`` like any suite's, and says which command made it. For when the whole suite
-does not fit the time at hand: its parts land one by one.
+kept settings); controls need their source method in the list, and ``--faults`` must include
+``none``. The report goes to ``--out/--name`` like any suite's, and says which command made it.
+For when the whole suite does not fit the time at hand: its parts land one by one.
+
+Run ids do not depend on the suite, so the parts can also build the whole suite in its own
+folder (``--name full``, one part after another), and ``lbw-stress full --out results --collect``
+then reports every finished run under the whole suite's spec, listing each part's command.
 """
 
 import argparse
