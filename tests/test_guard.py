@@ -341,7 +341,9 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(("factory", "name", "value"), INVALID, ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    ("factory", "name", "value"), INVALID, ids=lambda x: getattr(x, "__name__", str(x))
+)
 def test_invalid_hyperparameters_name_the_argument_and_value(factory, name, value):
     with pytest.raises(ValueError, match=rf"{name}.*{value!r}".replace("(", r"\(")):
         factory(**{name: value})

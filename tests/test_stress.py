@@ -309,18 +309,26 @@ def test_a_suite_without_its_run_folders_reports_and_resumes_from_the_archive(fi
     assert (copy / "runs.jsonl").read_text() == (suite_dir / "runs.jsonl").read_text()
 
 
-def test_the_archive_leaves_out_only_per_tensor_vectors():
-    line = {
-        "step": 5,
-        "loss": 5.655632019042969,
-        "telemetry": {"scale": 0.5, "tensor_update_norms": [1.0, 2.0], "regime": 0},
-    }
-    assert archive.compact(line) == {
-        "step": 5,
-        "loss": 5.655632019042969,
-        "telemetry": {"scale": 0.5, "regime": 0},
-    }
-    assert line["telemetry"]["tensor_update_norms"] == [1.0, 2.0]  # The input is not changed.
+def test_the_archive_gives_back_every_kept_number_exactly(tmp_path):
+    import lzma
+
+    import numpy as np
+
+    grad_norm = float(np.float32(4.296298503875732))
+    f32 = {"step": 5, "loss": 5.655632019042969, "telemetry": {"grad_norm": grad_norm}}
+    f64 = {"step": 6, "telemetry": {"x": 0.1}}  # Not a float32 (x64 telemetry): kept as is.
+    vectors = {"step": 7, "telemetry": {"scale": 0.5, "tensor_update_norms": [1.0, 2.0]}}
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in (f32, f64, vectors)))
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    archive.write(tmp_path, ["r"])
+    back = archive.read(tmp_path)["r"]
+    assert back["metrics"] == [f32, f64, {"step": 7, "telemetry": {"scale": 0.5}}]
+    assert back["summary"] == {"status": "completed"}
+    text = lzma.open(tmp_path / archive.NAME, "rt").read()
+    assert '"grad_norm": 4.2962985' in text and '"x": 0.1' in text  # Shortest float32 digits.
+    assert vectors["telemetry"]["tensor_update_norms"] == [1.0, 2.0]  # The input is unchanged.
 
 
 def test_controls_read_the_governor_run(finished):

@@ -9,7 +9,10 @@ id as a first key ``"run_id"``, and each run ends with one ``{"run_id": …, "ki
 The guard's per-tensor signal vectors (``tensor_*`` telemetry, logged at every step) are left
 out of the metrics lines (:func:`compact`): the report does not read them, they were 60 % of
 the archive, and each run's ``summary.json`` keeps their final values. Every other number is
-kept exactly, so the report made from the archive is the report made from the run folders.
+kept exactly, so the report made from the archive is the report made from the run folders. The
+telemetry's floats are device float32 values: the archive writes them with the fewest digits
+that name the same float32 (a fifth smaller again), and :func:`read` turns them back into
+exactly the numbers the run logged.
 
 The per-run folders stay out of version control; the report reads a run's curve from its folder
 when there is one and from the archive otherwise, and :func:`restore` unpacks the archive into
@@ -25,6 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 NAME = "metrics.jsonl.xz"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -35,11 +40,54 @@ OMITTED_PREFIX = "tensor_"
 
 
 def compact(line: dict[str, Any]) -> dict[str, Any]:
-    """A ``metrics.jsonl`` line as the archive keeps it: without per-tensor signal vectors."""
+    """A ``metrics.jsonl`` line as :func:`read` gives it back: without per-tensor signal vectors."""
     telemetry = line.get("telemetry")
     if isinstance(telemetry, dict):
         kept = {k: v for k, v in telemetry.items() if not k.startswith(OMITTED_PREFIX)}
         line = {**line, "telemetry": kept}
+    return line
+
+
+def _floats(value: Any, convert) -> Any:
+    if isinstance(value, float):
+        return convert(value) if np.isfinite(value) else value
+    if isinstance(value, list):
+        return [_floats(v, convert) for v in value]
+    if isinstance(value, dict):
+        return {k: _floats(v, convert) for k, v in value.items()}
+    return value
+
+
+F32 = "telemetry_f32"  # Marks an archived line whose telemetry floats are written as float32.
+
+
+def _is_f32(x: float) -> bool:
+    return not np.isfinite(x) or float(np.float32(x)) == x
+
+
+def _all_floats(value: Any) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, list | dict):
+        items = value.values() if isinstance(value, dict) else value
+        return [x for v in items for x in _all_floats(v)]
+    return []
+
+
+def _packed(line: dict[str, Any]) -> dict[str, Any]:
+    """The archived form of a metrics line: :func:`compact`, and when every telemetry float is
+    a float32 (as device values are), those floats in their shortest float32 digits."""
+    line = compact(line)
+    telemetry = line.get("telemetry")
+    if isinstance(telemetry, dict) and all(map(_is_f32, _all_floats(telemetry))):
+        short = _floats(telemetry, lambda x: float(str(np.float32(x))))
+        line = {**line, "telemetry": short, F32: True}
+    return line
+
+
+def _unpacked(line: dict[str, Any]) -> dict[str, Any]:
+    if line.pop(F32, False):
+        line["telemetry"] = _floats(line["telemetry"], lambda x: float(np.float32(x)))
     return line
 
 
@@ -57,7 +105,7 @@ def write(suite_dir: str | os.PathLike, run_ids: Iterable[str]) -> Path | None:
         if metrics.is_file():
             for text in metrics.read_text().splitlines():
                 if text.strip():
-                    lines.append(json.dumps({"run_id": rid, **compact(json.loads(text))}))
+                    lines.append(json.dumps({"run_id": rid, **_packed(json.loads(text))}))
         summary = json.loads((run_dir / SUMMARY).read_text())
         lines.append(json.dumps({"run_id": rid, "kind": "summary", "summary": summary}))
     if not lines:
@@ -86,7 +134,7 @@ def read(suite_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
             if line.get("kind") == "summary":
                 run["summary"] = line["summary"]
             else:
-                run["metrics"].append(line)
+                run["metrics"].append(_unpacked(line))
     return out
 
 
