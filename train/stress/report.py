@@ -520,7 +520,7 @@ def write_report(directory: Path) -> Path:
             "- Not in this report (their base learning-rate sweep has not run): "
             + ", ".join(f"`{n}`" for n in meta["not_collected"])
         )
-    if meta.get("collected_by"):
+    if meta.get("collected_by") and len(suite.records) < meta.get("planned_runs", 0):
         md.append(
             f"- Interrupted before every planned run finished; this report was collected from "
             f"the finished runs with `{meta['collected_by']}` (the same command without "
