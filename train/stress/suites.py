@@ -195,7 +195,8 @@ def full() -> SuiteSpec:
         name="full",
         description=(
             "CPU suite (about four hours on two cores, so run in parts): 300 steps of 8×64 "
-            "byte-level tokens of the shipped WikiText-2 sample. The tiny Qwen2.5-3B-style preset (4 layers, full "
+            "byte-level tokens of the shipped WikiText-2 sample. The tiny Qwen2.5-3B-style "
+            "preset (4 layers, full "
             "parameters) runs every method and control at ×1/×3/×10/×30 of its AdamW-swept base "
             "learning rate, clipping at 1.0 and 0.5, and each fault type (at ×1, the baselines, "
             "both rules and the peers), and the learning-rate-robust methods (StableAdamW, "
