@@ -8,6 +8,7 @@ import math
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from train import archive, peers, stress
 from train.stress import Method, Setting, SuiteSpec, report
@@ -465,6 +466,8 @@ def test_report_from_fixture_jsonl(tmp_path):
     for png in ("loss_curves.png", "robustness.png", "scale_regime.png"):
         assert (tmp_path / png).stat().st_size > 1000
         assert f"]({png})" in text
+        with Image.open(tmp_path / png) as image:
+            assert image.mode == "P"  # A palette PNG: committed plots stay small.
     assert report.headline(tmp_path).splitlines()[0].startswith("Final validation perplexity")
     assert "replay control" not in text  # No replay runs: no empty comparison line.
 
