@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,3 +130,38 @@ def test_a_checkpoint_saved_with_zero_size_placeholders_still_restores(tmp_path)
         np.testing.assert_array_equal(a, b)
     meta["checksums"][-1] = "1" * 16  # A changed array still fails the check.
     assert not checkpoint._same_sums(meta["checksums"], checksums(state), "0" * 16)
+
+
+class _Before(NamedTuple):
+    count: jax.Array
+    mu: dict
+
+
+class _After(NamedTuple):  # A later version: one more field, holding no arrays.
+    count: jax.Array
+    mu: dict
+    margin: Any = None
+
+
+def test_a_state_saved_before_a_field_without_arrays_was_added_still_restores(tmp_path):
+    import optax
+
+    before = {"opt": _Before(jnp.int32(7), {"w": jnp.arange(6.0).reshape(2, 3)})}
+    saver = checkpoint.Checkpointer(tmp_path / "ckpt", keep=2, every=1)
+    try:
+        saver.save(7, before, {})
+        after = {"opt": _After(jnp.int32(0), {"w": jnp.zeros((2, 3))}, optax.MaskedNode())}
+        restored, _ = saver.restore(7, after)
+        assert isinstance(restored["opt"], _After)
+        assert isinstance(restored["opt"].margin, optax.MaskedNode)
+        assert int(restored["opt"].count) == 7
+        np.testing.assert_array_equal(restored["opt"].mu["w"], before["opt"].mu["w"])
+        # A field with arrays that the checkpoint lacks is an error naming where.
+        extra = {"opt": _After(jnp.int32(0), {"w": jnp.zeros((2, 3))}, jnp.zeros(2))}
+        with pytest.raises(checkpoint.CheckpointError, match=r"no array at \['opt'\]\.margin"):
+            saver.restore(7, extra)
+        wrong = {"opt": _After(jnp.int32(0), {"w": jnp.zeros((3, 2))}, optax.MaskedNode())}
+        with pytest.raises(checkpoint.CheckpointError, match=r"float32\[2, 3\], expected"):
+            saver.restore(7, wrong)
+    finally:
+        saver.close()

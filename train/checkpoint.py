@@ -141,6 +141,56 @@ def _same_sums(saved: list | None, restored: list, empty: Any) -> bool:
     return [s for s in saved if s != empty] == [s for s in restored if s != empty]
 
 
+def _key_name(key: Any) -> str:
+    for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey / FlattenedIndexKey, SequenceKey.
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _lookup(saved: Any, path: tuple[Any, ...]) -> Any:
+    """The array at ``path`` in a tree restored without a target (nested dicts and lists), or
+    ``None`` when there is none."""
+    node = saved
+    for key in path:
+        name = _key_name(key)
+        if isinstance(node, dict) and name in node:
+            node = node[name]
+        elif isinstance(node, list | tuple) and name.isdigit() and int(name) < len(node):
+            node = node[int(name)]
+        else:
+            return None
+    return node
+
+
+def fit_saved_tree(saved: Any, abstract: Any) -> Any:
+    """Places the arrays of ``saved`` (a checkpoint restored without a target) into the
+    structure of ``abstract``, matching them by their path of field names and keys.
+
+    A state saved by an earlier version whose structure differs only by nodes without arrays
+    (a field added as :class:`optax.MaskedNode`, say) restores this way, leaf for leaf.
+
+    Raises:
+      ValueError: when an array of ``abstract`` is missing from ``saved`` or differs in shape
+        or dtype; the message names the first such path.
+    """
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    leaves = []
+    for path, want in paths_and_leaves:
+        got = _lookup(saved, path)
+        where = jax.tree_util.keystr(path)
+        if got is None or not hasattr(got, "shape"):
+            raise ValueError(f"the checkpoint has no array at {where}")
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            raise ValueError(
+                f"the checkpoint's array at {where} is {got.dtype}{list(got.shape)}, "
+                f"expected {want.dtype}{list(want.shape)}"
+            )
+        sharding = getattr(want, "sharding", None)
+        leaves.append(jax.device_put(got, sharding) if sharding is not None else got)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 class Checkpointer:
     """Saves and restores run checkpoints in ``directory``.
 
@@ -212,14 +262,27 @@ class Checkpointer:
         # mesh restores onto another).
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
-            state = restored["state"]
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract),
+                        meta=ocp.args.JsonRestore(),
+                    ),
+                )
+                state = restored["state"]
+            except ValueError as mismatch:
+                # Saved by an earlier version whose state tree had another structure (e.g. one
+                # field fewer that holds no arrays): read it as saved and match arrays by path.
+                if "structure" not in str(mismatch):
+                    raise
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                    ),
+                )
+                state = fit_saved_tree(restored["state"], abstract)
             meta = dict(restored["meta"])
         except Exception as e:  # orbax/tensorstore raise many types for unreadable files.
             raise CheckpointError(
