@@ -61,17 +61,18 @@ def _floats(value: Any, convert) -> Any:
 F32 = "telemetry_f32"  # Marks an archived line whose telemetry floats are written as float32.
 
 
-def _is_f32(x: float) -> bool:
-    return not np.isfinite(x) or float(np.float32(x)) == x
+def _shortest_f32(telemetry: dict[str, Any]) -> dict[str, Any] | None:
+    """``telemetry`` with every finite float in its shortest float32 digits, or ``None`` when
+    one of them is not a float32 value."""
+    exact = True
 
+    def shorten(x: float) -> float:
+        nonlocal exact
+        exact = exact and float(np.float32(x)) == x
+        return float(str(np.float32(x)))
 
-def _all_floats(value: Any) -> list[float]:
-    if isinstance(value, float):
-        return [value]
-    if isinstance(value, list | dict):
-        items = value.values() if isinstance(value, dict) else value
-        return [x for v in items for x in _all_floats(v)]
-    return []
+    short = _floats(telemetry, shorten)
+    return short if exact else None
 
 
 def _packed(line: dict[str, Any]) -> dict[str, Any]:
@@ -79,8 +80,8 @@ def _packed(line: dict[str, Any]) -> dict[str, Any]:
     a float32 (as device values are), those floats in their shortest float32 digits."""
     line = compact(line)
     telemetry = line.get("telemetry")
-    if isinstance(telemetry, dict) and all(map(_is_f32, _all_floats(telemetry))):
-        short = _floats(telemetry, lambda x: float(str(np.float32(x))))
+    short = _shortest_f32(telemetry) if isinstance(telemetry, dict) else None
+    if short is not None:
         line = {**line, "telemetry": short, F32: True}
     return line
 
