@@ -9,10 +9,11 @@ Usage::
 ``lbw_optax.guard(adamw, policy=lbw_optax.governor_policy(**knobs))`` (over global-norm
 clipping at ``"clip"``, then AdamW, when the variant has that key; over the registered
 optimizer ``"inner"`` instead of AdamW when it has that one); ``config`` overrides
-:class:`~train.config.TrainConfig` fields. Every run uses the quick suite's setting (the shipped
-WikiText-2 sample, the 2-layer tiny Qwen2.5-3B-style preset, 200 steps of 8×64 tokens, warm-up
-20, cosine) and prints its final eval perplexity and mean effective scale; the last lines are a
-table of means over seeds per variant and learning rate.
+:class:`~train.config.TrainConfig` fields, ``model_overrides`` included. Unless overridden,
+every run uses the quick suite's setting (the shipped WikiText-2 sample, the 2-layer tiny
+Qwen2.5-3B-style preset, 200 steps of 8×64 tokens, warm-up 20, cosine). Each run prints its
+final eval perplexity and mean effective scale; the last lines are a table of means over seeds
+per variant and learning rate.
 """
 
 import argparse
@@ -50,11 +51,10 @@ def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
                     inner = optax.chain(optax.clip_by_global_norm(variant["clip"]), inner)
                 return lbw_optax.guard(inner, policy=policy)
 
-    fields = dict(QUICK_TRAIN, eval_every=200)
+    fields = dict(QUICK_TRAIN, eval_every=200, model_overrides={"num_layers": 2})
     fields.update(variant.get("config", {}))
     config = TrainConfig(
         model="tiny_qwen2_5_3b",
-        model_overrides={"num_layers": 2},
         optimizer=optimizer,
         learning_rate=lr,
         seed=seed,

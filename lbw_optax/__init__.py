@@ -1,7 +1,7 @@
 """lbw-optax: training-control governance (LBW-Guard) and friends as Optax transformations."""
 
 from lbw_optax._adagc import AdaGCState, adagc, adagc_adamw
-from lbw_optax._governor import GovernorPolicy, GovernorState, governor_policy
+from lbw_optax._governor import GovernorPolicy, GovernorState, MarginState, governor_policy
 from lbw_optax._guard import GuardState, guard, lbw_adamw
 from lbw_optax._policy import Decision, Policy
 from lbw_optax._reference import ReferencePolicy, ReferenceState, reference_policy
@@ -27,6 +27,7 @@ __all__ = [
     "GovernorPolicy",
     "GovernorState",
     "GuardState",
+    "MarginState",
     "Policy",
     "ReferencePolicy",
     "ReferenceState",

@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from lbw_optax import _validate
 from lbw_optax._policy import Decision, Policy
@@ -45,6 +46,8 @@ class GovernorState(NamedTuple):
       update_ratio: float32, the largest per-tensor relative update ``‖Δθ‖/‖θ‖`` the global
         scale alone would have applied (before the per-tensor limiter).
       limited_tensors: int32, tensors the per-tensor limiter cut at the latest step.
+      margin: the stability margin's :class:`MarginState`, or :class:`optax.MaskedNode` when
+        the margin is off (``margin_low=None``).
     """
 
     observed: jax.Array
@@ -68,6 +71,32 @@ class GovernorState(NamedTuple):
     since_cut: jax.Array
     update_ratio: jax.Array
     limited_tensors: jax.Array
+    margin: "MarginState | optax.MaskedNode" = optax.MaskedNode()
+
+
+class MarginState(NamedTuple):
+    """State of the governor's stability margin. Float32 scalars but two.
+
+    Attributes:
+      last_loss: the loss of the latest finite step.
+      predicted_change: the first-order loss change the latest applied step predicted, ``Σ g·Δθ``
+        (negative for a descent step; 0 for a held step or before the first).
+      actual_change_ema: EMA of the measured change, ``loss_t - loss_{t-1}``.
+      predicted_change_ema: EMA of the predicted change of the step before.
+      margin_ratio: the latest ``actual_ema / predicted_ema`` (1 while nothing was predicted).
+      margin_factor: the margin's scale factor, in ``[min_scale, 1]``.
+      since_margin_cut: int32, steps since the factor was last cut (saturates at ``cooldown``).
+      margin_skip: bool, the latest step was a spike or held: its loss change is not evidence.
+    """
+
+    last_loss: jax.Array
+    predicted_change: jax.Array
+    actual_change_ema: jax.Array
+    predicted_change_ema: jax.Array
+    margin_ratio: jax.Array
+    margin_factor: jax.Array
+    since_margin_cut: jax.Array
+    margin_skip: jax.Array
 
 
 def _ema(mean: jax.Array, x: jax.Array, decay: float) -> jax.Array:
@@ -109,6 +138,11 @@ class GovernorPolicy(Policy):
     cooldown: int = 10
     max_update_ratio: float | None = 0.035
     param_floor: float = 0.02
+    margin_low: float | None = None
+    margin_cut: float = 0.5
+    margin_release: float = 0.02
+    margin_decay: float = 0.9
+    margin_warmup: int = 3
 
     def __post_init__(self):
         _validate.check_positive("max_scale", self.max_scale)
@@ -140,6 +174,17 @@ class GovernorPolicy(Policy):
         if self.max_update_ratio is not None:
             _validate.check_positive("max_update_ratio", self.max_update_ratio)
         _validate.check_non_negative("param_floor", self.param_floor)
+        if self.margin_low is not None:
+            _validate.check_in_range("margin_low", self.margin_low, -1.0, 1.0)
+            if self.max_update_ratio is None:
+                raise ValueError(
+                    "margin_low needs max_update_ratio: the margin reads the per-tensor update "
+                    "norms the limiter senses"
+                )
+        _validate.check_in_range("margin_cut", self.margin_cut, 0.0, 1.0, closed="right")
+        _validate.check_non_negative("margin_release", self.margin_release)
+        _validate.check_in_range("margin_decay", self.margin_decay, 0.0, 1.0, closed="left")
+        _validate.check_non_negative_int("margin_warmup", self.margin_warmup)
         if self.initial_scale < 1.0 and self.growth == 1.0 and self.pace_release == 0.0:
             raise ValueError(
                 f"initial_scale={self.initial_scale} < 1 needs growth > 1 or pace_release > 0, "
@@ -155,6 +200,10 @@ class GovernorPolicy(Policy):
     @property
     def needs_tensor_norms(self) -> bool:
         return self.max_update_ratio is not None
+
+    @property
+    def needs_grad_update_dots(self) -> bool:
+        return self.margin_low is not None
 
     @property
     def paced(self) -> bool:
@@ -190,6 +239,53 @@ class GovernorPolicy(Policy):
             since_cut=izero,
             update_ratio=zero,
             limited_tensors=izero,
+            margin=optax.MaskedNode() if self.margin_low is None else self._margin_init(),
+        )
+
+    def _margin_init(self) -> MarginState:
+        zero = jnp.zeros([], jnp.float32)
+        return MarginState(
+            last_loss=zero,
+            predicted_change=zero,
+            actual_change_ema=zero,
+            predicted_change_ema=zero,
+            margin_ratio=jnp.ones([], jnp.float32),
+            margin_factor=jnp.ones([], jnp.float32),
+            since_margin_cut=jnp.asarray(self.cooldown, jnp.int32),
+            margin_skip=jnp.array(True),  # The first step has no predecessor to compare with.
+        )
+
+    def _margin_factor(self, m: MarginState, loss, observed) -> MarginState:
+        """Compares the loss change since the last step with the change that step predicted;
+        shrinks the factor when the ratio of their EMAs falls below ``margin_low``."""
+        evidence = ~m.margin_skip
+        seed = observed <= 1  # The first comparison seeds the EMAs.
+        actual = loss - m.last_loss
+        ema = lambda old, x: jnp.where(seed, x, _ema(old, x, self.margin_decay))
+        actual_change_ema = jnp.where(
+            evidence, ema(m.actual_change_ema, actual), m.actual_change_ema
+        )
+        predicted_change_ema = jnp.where(
+            evidence, ema(m.predicted_change_ema, m.predicted_change), m.predicted_change_ema
+        )
+        # Only a predicted decrease is a prediction to test; otherwise no evidence of trouble.
+        descending = predicted_change_ema < 0.0
+        ratio = jnp.where(
+            descending, actual_change_ema / jnp.where(descending, predicted_change_ema, -1.0), 1.0
+        )
+        ready = observed > self.margin_warmup
+        cut = ready & evidence & (ratio < self.margin_low) & (m.since_margin_cut >= self.cooldown)
+        factor = jnp.where(
+            cut, m.margin_factor * self.margin_cut, m.margin_factor + self.margin_release
+        )
+        return m._replace(
+            actual_change_ema=actual_change_ema,
+            predicted_change_ema=predicted_change_ema,
+            margin_ratio=ratio.astype(jnp.float32),
+            margin_factor=jnp.clip(factor, self.min_scale, 1.0).astype(jnp.float32),
+            since_margin_cut=jnp.where(
+                cut, 0, jnp.minimum(m.since_margin_cut + 1, self.cooldown)
+            ).astype(jnp.int32),
         )
 
     def decide(self, signals: Signals, state: GovernorState, *, step, scale, regime):
@@ -300,7 +396,12 @@ class GovernorPolicy(Policy):
             jnp.where(congested, state.pace * self.pace_cut, calm_pace), self.min_scale, 1.0
         )
         since_cut = jnp.where(congested, 0, jnp.minimum(state.since_cut + 1, self.cooldown))
-        new_scale = jnp.clip(own_scale * pace, self.min_scale, self.max_scale)
+        margin = state.margin
+        margin_factor = 1.0
+        if self.margin_low is not None:
+            margin = self._margin_factor(margin, loss, state.observed)
+            margin_factor = margin.margin_factor
+        new_scale = jnp.clip(own_scale * pace * margin_factor, self.min_scale, self.max_scale)
 
         # Per-tensor limiter: no tensor moves more than max_update_ratio of its norm (floored
         # at param_floor·√size, for tensors that start at zero) in one step.
@@ -322,6 +423,14 @@ class GovernorPolicy(Policy):
         # A hold is a cut to zero, so a policy pinned to one scale never holds.
         can_hold = self.min_scale < self.max_scale
         hold = severe & (state.consecutive_holds < self.max_holds) & can_hold
+        if self.margin_low is not None:
+            # The first-order change this step predicts: Σ g·Δθ over the applied update.
+            predicted = new_scale * jnp.sum(tensor_scale * signals.tensor_grad_update_dots)
+            margin = margin._replace(
+                last_loss=loss,
+                predicted_change=jnp.where(hold, 0.0, predicted).astype(jnp.float32),
+                margin_skip=spike | hold,
+            )
         new_state = GovernorState(
             observed=state.observed + 1,
             loss_fast=loss_fast,
@@ -344,6 +453,7 @@ class GovernorPolicy(Policy):
             since_cut=since_cut.astype(jnp.int32),
             update_ratio=jnp.asarray(update_ratio, jnp.float32),
             limited_tensors=jnp.asarray(limited, jnp.int32),
+            margin=margin,
         )
         decision = Decision(
             regime=new_regime,
@@ -406,6 +516,17 @@ def governor_policy(**overrides) -> GovernorPolicy:
     first overshoot (alignment below ``overshoot_cos``), then ×``pace_cut`` on each overshoot
     at most once per ``cooldown`` steps and ``+pace_release`` per step otherwise (AIMD).
 
+    **Stability margin** (off by default, ``margin_low=None``; measured no better than the
+    limiter alone on the probe: the loss change is noise-dominated once the loss plateaus, at
+    every learning rate): each step predicts the first-order change of the loss it makes,
+    ``Σ g·Δθ`` over the applied update (each tensor's ``g·u`` sensed with the limiter's norms,
+    one more read of the gradients). The next loss tells the measured change. The ratio of
+    their EMAs (``margin_decay``; steps next to a spike or hold left out) is the trust-region
+    ratio: near 1 while the first-order model holds, near 0 or negative when the steps
+    overshoot. After ``margin_warmup`` steps, a ratio below ``margin_low`` cuts a third factor
+    by ``margin_cut`` (at most once per ``cooldown`` steps); otherwise it grows by
+    ``margin_release`` per step, up to 1.
+
     Args:
       min_scale: lower bound of the scale, in (0, ``max_scale``].
       max_scale: upper bound of the scale (> 0); 1 means "never faster than the inner optimizer".
@@ -433,6 +554,9 @@ def governor_policy(**overrides) -> GovernorPolicy:
       max_update_ratio: the per-tensor limit on ``‖Δθ‖ / ‖θ‖`` per step (> 0); ``None``: no
         limiter (and the update is not sensed).
       param_floor: the floor of ``‖θ‖`` as a root-mean-square (>= 0).
+      margin_low: the trust-region ratio below which the margin cuts, in [-1, 1]; ``None``:
+        no margin (and ``g·u`` is not sensed). Needs ``max_update_ratio``.
+      margin_cut, margin_release, margin_decay, margin_warmup: the margin (above).
 
     Returns:
       A :class:`GovernorPolicy` for :func:`~lbw_optax.guard`.

@@ -215,7 +215,7 @@ def guard(
             control_energy=jnp.zeros([], jnp.float32),
             skipped_steps=jnp.zeros([], jnp.int32),
             nonfinite_steps=jnp.zeros([], jnp.int32),
-            signals=empty_signals(tensors),
+            signals=empty_signals(tensors, dots=policy.needs_grad_update_dots),
             policy_state=policy.init(),
             inner_state=inner.init(params),
         )
@@ -247,7 +247,10 @@ def guard(
         finite = grads_finite
         if check_updates:
             sensed_params = params if policy.needs_tensor_norms else None
-            signals, updates_finite = sense_updates(signals, inner_updates, sensed_params)
+            sensed_grads = updates if policy.needs_grad_update_dots else None
+            signals, updates_finite = sense_updates(
+                signals, inner_updates, sensed_params, sensed_grads
+            )
             finite = finite & updates_finite
         decision, policy_state = policy.decide(
             signals, state.policy_state, step=step, scale=state.scale, regime=state.regime

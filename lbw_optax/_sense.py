@@ -30,6 +30,9 @@ class Signals(NamedTuple):
       tensor_sizes: float32 ``[n]``, the element count of each sensed tensor (a constant), so
         that a policy can turn norms into root-mean-squares; :class:`optax.MaskedNode` when
         not sensed.
+      tensor_grad_update_dots: float32 ``[n]``, each tensor's ``g·u`` (gradient times inner
+        update), when the policy asks for it: summed with the applied factors, the first-order
+        change of the loss the step predicts; :class:`optax.MaskedNode` when not sensed.
     """
 
     loss: jax.Array
@@ -42,18 +45,21 @@ class Signals(NamedTuple):
     tensor_update_norms: jax.Array | optax.MaskedNode
     tensor_param_norms: jax.Array | optax.MaskedNode
     tensor_sizes: jax.Array | optax.MaskedNode
+    tensor_grad_update_dots: jax.Array | optax.MaskedNode = optax.MaskedNode()
 
 
-def empty_signals(num_tensors: int | None = None) -> Signals:
+def empty_signals(num_tensors: int | None = None, *, dots: bool = False) -> Signals:
     """Zero signals: per-tensor vectors of ``num_tensors`` zeros (at least one, so that no
     zero-size array enters a state, which Orbax cannot save, and the state's structure does not
-    depend on the parameters' count), or :class:`optax.MaskedNode` when ``None`` (not sensed)."""
+    depend on the parameters' count), or :class:`optax.MaskedNode` when ``None`` (not sensed);
+    the ``g·u`` vector too when ``dots``."""
     zero = jnp.zeros([], jnp.float32)
     if num_tensors is None:
         vector = optax.MaskedNode()
     else:
         vector = jnp.zeros([max(num_tensors, 1)], jnp.float32)
-    return Signals(zero, zero, zero, zero, zero, zero, zero, vector, vector, vector)
+    dot_vector = vector if dots else optax.MaskedNode()
+    return Signals(zero, zero, zero, zero, zero, zero, zero, vector, vector, vector, dot_vector)
 
 
 def num_sensed_tensors(tree: Any) -> int:
@@ -179,8 +185,16 @@ def _sums_of_squares(u: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jax.lax.reduce((u * u, p * p), (zero, zero), add_pairs, tuple(range(u.ndim)))
 
 
+def _sums_with_gradient(u: jax.Array, p: jax.Array, g: jax.Array) -> tuple[jax.Array, ...]:
+    # Σu², Σθ² and Σg·u in one variadic reduction: one read each of update, parameter, gradient.
+    u, p, g = u.astype(jnp.float32), p.astype(jnp.float32), g.astype(jnp.float32)
+    zero = jnp.zeros([], jnp.float32)
+    add = lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True))
+    return jax.lax.reduce((u * u, p * p, g * u), (zero,) * 3, add, tuple(range(u.ndim)))
+
+
 def sense_updates(
-    signals: Signals, updates: Any, params: Any | None = None
+    signals: Signals, updates: Any, params: Any | None = None, grads: Any | None = None
 ) -> tuple[Signals, jax.Array]:
     """Adds the inner update's norms to ``signals``; tells whether the update is finite.
 
@@ -193,6 +207,8 @@ def sense_updates(
       updates: the inner optimizer's update.
       params: the parameters before the step, to sense per-tensor norms; ``None`` senses only
         the global update norm.
+      grads: the gradients, to sense each tensor's ``g·u`` as well (needs ``params``; one more
+        read of the gradients); ``None``: not sensed.
 
     Returns:
       ``(signals, finite)``: the signals with ``update_norm`` (and, with ``params``, the
@@ -206,13 +222,20 @@ def sense_updates(
         param_leaves = [p for p in jax.tree.leaves(params) if p.size > 0]
         if len(param_leaves) != len(leaves):
             raise ValueError("the updates and the parameters must have the same tensors")
-        pairs = zip(leaves, param_leaves, strict=True)
-        sq, p_sq = zip(*(_sums_of_squares(u, p) for u, p in pairs), strict=True)
+        if grads is None:
+            pairs = zip(leaves, param_leaves, strict=True)
+            sq, p_sq = zip(*(_sums_of_squares(u, p) for u, p in pairs), strict=True)
+        else:
+            grad_leaves = [g for g in jax.tree.leaves(grads) if g.size > 0]
+            triples = zip(leaves, param_leaves, grad_leaves, strict=True)
+            sq, p_sq, dots = zip(*(_sums_with_gradient(*t) for t in triples), strict=True)
         vectors = dict(
             tensor_update_norms=jnp.sqrt(jnp.stack(sq)),
             tensor_param_norms=jnp.sqrt(jnp.stack(p_sq)),
             tensor_sizes=jnp.asarray([u.size for u in leaves], jnp.float32),
         )
+        if grads is not None:
+            vectors["tensor_grad_update_dots"] = jnp.stack(dots)
     total_sq = sum(sq, jnp.zeros([], jnp.float32))
     finite = jnp.isfinite(total_sq)
     return signals._replace(update_norm=jnp.sqrt(total_sq), **vectors), finite

@@ -338,6 +338,10 @@ INVALID = [
     (lbw_optax.governor_policy, "overshoot_cos", 1.5),
     (lbw_optax.governor_policy, "hold_ratio", 1.0),
     (lbw_optax.governor_policy, "alignment_decay", 1.0),
+    (lbw_optax.governor_policy, "margin_low", 2.0),
+    (lbw_optax.governor_policy, "margin_cut", 0.0),
+    (lbw_optax.governor_policy, "margin_decay", 1.0),
+    (lbw_optax.governor_policy, "margin_warmup", -1),
 ]
 
 
@@ -576,3 +580,58 @@ def test_pace_matches_its_numpy_restatement():
     np.testing.assert_allclose([float(r["scale"]) for r in records], want, rtol=1e-5)
     assert min(got[8:20]) < max(got[:8])  # The reversals cut the pace.
     assert got[-1] > min(got)  # Additive increase afterwards.
+
+
+def _numpy_margin(losses, grad_sq, *, lr, low, cut, release, decay, warmup, cooldown):
+    """The stability margin restated: EMAs of the measured loss change and of the change the
+    step before predicted (``-scale·lr·‖g‖²`` for SGD), their ratio, a cut below ``low``."""
+    factor, since, skip, last, predicted, act, pred = 1.0, cooldown, True, 0.0, 0.0, 0.0, 0.0
+    factors, ratios = [], []
+    for k, (loss, gsq) in enumerate(zip(losses, grad_sq, strict=True)):
+        if not skip:
+            if k <= 1:
+                act, pred = loss - last, predicted
+            else:
+                act += (1 - decay) * (loss - last - act)
+                pred += (1 - decay) * (predicted - pred)
+        ratio = act / pred if pred < 0 else 1.0
+        cutting = k > warmup and not skip and ratio < low and since >= cooldown
+        factor = min(max(factor * cut if cutting else factor + release, 0.1), 1.0)
+        since = 0 if cutting else min(since + 1, cooldown)
+        predicted, last, skip = -factor * lr * gsq, loss, False
+        factors.append(factor)
+        ratios.append(ratio)
+    return factors, ratios
+
+
+def test_stability_margin_matches_its_numpy_restatement():
+    knobs = dict(margin_low=0.2, margin_cut=0.5, margin_release=0.05, margin_decay=0.7)
+    # The limiter never binds and the statistics never engage: only the margin acts.
+    policy = lbw_optax.governor_policy(**knobs, max_update_ratio=1e9, warmup=1000, cooldown=3)
+    tx = lbw_optax.guard(optax.sgd(0.1), policy=policy)
+    rng = np.random.default_rng(0)
+    grads = [
+        {k: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for k, p in PARAMS.items()}
+        for _ in range(40)
+    ]
+    # The loss falls as predicted, then rises while the steps predict a fall, then falls again.
+    losses = [3.0 - 0.05 * k for k in range(12)] + [2.4 + 0.03 * k for k in range(12)]
+    losses += [2.76 - 0.05 * k for k in range(16)]
+    _, records, _ = run(tx, grads, losses)
+    grad_sq = [sum(float(jnp.sum(jnp.square(g))) for g in gs.values()) for gs in grads]
+    want, ratios = _numpy_margin(
+        losses, grad_sq, lr=0.1, warmup=3, cooldown=3, low=0.2, cut=0.5, release=0.05, decay=0.7
+    )
+    np.testing.assert_allclose([float(r["margin_ratio"]) for r in records], ratios, rtol=1e-4)
+    np.testing.assert_allclose([float(r["margin_factor"]) for r in records], want, rtol=1e-5)
+    np.testing.assert_allclose([float(r["scale"]) for r in records], want, rtol=1e-5)
+    assert min(want[12:24]) < 0.5 < max(want[:12])  # The rise was cut...
+    assert want[-1] > min(want)  # ...and released afterwards.
+
+
+def test_stability_margin_off_adds_no_state_and_no_sensing():
+    state = lbw_optax.lbw_adamw(1e-2).init(PARAMS)
+    assert isinstance(state.policy_state.margin, optax.MaskedNode)
+    assert isinstance(state.signals.tensor_grad_update_dots, optax.MaskedNode)
+    with pytest.raises(ValueError, match="margin_low needs max_update_ratio"):
+        lbw_optax.governor_policy(margin_low=0.1, max_update_ratio=None)
