@@ -21,7 +21,7 @@ hypothesis.settings.load_profile("default")
 # limiter does the control): the tests of those rules turn them on.
 DAMPING = dict(damping=0.2, spike_factor=0.5, overshoot_cos=0.0)
 
-PARAMS = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.full((4,), 0.5)}
+PARAMS = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.full((4,), 0.5, jnp.float32)}
 
 
 def run(tx, grads_seq, losses, params=PARAMS):
