@@ -48,6 +48,8 @@ class GovernorState(NamedTuple):
       limited_tensors: int32, tensors the per-tensor limiter cut at the latest step.
       margin: the stability margin's :class:`MarginState`, or :class:`optax.MaskedNode` when
         the margin is off (``margin_low=None``).
+      peak_update_norm: float32, the largest inner update norm seen (spikes left out), which
+        the annealed limit is relative to; :class:`optax.MaskedNode` when ``limit_anneal=0``.
     """
 
     observed: jax.Array
@@ -72,6 +74,7 @@ class GovernorState(NamedTuple):
     update_ratio: jax.Array
     limited_tensors: jax.Array
     margin: "MarginState | optax.MaskedNode" = optax.MaskedNode()
+    peak_update_norm: jax.Array | optax.MaskedNode = optax.MaskedNode()
 
 
 class MarginState(NamedTuple):
@@ -138,6 +141,7 @@ class GovernorPolicy(Policy):
     cooldown: int = 10
     max_update_ratio: float | None = 0.035
     param_floor: float = 0.02
+    limit_anneal: float = 0.0
     margin_low: float | None = None
     margin_cut: float = 0.5
     margin_release: float = 0.02
@@ -174,6 +178,7 @@ class GovernorPolicy(Policy):
         if self.max_update_ratio is not None:
             _validate.check_positive("max_update_ratio", self.max_update_ratio)
         _validate.check_non_negative("param_floor", self.param_floor)
+        _validate.check_non_negative("limit_anneal", self.limit_anneal)
         if self.margin_low is not None:
             _validate.check_in_range("margin_low", self.margin_low, -1.0, 1.0)
             if self.max_update_ratio is None:
@@ -240,6 +245,7 @@ class GovernorPolicy(Policy):
             update_ratio=zero,
             limited_tensors=izero,
             margin=optax.MaskedNode() if self.margin_low is None else self._margin_init(),
+            peak_update_norm=zero if self.limit_anneal > 0 else optax.MaskedNode(),
         )
 
     def _margin_init(self) -> MarginState:
@@ -405,6 +411,16 @@ class GovernorPolicy(Policy):
 
         # Per-tensor limiter: no tensor moves more than max_update_ratio of its norm (floored
         # at param_floor·√size, for tensors that start at zero) in one step.
+        # Annealed (limit_anneal > 0), the limit follows the inner update's norm relative to
+        # its peak, so that it decays with the learning-rate schedule.
+        peak_update_norm = state.peak_update_norm
+        limit = self.max_update_ratio
+        if self.limit_anneal > 0 and self.max_update_ratio is not None:
+            peak_update_norm = jnp.where(
+                spike, peak_update_norm, jnp.maximum(peak_update_norm, signals.update_norm)
+            )
+            relative = signals.update_norm / jnp.where(peak_update_norm > 0, peak_update_norm, 1.0)
+            limit = limit * jnp.clip(relative, 0.0, 1.0) ** self.limit_anneal
         if self.max_update_ratio is None or self.min_scale == self.max_scale:  # Pinned: none.
             tensor_scale, update_ratio, limited = 1.0, jnp.zeros([], jnp.float32), 0
         else:
@@ -413,12 +429,10 @@ class GovernorPolicy(Policy):
             )
             ratio = new_scale * signals.tensor_update_norms / ref
             tensor_scale = jnp.where(
-                ratio > self.max_update_ratio,
-                self.max_update_ratio / jnp.where(ratio > 0, ratio, 1.0),
-                1.0,
+                ratio > limit, limit / jnp.where(ratio > 0, ratio, 1.0), 1.0
             ).astype(jnp.float32)
             update_ratio = jnp.max(ratio, initial=0.0)
-            limited = jnp.sum(ratio > self.max_update_ratio)
+            limited = jnp.sum(ratio > limit)
 
         # A hold is a cut to zero, so a policy pinned to one scale never holds.
         can_hold = self.min_scale < self.max_scale
@@ -454,6 +468,7 @@ class GovernorPolicy(Policy):
             update_ratio=jnp.asarray(update_ratio, jnp.float32),
             limited_tensors=jnp.asarray(limited, jnp.int32),
             margin=margin,
+            peak_update_norm=peak_update_norm,
         )
         decision = Decision(
             regime=new_regime,
@@ -475,6 +490,13 @@ def governor_policy(**overrides) -> GovernorPolicy:
     (trust-ratio style; Kosson et al. 2024 on the angular update; LARS/LAMB). Calibrated on the
     quick probe so that it barely binds at the swept base learning rate and holds a stressed
     learning rate to a productive step from step 1, before a statistic could react.
+
+    With ``limit_anneal = p > 0`` the limit follows the schedule: it is
+    ``max_update_ratio · (‖u‖ / peak ‖u‖)^p``, where ``‖u‖`` is the inner update's global norm
+    and the peak its largest value so far (spikes left out). A learning rate far above the
+    productive one is held at the limit through the whole run, so with a fixed limit the
+    run never anneals; the annealed limit decays as the inner update does, as the run at the
+    productive rate would.
 
     **Sense** (every step, on device): the loss :math:`\ell` (``value=``) and the global
     gradient norm :math:`\|g\|`. Running statistics: fast and slow EMAs of :math:`\ell` and of
@@ -554,6 +576,8 @@ def governor_policy(**overrides) -> GovernorPolicy:
       max_update_ratio: the per-tensor limit on ``‖Δθ‖ / ‖θ‖`` per step (> 0); ``None``: no
         limiter (and the update is not sensed).
       param_floor: the floor of ``‖θ‖`` as a root-mean-square (>= 0).
+      limit_anneal: the exponent of the limit's decay with the inner update norm relative to
+        its peak (>= 0; 0: a fixed limit).
       margin_low: the trust-region ratio below which the margin cuts, in [-1, 1]; ``None``:
         no margin (and ``g·u`` is not sensed). Needs ``max_update_ratio``.
       margin_cut, margin_release, margin_decay, margin_warmup: the margin (above).

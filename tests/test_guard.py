@@ -342,6 +342,7 @@ INVALID = [
     (lbw_optax.governor_policy, "margin_cut", 0.0),
     (lbw_optax.governor_policy, "margin_decay", 1.0),
     (lbw_optax.governor_policy, "margin_warmup", -1),
+    (lbw_optax.governor_policy, "limit_anneal", -1.0),
 ]
 
 
@@ -533,6 +534,35 @@ def test_per_tensor_limiter_matches_its_numpy_restatement():
     applied = np.sqrt(sum(np.sum(np.square(np.asarray(updates[k]))) for k in params))
     inner = 0.1 * np.sqrt(sum(np.sum(np.square(np.asarray(grads[k]))) for k in params))
     np.testing.assert_allclose(float(state.effective_scale), applied / inner, rtol=1e-5)
+
+
+def test_annealed_limit_follows_the_update_norm_relative_to_its_peak():
+    r, floor = 0.05, 0.02
+    policy = lbw_optax.governor_policy(max_update_ratio=r, param_floor=floor, limit_anneal=1.0)
+    tx = lbw_optax.guard(optax.sgd(0.1), policy=policy)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros((4,))}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(0)
+    peak, limits = 0.0, []
+    for size in (1.0, 2.0, 3.0, 1.5, 0.5, 0.2):  # The update grows, then decays.
+        grads = {
+            k: jnp.asarray(size * rng.normal(size=p.shape), jnp.float32) for k, p in params.items()
+        }
+        updates, state = update(grads, state, params, value=jnp.float32(2.0))
+        inner = {k: -0.1 * np.asarray(g) for k, g in grads.items()}
+        norm = np.sqrt(sum(np.sum(np.square(u)) for u in inner.values()))
+        peak = max(peak, norm)
+        limit = r * norm / peak
+        limits.append(limit)
+        for k in params:
+            ref = max(np.linalg.norm(np.asarray(params[k])), floor * np.sqrt(inner[k].size))
+            ratio = np.linalg.norm(inner[k]) / ref
+            factor = limit / ratio if ratio > limit else 1.0
+            np.testing.assert_allclose(np.asarray(updates[k]), factor * inner[k], rtol=1e-5)
+        np.testing.assert_allclose(float(state.policy_state.peak_update_norm), peak, rtol=1e-6)
+        params = optax.apply_updates(params, updates)
+    assert limits[2] == r and limits[-1] < r / 10  # Full at the peak, a tenth after it.
 
 
 def _numpy_pace(cosines, *, initial, growth, cut, release, cooldown, decay, low):

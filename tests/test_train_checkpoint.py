@@ -156,10 +156,15 @@ def test_a_state_saved_before_a_field_without_arrays_was_added_still_restores(tm
         assert isinstance(restored["opt"].margin, optax.MaskedNode)
         assert int(restored["opt"].count) == 7
         np.testing.assert_array_equal(restored["opt"].mu["w"], before["opt"].mu["w"])
-        # A field with arrays that the checkpoint lacks is an error naming where.
-        extra = {"opt": _After(jnp.int32(0), {"w": jnp.zeros((2, 3))}, jnp.zeros(2))}
+        # A field with arrays that the checkpoint lacks starts from the target's value...
+        extra = {"opt": _After(jnp.int32(0), {"w": jnp.zeros((2, 3))}, jnp.full(2, 5.0))}
+        restored, meta = saver.restore(7, extra)
+        assert meta["filled"] == ["['opt'].margin"] and int(restored["opt"].count) == 7
+        np.testing.assert_array_equal(restored["opt"].margin, [5.0, 5.0])
+        # ...and is an error naming where when the target has only its shape.
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), extra)
         with pytest.raises(checkpoint.CheckpointError, match=r"no array at \['opt'\]\.margin"):
-            saver.restore(7, extra)
+            saver.restore(7, shapes)
         wrong = {"opt": _After(jnp.int32(0), {"w": jnp.zeros((3, 2))}, optax.MaskedNode())}
         with pytest.raises(checkpoint.CheckpointError, match=r"float32\[2, 3\], expected"):
             saver.restore(7, wrong)

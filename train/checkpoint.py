@@ -163,24 +163,34 @@ def _lookup(saved: Any, path: tuple[Any, ...]) -> Any:
     return node
 
 
-def fit_saved_tree(saved: Any, abstract: Any) -> Any:
+def fit_saved_tree(saved: Any, target: Any) -> tuple[Any, list[str]]:
     """Places the arrays of ``saved`` (a checkpoint restored without a target) into the
-    structure of ``abstract``, matching them by their path of field names and keys.
+    structure of ``target``, matching them by their path of field names and keys.
 
     A state saved by an earlier version whose structure differs only by nodes without arrays
-    (a field added as :class:`optax.MaskedNode`, say) restores this way, leaf for leaf.
+    (a field added as :class:`optax.MaskedNode`, say) restores this way, leaf for leaf. An
+    array the checkpoint does not have is taken from ``target`` when ``target`` holds a
+    concrete array there (a freshly initialised state: a state field added since starts from
+    its initial value), and its path is returned.
+
+    Returns:
+      ``(state, filled)``: the restored state and the paths of the arrays taken from
+      ``target``.
 
     Raises:
-      ValueError: when an array of ``abstract`` is missing from ``saved`` or differs in shape
-        or dtype; the message names the first such path.
+      ValueError: when an array is missing from ``saved`` and ``target`` has only its shape,
+        or differs in shape or dtype; the message names the first such path.
     """
-    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    leaves = []
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    leaves, filled = [], []
     for path, want in paths_and_leaves:
         got = _lookup(saved, path)
         where = jax.tree_util.keystr(path)
         if got is None or not hasattr(got, "shape"):
-            raise ValueError(f"the checkpoint has no array at {where}")
+            if not isinstance(want, jax.Array):
+                raise ValueError(f"the checkpoint has no array at {where}")
+            got = want
+            filled.append(where)
         if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
             raise ValueError(
                 f"the checkpoint's array at {where} is {got.dtype}{list(got.shape)}, "
@@ -188,7 +198,7 @@ def fit_saved_tree(saved: Any, abstract: Any) -> Any:
             )
         sharding = getattr(want, "sharding", None)
         leaves.append(jax.device_put(got, sharding) if sharding is not None else got)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return jax.tree_util.tree_unflatten(treedef, leaves), filled
 
 
 class Checkpointer:
@@ -241,6 +251,11 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores the checkpoint of ``step`` into the structure of ``abstract_state``.
 
+        A checkpoint of an earlier version restores when it holds every array of
+        ``abstract_state`` or ``abstract_state`` is concrete (:func:`fit_saved_tree`); the
+        paths of the arrays it lacked, which keep ``abstract_state``'s values, are in the
+        returned meta's ``"filled"`` (empty otherwise).
+
         Raises:
           CheckpointError: if there is no such checkpoint, or it cannot be read, or its arrays
             do not match their saved CRC-32; the message names the step, the directory and the
@@ -261,6 +276,7 @@ class Checkpointer:
         # Arrays of abstract_state are restored with their shardings (a checkpoint saved on one
         # mesh restores onto another).
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        filled: list[str] = []
         try:
             try:
                 restored = self.manager.restore(
@@ -282,22 +298,27 @@ class Checkpointer:
                         state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
                     ),
                 )
-                state = fit_saved_tree(restored["state"], abstract)
+                state, filled = fit_saved_tree(restored["state"], abstract_state)
             meta = dict(restored["meta"])
         except Exception as e:  # orbax/tensorstore raise many types for unreadable files.
             raise CheckpointError(
                 f"The checkpoint of step {step} in {self.directory} is corrupted or unreadable "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:300]}).{hint}"
             ) from e
+        # The checksums cover the arrays the checkpoint holds, not those filled in above.
+        saved_part = jax.tree_util.tree_map_with_path(
+            lambda path, x: None if jax.tree_util.keystr(path) in filled else x, state
+        )
         if "checksums" in meta:
-            intact = _same_sums(meta["checksums"], checksums(state), "0" * 16)
+            intact = _same_sums(meta["checksums"], checksums(saved_part), "0" * 16)
         else:  # Saved before per-shard checksums.
-            intact = _same_sums(meta.get("fingerprint"), _legacy_fingerprint(state), 0)
+            intact = _same_sums(meta.get("fingerprint"), _legacy_fingerprint(saved_part), 0)
         if not intact:
             raise CheckpointError(
                 f"The checkpoint of step {step} in {self.directory} is corrupted: its arrays do "
                 f"not match the checksums saved with them.{hint}"
             )
+        meta["filled"] = filled
         return state, meta
 
     def discard_after(self, step: int) -> None:

@@ -660,6 +660,12 @@ def _restore(config, checkpointer, setup: _Setup, metrics_path: Path) -> tuple[i
     abstract = {"params": nnx.state(model, setup.wrt), "optimizer": nnx.state(optimizer)}
     state, meta = checkpointer.restore(start_step, abstract)
     _refuse_changes(meta["config"], config)
+    if meta["filled"]:
+        print(
+            f"lbw-train: the checkpoint of step {start_step} predates {len(meta['filled'])} "
+            f"state arrays, which start from their initial values: {', '.join(meta['filled'])}",
+            file=sys.stderr,
+        )
     nnx.update(model, state["params"])
     nnx.update(optimizer, state["optimizer"])
     setup.stream.restore(meta["data"])
