@@ -141,7 +141,7 @@ class GovernorPolicy(Policy):
     cooldown: int = 10
     max_update_ratio: float | None = 0.035
     param_floor: float = 0.02
-    limit_anneal: float = 0.0
+    limit_anneal: float = 0.5
     margin_low: float | None = None
     margin_cut: float = 0.5
     margin_release: float = 0.02

@@ -512,7 +512,7 @@ def test_a_parameter_called_mu_does_not_hide_the_first_moment():
 
 def test_per_tensor_limiter_matches_its_numpy_restatement():
     r, floor = 0.05, 0.02
-    policy = lbw_optax.governor_policy(max_update_ratio=r, param_floor=floor, overshoot_cos=None)
+    policy = lbw_optax.governor_policy(max_update_ratio=r, param_floor=floor, limit_anneal=0.0)
     tx = lbw_optax.guard(optax.sgd(0.1), policy=policy)
     params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros((4,))}
     state = tx.init(params)
