@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -81,6 +82,20 @@ def test_expansion_counts_order_and_stable_ids():
     # Only the run that the replay reads logs every step.
     logs = {r.method: r.config["log_every"] for r in runs}
     assert logs == {"governor": 1, "effective-lr": 2, "replay": 2}
+    # Not where no replay reads it: another setting without the replay, or a fault it skips.
+    other = Setting(name="o", model="tiny_qwen2_5_3b", model_overrides=MICRO_MODEL, base_lr=1e-3)
+    spec = micro(
+        methods=CONTROLS,
+        settings=(*spec.settings, dataclasses.replace(other, methods=("governor",))),
+        faults={"none": {}, "spike": {"grad_spike_steps": (3,)}},
+        fault_methods=("governor",),
+    )
+    logs = {
+        (r.setting, r.fault): r.config["log_every"]
+        for r in stress.expand(spec)
+        if r.method == "governor"
+    }
+    assert logs == {("m", "none"): 1, ("m", "spike"): 2, ("o", "none"): 2, ("o", "spike"): 2}
     # Seeds of one configuration are adjacent (they share a compiled step).
     assert [r.seed for r in runs[:2]] == [0, 1]
 

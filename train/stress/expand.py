@@ -40,9 +40,21 @@ def _config(spec: SuiteSpec, setting: Setting, method: Method, lr: float, fault:
         args = dict(values.get("optimizer_args") or {})
         args.update(method.resolved_time_constants(steps))
         values["optimizer_args"] = args
-    if any(m.control == "replay" and m.source == method.name for m in spec.methods):
+    if _replayed(spec, setting, method, fault):
         values["log_every"] = 1  # The replay control needs this run's per-step scale.
     return values
+
+
+def _replayed(spec: SuiteSpec, setting: Setting, method: Method, fault: str) -> bool:
+    """Whether a replay control reads ``method``'s runs in ``setting`` under ``fault``."""
+    names = spec.methods_of(setting)
+    return any(
+        m.control == "replay"
+        and m.source == method.name
+        and m.name in names
+        and (fault == "none" or not spec.fault_methods or m.name in spec.fault_methods)
+        for m in spec.methods
+    )
 
 
 def pretrain_id(setting: Setting, spec: SuiteSpec) -> str | None:
