@@ -577,7 +577,7 @@ def governor_policy(**overrides) -> GovernorPolicy:
         limiter (and the update is not sensed).
       param_floor: the floor of ``‖θ‖`` as a root-mean-square (>= 0).
       limit_anneal: the exponent of the limit's decay with the inner update norm relative to
-        its peak (>= 0; 0: a fixed limit).
+        its peak (>= 0; 0: a fixed limit, as in v2; default 0.5).
       margin_low: the trust-region ratio below which the margin cuts, in [-1, 1]; ``None``:
         no margin (and ``g·u`` is not sensed). Needs ``max_update_ratio``.
       margin_cut, margin_release, margin_decay, margin_warmup: the margin (above).

@@ -92,21 +92,18 @@ def find_first_moment(inner_state: Any, grads: Any) -> Any | None:
     return mu if shapes_match else None
 
 
-def _sum_and_sum_of_squares(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # One variadic reduction reads g once for both sums. (Two separate jnp.sum calls read it
-    # twice, and XLA shares g*g with Adam's second moment, materialising it.)
-    g = g.astype(jnp.float32)
-    zero = jnp.zeros([], jnp.float32)
-    add_pairs = lambda a, b: (a[0] + b[0], a[1] + b[1])
-    return jax.lax.reduce((g, g * g), (zero, zero), add_pairs, tuple(range(g.ndim)))
-
-
-def _sums_with_momentum(g: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
-    # Σg, Σg², Σg·m and Σm² in one variadic reduction: one read of g and one of m.
-    g, m = g.astype(jnp.float32), m.astype(jnp.float32)
+def _fused_sums(*terms: jax.Array) -> tuple[jax.Array, ...]:
+    # The sums of several same-shaped float32 terms in one variadic reduction, so that each
+    # array they read is read once. (Separate jnp.sum calls read it once per sum, and XLA shares
+    # g*g with Adam's second moment, materialising it.)
     zero = jnp.zeros([], jnp.float32)
     add = lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True))
-    return jax.lax.reduce((g, g * g, g * m, m * m), (zero,) * 4, add, tuple(range(g.ndim)))
+    return jax.lax.reduce(terms, (zero,) * len(terms), add, tuple(range(terms[0].ndim)))
+
+
+def _f32(arrays: Any) -> list[jax.Array]:
+    """Each array accumulated in float32 whatever its dtype (bf16 included)."""
+    return [x.astype(jnp.float32) for x in arrays]
 
 
 def sense(
@@ -141,11 +138,12 @@ def sense(
         raise ValueError("the gradient tree has no non-empty arrays to sense")
     leaves = [g for g, _ in pairs]
     if momentum is None:
-        sums, sq_sums = zip(*(_sum_and_sum_of_squares(g) for g in leaves), strict=True)
+        sums, sq_sums = zip(*(_fused_sums(g, g * g) for g in _f32(leaves)), strict=True)
         dot, m_sq = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
     else:
         sums, sq_sums, dots, m_sqs = zip(
-            *(_sums_with_momentum(g, m) for g, m in pairs), strict=True
+            *(_fused_sums(g, g * g, g * m, m * m) for g, m in map(_f32, pairs)),
+            strict=True,
         )
         dot, m_sq = sum(dots), sum(m_sqs)
     mean_squares = jnp.stack([s / g.size for s, g in zip(sq_sums, leaves, strict=True)])
@@ -172,27 +170,6 @@ def sense(
     return signals, finite
 
 
-def _sum_of_squares(u: jax.Array) -> jax.Array:
-    u = u.astype(jnp.float32)
-    return jnp.sum(u * u)
-
-
-def _sums_of_squares(u: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Σu² and Σθ² in one variadic reduction: one read of the update and one of the parameter.
-    u, p = u.astype(jnp.float32), p.astype(jnp.float32)
-    zero = jnp.zeros([], jnp.float32)
-    add_pairs = lambda a, b: (a[0] + b[0], a[1] + b[1])
-    return jax.lax.reduce((u * u, p * p), (zero, zero), add_pairs, tuple(range(u.ndim)))
-
-
-def _sums_with_gradient(u: jax.Array, p: jax.Array, g: jax.Array) -> tuple[jax.Array, ...]:
-    # Σu², Σθ² and Σg·u in one variadic reduction: one read each of update, parameter, gradient.
-    u, p, g = u.astype(jnp.float32), p.astype(jnp.float32), g.astype(jnp.float32)
-    zero = jnp.zeros([], jnp.float32)
-    add = lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True))
-    return jax.lax.reduce((u * u, p * p, g * u), (zero,) * 3, add, tuple(range(u.ndim)))
-
-
 def sense_updates(
     signals: Signals, updates: Any, params: Any | None = None, grads: Any | None = None
 ) -> tuple[Signals, jax.Array]:
@@ -216,7 +193,7 @@ def sense_updates(
     """
     leaves = [u for u in jax.tree.leaves(updates) if u.size > 0]
     if params is None:
-        sq = [_sum_of_squares(u) for u in leaves]
+        sq = [_fused_sums(u * u)[0] for u in _f32(leaves)]
         vectors = {}
     else:
         param_leaves = [p for p in jax.tree.leaves(params) if p.size > 0]
@@ -224,11 +201,12 @@ def sense_updates(
             raise ValueError("the updates and the parameters must have the same tensors")
         if grads is None:
             pairs = zip(leaves, param_leaves, strict=True)
-            sq, p_sq = zip(*(_sums_of_squares(u, p) for u, p in pairs), strict=True)
+            sq, p_sq = zip(*(_fused_sums(u * u, p * p) for u, p in map(_f32, pairs)), strict=True)
         else:
             grad_leaves = [g for g in jax.tree.leaves(grads) if g.size > 0]
             triples = zip(leaves, param_leaves, grad_leaves, strict=True)
-            sq, p_sq, dots = zip(*(_sums_with_gradient(*t) for t in triples), strict=True)
+            sums = (_fused_sums(u * u, p * p, g * u) for u, p, g in map(_f32, triples))
+            sq, p_sq, dots = zip(*sums, strict=True)
         vectors = dict(
             tensor_update_norms=jnp.sqrt(jnp.stack(sq)),
             tensor_param_norms=jnp.sqrt(jnp.stack(p_sq)),
