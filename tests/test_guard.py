@@ -510,25 +510,36 @@ def test_a_parameter_called_mu_does_not_hide_the_first_moment():
 # --- governor v2: per-tensor limiter and pace, restated in NumPy --------------------------------
 
 
-def test_per_tensor_limiter_matches_its_numpy_restatement():
-    r, floor = 0.05, 0.02
-    policy = lbw_optax.governor_policy(max_update_ratio=r, param_floor=floor, limit_anneal=0.0)
+_R, _FLOOR = 0.05, 0.02  # The limiter tests' ratio cap and parameter-norm floor.
+
+
+def _limited_sgd(limit_anneal):
+    """SGD(0.1) under the governor's limiter alone: its params, state, jitted update and rng."""
+    policy = lbw_optax.governor_policy(
+        max_update_ratio=_R, param_floor=_FLOOR, limit_anneal=limit_anneal
+    )
     tx = lbw_optax.guard(optax.sgd(0.1), policy=policy)
     params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros((4,))}
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    rng = np.random.default_rng(0)
+    return params, tx.init(params), jax.jit(tx.update), np.random.default_rng(0)
+
+
+def _numpy_limit(u, p, limit):
+    """The per-tensor limit restated: ``u`` scaled so that ``‖u‖ / max(‖p‖, floor·√n)`` is at
+    most ``limit``; also whether it was scaled."""
+    ratio = np.linalg.norm(u) / max(np.linalg.norm(np.asarray(p)), _FLOOR * np.sqrt(u.size))
+    return (limit / ratio if ratio > limit else 1.0) * u, ratio > limit
+
+
+def test_per_tensor_limiter_matches_its_numpy_restatement():
+    params, state, update, rng = _limited_sgd(limit_anneal=0.0)
     for _ in range(6):
         grads = {k: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for k, p in params.items()}
         updates, state = update(grads, state, params, value=jnp.float32(2.0))
         limited = 0
         for k in params:
-            u = -0.1 * np.asarray(grads[k])
-            ref = max(np.linalg.norm(np.asarray(params[k])), floor * np.sqrt(u.size))
-            ratio = np.linalg.norm(u) / ref
-            factor = r / ratio if ratio > r else 1.0
-            limited += ratio > r
-            np.testing.assert_allclose(np.asarray(updates[k]), factor * u, rtol=1e-5, atol=1e-7)
+            want, was_limited = _numpy_limit(-0.1 * np.asarray(grads[k]), params[k], _R)
+            limited += was_limited
+            np.testing.assert_allclose(np.asarray(updates[k]), want, rtol=1e-5, atol=1e-7)
         assert int(state.policy_state.limited_tensors) == limited
         params = optax.apply_updates(params, updates)
     applied = np.sqrt(sum(np.sum(np.square(np.asarray(updates[k]))) for k in params))
@@ -537,13 +548,7 @@ def test_per_tensor_limiter_matches_its_numpy_restatement():
 
 
 def test_annealed_limit_follows_the_update_norm_relative_to_its_peak():
-    r, floor = 0.05, 0.02
-    policy = lbw_optax.governor_policy(max_update_ratio=r, param_floor=floor, limit_anneal=1.0)
-    tx = lbw_optax.guard(optax.sgd(0.1), policy=policy)
-    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.zeros((4,))}
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    rng = np.random.default_rng(0)
+    params, state, update, rng = _limited_sgd(limit_anneal=1.0)
     peak, limits = 0.0, []
     for size in (1.0, 2.0, 3.0, 1.5, 0.5, 0.2):  # The update grows, then decays.
         grads = {
@@ -553,16 +558,14 @@ def test_annealed_limit_follows_the_update_norm_relative_to_its_peak():
         inner = {k: -0.1 * np.asarray(g) for k, g in grads.items()}
         norm = np.sqrt(sum(np.sum(np.square(u)) for u in inner.values()))
         peak = max(peak, norm)
-        limit = r * norm / peak
+        limit = _R * norm / peak
         limits.append(limit)
         for k in params:
-            ref = max(np.linalg.norm(np.asarray(params[k])), floor * np.sqrt(inner[k].size))
-            ratio = np.linalg.norm(inner[k]) / ref
-            factor = limit / ratio if ratio > limit else 1.0
-            np.testing.assert_allclose(np.asarray(updates[k]), factor * inner[k], rtol=1e-5)
+            want, _ = _numpy_limit(inner[k], params[k], limit)
+            np.testing.assert_allclose(np.asarray(updates[k]), want, rtol=1e-5)
         np.testing.assert_allclose(float(state.policy_state.peak_update_norm), peak, rtol=1e-6)
         params = optax.apply_updates(params, updates)
-    assert limits[2] == r and limits[-1] < r / 10  # Full at the peak, a tenth after it.
+    assert limits[2] == _R and limits[-1] < _R / 10  # Full at the peak, a tenth after it.
 
 
 def _numpy_pace(cosines, *, initial, growth, cut, release, cooldown, decay, low):
