@@ -1,6 +1,7 @@
 """lbw-optax: training-control governance (LBW-Guard) and friends as Optax transformations."""
 
 from lbw_optax._adagc import AdaGCState, adagc, adagc_adamw
+from lbw_optax._common import donatable
 from lbw_optax._governor import GovernorPolicy, GovernorState, MarginState, governor_policy
 from lbw_optax._guard import GuardState, guard, lbw_adamw
 from lbw_optax._policy import Decision, Policy
@@ -42,6 +43,7 @@ __all__ = [
     "ZClipState",
     "adagc",
     "adagc_adamw",
+    "donatable",
     "governor_policy",
     "guard",
     "lbw_adamw",

@@ -55,3 +55,50 @@ def check(checker: Callable[..., None], name: str, value: Any, *args: Any, **kwa
     if not isinstance(value, jax.core.Tracer):
         checker(name, value, *args, **kwargs)
     return value
+
+
+def distinct_buffers(tree: Any, *, taken: Any = None) -> Any:
+    """``tree`` with every array that appears more than once replaced by a copy of its own.
+
+    An ``init`` that puts one array object in two places of a state (one shared zero, say),
+    or the parameters themselves, makes the state impossible to donate: ``jax.jit(step,
+    donate_argnums=...)`` fails with "Attempt to donate the same buffer twice". Inits end with
+    this; under ``jit`` (tracers) it changes nothing.
+
+    Args:
+      tree: the state.
+      taken: arrays that must not appear in ``tree`` either (the parameters), or ``None``.
+    """
+    seen = {id(x) for x in jax.tree.leaves(taken)}
+
+    def own(x):
+        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+            return x
+        if id(x) in seen:
+            return jnp.array(x, copy=True)
+        seen.add(id(x))
+        return x
+
+    return jax.tree.map(own, tree)
+
+
+def donatable(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``inner`` with an ``init`` whose state can be donated with the parameters.
+
+    Some transformations (e.g. ``optax.contrib.prodigy``, which keeps the initial parameters)
+    return the parameters or one array twice in their state, so a training step jitted with
+    ``donate_argnums`` fails on its first call; this copies just those arrays. ``update`` is
+    ``inner``'s own, extra arguments forwarded.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, lbw_optax
+      >>> tx = lbw_optax.donatable(optax.contrib.prodigy(1.0))
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = tx.init(params)
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return distinct_buffers(inner.init(params), taken=params)
+
+    return optax.GradientTransformationExtraArgs(init_fn, inner.update)

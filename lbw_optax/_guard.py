@@ -204,7 +204,7 @@ def guard(
 
     def init_fn(params):
         tensors = num_sensed_tensors(params) if policy.needs_tensor_norms else None
-        return GuardState(
+        state = GuardState(
             step=jnp.zeros([], jnp.int32),
             regime=jnp.asarray(Regime.STABLE, jnp.int32),
             scale=jnp.ones([], jnp.float32),
@@ -219,6 +219,7 @@ def guard(
             policy_state=policy.init(),
             inner_state=inner.init(params),
         )
+        return _pu.distinct_buffers(state)
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         if value is None and policy.needs_value:

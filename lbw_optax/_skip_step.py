@@ -132,7 +132,7 @@ def skip_step(
 
     def init_fn(params):
         zero = jnp.zeros([], jnp.float32)
-        return SkipStepState(
+        state = SkipStepState(
             skipstep_count=jnp.zeros([], jnp.int32),
             skip_loss_window=jnp.zeros([int(window)], jnp.float32),
             skip_grad_norm_window=jnp.zeros([int(window)], jnp.float32),
@@ -144,6 +144,7 @@ def skip_step(
             skipstep_nonfinite_steps=jnp.zeros([], jnp.int32),
             inner_state=inner.init(params),
         )
+        return _pu.distinct_buffers(state)
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         if value is None:

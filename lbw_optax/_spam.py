@@ -153,9 +153,8 @@ def scale_by_spam(
             spam_clipped=zero,
             spam_clipped_total=zero,
         )
-        return ScaleBySpamState(
-            record=record, mu=optax.tree.zeros_like(params), nu=optax.tree.zeros_like(params)
-        )
+        mu, nu = optax.tree.zeros_like(params), optax.tree.zeros_like(params)
+        return _pu.distinct_buffers(ScaleBySpamState(record=record, mu=mu, nu=nu))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args

@@ -133,7 +133,7 @@ def zclip(
     def init_fn(params):
         del params
         zero = jnp.zeros([], jnp.float32)
-        return ZClipState(
+        state = ZClipState(
             zclip_count=jnp.zeros([], jnp.int32),
             zclip_observed=jnp.zeros([], jnp.int32),
             zclip_mean=zero,
@@ -145,6 +145,7 @@ def zclip(
             zclip_capped_steps=jnp.zeros([], jnp.int32),
             zclip_nonfinite_steps=jnp.zeros([], jnp.int32),
         )
+        return _pu.distinct_buffers(state)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args

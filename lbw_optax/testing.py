@@ -42,6 +42,7 @@ import optax
 __all__ = [
     "assert_accepts_schedule",
     "assert_converges",
+    "assert_donatable",
     "assert_dtypes_preserved",
     "assert_extra_args_accepted",
     "assert_finite_under",
@@ -270,6 +271,34 @@ def assert_dtypes_preserved(tx, dtypes: Sequence[Any] = (jnp.float32, jnp.bfloat
             if u.dtype != p.dtype:
                 raise AssertionError(f"{jnp.dtype(dtype).name} parameters got {u.dtype} updates")
         _assert_tree_finite(updates, f"{jnp.dtype(dtype).name} updates")
+
+
+def assert_donatable(tx, params=None) -> None:
+    """A jitted step that donates the state and the parameters runs twice.
+
+    Donation is how a training loop reuses the state's memory (``jax.jit(step,
+    donate_argnums=...)``); it fails when ``init`` puts one array in two places of the state,
+    or the parameters themselves in it.
+    """
+    tx = _extra_args(tx)
+    params = example_params() if params is None else params
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)  # The caller's stay.
+    state = tx.init(params)
+    leaves = [x for x in jax.tree.leaves((params, state)) if isinstance(x, jax.Array)]
+    shared = len(leaves) - len({id(x) for x in leaves})
+    if shared:
+        raise AssertionError(
+            f"init gave {shared} array(s) that appear twice in (params, state): donation fails"
+        )
+
+    def step(params, state, grads, value):
+        updates, state = tx.update(grads, state, params, value=value)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    for i in range(2):
+        params, state = step(params, state, example_grads(params, i), example_loss(i))
+    _assert_tree_finite(params, "parameters after two donated steps")
 
 
 def assert_works_in_chain(tx, params=None) -> None:
@@ -505,6 +534,7 @@ def check_transformation(
         "assert_no_retrace": lambda: assert_no_retrace(tx()),
         "assert_extra_args_accepted": lambda: assert_extra_args_accepted(tx()),
         "assert_dtypes_preserved": lambda: assert_dtypes_preserved(tx()),
+        "assert_donatable": lambda: assert_donatable(tx()),
         "assert_works_in_chain": lambda: assert_works_in_chain(tx()),
         "assert_works_in_multisteps": lambda: assert_works_in_multisteps(tx()),
         "assert_works_with_inject_hyperparams": lambda: assert_works_with_inject_hyperparams(

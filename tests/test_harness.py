@@ -38,6 +38,11 @@ def test_dtypes_are_preserved(case):
 
 
 @cases
+def test_state_and_params_can_be_donated(case):
+    testing.assert_donatable(_tx(case))
+
+
+@cases
 def test_works_inside_chain(case):
     testing.assert_works_in_chain(_tx(case))
 
@@ -140,6 +145,22 @@ def test_works_with_nnx_optimizer(case):
         assert all(isinstance(s, jax.Array) for s in jax.tree.leaves(record["cluster_scales"]))
 
 
+@cases
+def test_nnx_step_donates_model_and_optimizer(case):
+    model = _TinyModel(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, _tx(case), wrt=nnx.Param)
+    x = jnp.linspace(-1, 1, 8).reshape(2, 4)
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def train_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - 1.0) ** 2))(model)
+        optimizer.update(model, grads, value=loss)
+        return loss
+
+    losses = [float(train_step(model, optimizer)) for _ in range(3)]
+    assert all(np.isfinite(losses))
+
+
 def test_check_transformation_runs_every_check_on_a_plain_optimizer():
     testing.check_transformation(optax.adamw, 1e-2)
     with pytest.raises(ValueError, match="unknown checks"):
@@ -151,6 +172,17 @@ def test_check_transformation_runs_every_check_on_a_plain_optimizer():
 
 def _stateful(init, update):
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def test_donation_check_detects_a_shared_buffer_and_donatable_mends_it():
+    def init(params):
+        zero = jnp.zeros([], jnp.float32)
+        return (zero, zero, params)  # One zero twice, and the parameters themselves.
+
+    tx = _stateful(init, lambda u, s, p=None, **kw: (u, s))
+    with pytest.raises(AssertionError, match="appear twice"):
+        testing.assert_donatable(tx)
+    testing.assert_donatable(lbw_optax.donatable(tx))
 
 
 def test_retrace_detector_detects_a_state_that_changes_type():

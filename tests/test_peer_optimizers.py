@@ -12,8 +12,10 @@ import optax
 import pytest
 
 import lbw_optax
+from lbw_optax import testing
 from tests.train_helpers import read_jsonl, tiny_config
 from train import TrainConfig, build_optimizer, learning_rate_schedule, train
+from train.optimizers import available_optimizers
 
 NEW_PEERS = (
     "stable-adamw",
@@ -165,3 +167,9 @@ def test_through_the_training_loop(tmp_path, optimizer, extra):
     assert all(math.isfinite(r["loss"]) for r in lines)
     if optimizer == "lbw":
         assert lines[-1]["telemetry"]["step"] == 4
+
+
+@pytest.mark.parametrize("name", available_optimizers())
+def test_every_registered_optimizer_can_be_donated(name):
+    config = _config(optimizer=name)
+    testing.assert_donatable(build_optimizer(config, learning_rate_schedule(config)))

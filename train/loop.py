@@ -210,6 +210,9 @@ def make_train_step(config: TrainConfig, wrt: Any, mesh: jax.sharding.Mesh | Non
     the step is traced once. Runs in one process with the same faults and trainable filter share
     one step function, and so its compilation cache. With a ``mesh``, the updated model and
     optimizer state keep the FSDP layout of :func:`train.sharding.param_sharding`.
+
+    The model and the optimizer are donated: the step writes the new parameters and state into
+    the old ones' memory (arrays read from them before the call are invalid after it).
     """
     return _train_step(config.faults, wrt, mesh)
 
@@ -217,7 +220,7 @@ def make_train_step(config: TrainConfig, wrt: Any, mesh: jax.sharding.Mesh | Non
 @functools.lru_cache(maxsize=16)
 def _train_step(faults: FaultConfig, wrt: Any, mesh: jax.sharding.Mesh | None = None):
 
-    @nnx.jit
+    @functools.partial(nnx.jit, donate_argnums=(0, 1))
     def train_step(model, optimizer, tokens):
         step = optimizer.step[...] + 1  # The update this call performs, counted from 1.
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T] each

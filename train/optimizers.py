@@ -22,8 +22,8 @@ Add a peer with the decorator::
 
 The factory receives the whole :class:`~train.config.TrainConfig` and the learning-rate schedule
 (a callable of the update count, warm-up, decay and any learning-rate shock included). Whatever
-it returns is wrapped with ``optax.with_extra_args_support``, so the loop can always pass the
-loss as ``value=``.
+it returns is wrapped with ``lbw_optax.donatable``, so the loop can always pass the loss as
+``value=`` and donate the state.
 """
 
 from __future__ import annotations
@@ -125,7 +125,9 @@ def build_optimizer(
       ValueError: for an unknown name (the message lists the known ones).
     """
     check_optimizer(config.optimizer)
-    return optax.with_extra_args_support(_REGISTRY[config.optimizer](config, learning_rate))
+    # donatable: a peer whose state holds the parameters (prodigy, mechanic) would refuse the
+    # loop's donated step.
+    return lbw_optax.donatable(_REGISTRY[config.optimizer](config, learning_rate))
 
 
 def _adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
