@@ -18,7 +18,7 @@ from lbw_optax._sense import (
     find_first_moment,
     num_sensed_tensors,
     sense,
-    sense_updates,
+    stack_flags,
 )
 
 _POLICIES = {"governor": governor_policy, "reference": reference_policy}
@@ -91,17 +91,27 @@ def _per_tensor(tensor_scale: Any) -> bool:
     return not isinstance(tensor_scale, int | float) and jnp.ndim(tensor_scale) == 1
 
 
-def actuate(updates: Any, scale: jax.Array, hold: jax.Array, tensor_scale: Any = 1.0) -> Any:
-    """Multiplies the inner updates by the scale (times each non-empty tensor's factor in
-    ``tensor_scale``), or zeroes them on a held step; keeps dtypes."""
+def actuate(
+    updates: Any, scale: jax.Array, hold: jax.Array, tensor_scale: Any = 1.0, stacked: Any = None
+) -> Any:
+    """Multiplies the inner updates by the scale (times each sensed tensor's factor in
+    ``tensor_scale``: one per non-empty leaf, or per layer of a stacked leaf), or zeroes them on
+    a held step; keeps dtypes."""
     leaves, treedef = jax.tree.flatten(updates)
-    factors, k = [], 0
-    for u in leaves:
-        if _per_tensor(tensor_scale) and u.size > 0:
-            factors.append(scale * tensor_scale[k])
-            k += 1
-        else:
-            factors.append(scale * tensor_scale if not _per_tensor(tensor_scale) else scale)
+    if _per_tensor(tensor_scale):
+        factors, k = [], 0
+        for u, flag in zip(leaves, stack_flags(updates, stacked), strict=True):
+            if u.size == 0:
+                factors.append(scale)
+            elif flag:
+                n = u.shape[0]
+                factors.append(scale * tensor_scale[k : k + n].reshape((n,) + (1,) * (u.ndim - 1)))
+                k += n
+            else:
+                factors.append(scale * tensor_scale[k])
+                k += 1
+    else:
+        factors = [scale * tensor_scale] * len(leaves)
     out = [
         jnp.where(hold, jnp.zeros_like(u), (u * f).astype(u.dtype))
         for u, f in zip(leaves, factors, strict=True)
@@ -146,6 +156,7 @@ def guard(
     *,
     policy: str | Policy = "governor",
     check_updates: bool | None = None,
+    stacked: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Governs any optax transformation with a bounded, recorded control loop.
 
@@ -173,6 +184,12 @@ def guard(
         step in ``benchmarks/overhead.py``) so that a non-finite one is held. ``None``: when
         the policy senses the update anyway (a per-tensor limiter, as the governor's), where
         the check is free.
+      stacked: which parameters stack layers on their leading axis (the scanned layout of
+        MaxText, Levanter or ``models.ModelConfig(scan_layers=True)``), as optax's ``mask``: a
+        tree of bools with the parameters' structure (or a prefix of it), or a callable
+        ``params -> such a tree``. Each layer of a stacked leaf is then sensed, limited and
+        reported as a tensor of its own, exactly as in the unrolled layout, with one reduction
+        per stacked array. ``None``: every leaf is one tensor.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
@@ -203,7 +220,7 @@ def guard(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        tensors = num_sensed_tensors(params) if policy.needs_tensor_norms else None
+        tensors = num_sensed_tensors(params, stacked) if policy.needs_tensor_norms else None
         state = GuardState(
             step=jnp.zeros([], jnp.int32),
             regime=jnp.asarray(Regime.STABLE, jnp.int32),
@@ -242,23 +259,25 @@ def guard(
 
         step = optax.safe_increment(state.step)
         momentum = find_first_moment(state.inner_state, updates) if policy.needs_momentum else None
-        signals, grads_finite = sense(updates, value, momentum)
-        # The inner update too, when checked: a NaN that the inner optimizer makes from
-        # finite gradients (e.g. bf16 moments) is held like a NaN gradient, never applied.
-        finite = grads_finite
-        if check_updates:
-            sensed_params = params if policy.needs_tensor_norms else None
-            sensed_grads = updates if policy.needs_grad_update_dots else None
-            signals, updates_finite = sense_updates(
-                signals, inner_updates, sensed_params, sensed_grads
-            )
-            finite = finite & updates_finite
+        # One pass senses the gradients and, when checked, the inner update (a NaN that the
+        # inner optimizer makes from finite gradients, e.g. bf16 moments, is held like a NaN
+        # gradient, never applied).
+        signals, grads_finite, updates_finite = sense(
+            updates,
+            value,
+            momentum,
+            updates=inner_updates if check_updates else None,
+            params=params if policy.needs_tensor_norms else None,
+            dots=policy.needs_grad_update_dots,
+            stacked=stacked,
+        )
+        finite = grads_finite & updates_finite
         decision, policy_state = policy.decide(
             signals, state.policy_state, step=step, scale=state.scale, regime=state.regime
         )
 
         hold = ~finite | decision.hold
-        new_updates = actuate(inner_updates, decision.scale, hold, decision.tensor_scale)
+        new_updates = actuate(inner_updates, decision.scale, hold, decision.tensor_scale, stacked)
         applied = effective_scale(decision.scale, decision.tensor_scale, signals)
         new_state = record(
             state,
@@ -292,6 +311,7 @@ def lbw_adamw(
     mu_dtype: Any = None,
     nesterov: bool = False,
     policy: str | Policy = "governor",
+    stacked: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW governed by :func:`guard`: ``guard(optax.adamw(...), policy=policy)``.
 
@@ -302,6 +322,7 @@ def lbw_adamw(
       learning_rate: a float or an optax schedule.
       b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       policy: ``"governor"``, ``"reference"`` or a policy instance (see :func:`guard`).
+      stacked: the parameters whose leading axis stacks layers (see :func:`guard`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -313,4 +334,4 @@ def lbw_adamw(
     adamw = _adamw.adamw(
         learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
     )
-    return guard(adamw, policy=policy)
+    return guard(adamw, policy=policy, stacked=stacked)

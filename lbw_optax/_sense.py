@@ -62,9 +62,53 @@ def empty_signals(num_tensors: int | None = None, *, dots: bool = False) -> Sign
     return Signals(zero, zero, zero, zero, zero, zero, zero, vector, vector, vector, dot_vector)
 
 
-def num_sensed_tensors(tree: Any) -> int:
-    """How many tensors of ``tree`` are sensed (the non-empty arrays)."""
-    return sum(1 for x in jax.tree.leaves(tree) if x.size > 0)
+def stack_flags(tree: Any, stacked: Any = None) -> list[bool]:
+    """For each leaf of ``tree``, whether its leading axis stacks layers.
+
+    Args:
+      tree: the parameters (or a tree of the same structure).
+      stacked: ``None`` (no leaf is stacked), or, as optax's ``mask``, a tree of bools with the
+        structure of ``tree`` or a prefix of it, or a callable ``tree -> such a tree``.
+    """
+    leaves = jax.tree.leaves(tree)
+    if stacked is None:
+        return [False] * len(leaves)
+    flags = stacked(tree) if callable(stacked) else stacked
+    try:
+        full = jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub), flags, tree)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "stacked must be a tree of bools with the parameters' structure (or a prefix of "
+            f"it), or a callable returning one: {error}"
+        ) from None
+    return jax.tree.leaves(full)
+
+
+def _slices(x: Any, is_stacked: bool) -> int:
+    """How many sensed tensors a leaf holds: one per layer when stacked, none when empty."""
+    if x.size == 0:
+        return 0
+    if is_stacked:
+        if x.ndim == 0:
+            raise ValueError("a stacked leaf needs a leading layer axis, got a scalar")
+        return x.shape[0]
+    return 1
+
+
+def num_sensed_tensors(tree: Any, stacked: Any = None) -> int:
+    """How many tensors of ``tree`` are sensed: one per non-empty array, or per layer of a
+    stacked one (see :func:`stack_flags`)."""
+    flags = stack_flags(tree, stacked)
+    return sum(_slices(x, f) for x, f in zip(jax.tree.leaves(tree), flags, strict=True))
+
+
+def tensor_sizes(tree: Any, stacked: Any = None) -> list[int]:
+    """The element count of each sensed tensor, in the order of the per-tensor vectors."""
+    sizes = []
+    for x, flag in zip(jax.tree.leaves(tree), stack_flags(tree, stacked), strict=True):
+        n = _slices(x, flag)
+        sizes += [x.size // n] * n if n else []
+    return sizes
 
 
 def first_moments(inner_state: Any) -> list[Any]:
@@ -92,128 +136,141 @@ def find_first_moment(inner_state: Any, grads: Any) -> Any | None:
     return mu if shapes_match else None
 
 
-def _fused_sums(*terms: jax.Array) -> tuple[jax.Array, ...]:
+def _fused_sums(terms: list[jax.Array], stacked: bool) -> tuple[jax.Array, ...]:
     # The sums of several same-shaped float32 terms in one variadic reduction, so that each
-    # array they read is read once. (Separate jnp.sum calls read it once per sum, and XLA shares
-    # g*g with Adam's second moment, materialising it.)
+    # array they read is read once (separate jnp.sum calls read it once per sum), over every
+    # axis, or every axis but the leading one of a stacked leaf: [1] or [L] per term.
     zero = jnp.zeros([], jnp.float32)
     add = lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True))
-    return jax.lax.reduce(terms, (zero,) * len(terms), add, tuple(range(terms[0].ndim)))
+    axes = tuple(range(1 if stacked else 0, terms[0].ndim))
+    sums = jax.lax.reduce(tuple(terms), (zero,) * len(terms), add, axes)
+    return tuple(jnp.reshape(x, (-1,)) for x in sums)
 
 
-def _f32(arrays: Any) -> list[jax.Array]:
-    """Each array accumulated in float32 whatever its dtype (bf16 included)."""
-    return [x.astype(jnp.float32) for x in arrays]
+class _Sums(NamedTuple):
+    """Per-tensor sums, each a float32 vector with one entry per sensed tensor."""
+
+    g: jax.Array
+    g_sq: jax.Array
+    g_m: jax.Array | None
+    m_sq: jax.Array | None
+    u_sq: jax.Array | None
+    p_sq: jax.Array | None
+    g_u: jax.Array | None
+
+
+def _per_tensor_sums(grads, momentum, updates, params, dots: bool, flags) -> _Sums:
+    """One variadic reduction per leaf reads the gradients (and the momentum, the update and
+    the parameters when given) once; the per-leaf results are concatenated into vectors, so
+    everything after is a handful of vector operations, whatever the number of tensors."""
+    leaves = jax.tree.leaves(grads)
+    others = [
+        None if tree is None else jax.tree.leaves(tree) for tree in (momentum, updates, params)
+    ]
+    for other, what in zip(others, ("momentum", "updates", "parameters"), strict=True):
+        if other is not None and len(other) != len(leaves):
+            raise ValueError(f"the {what} and the gradients must have the same tensors")
+    columns: list[list[jax.Array]] = []
+    for i, (g, flag) in enumerate(zip(leaves, flags, strict=True)):
+        if g.size == 0:
+            continue
+        g = g.astype(jnp.float32)
+        m, u, p = (None if o is None else o[i].astype(jnp.float32) for o in others)
+        terms = [g, g * g]
+        if m is not None:
+            terms += [g * m, m * m]
+        if u is not None:
+            terms += [u * u]
+            if p is not None:
+                terms += [p * p]
+                if dots:
+                    terms += [g * u]
+        columns.append(list(_fused_sums(terms, flag)))
+    if not columns:
+        raise ValueError("the gradient tree has no non-empty arrays to sense")
+    vectors = [jnp.concatenate(column) for column in zip(*columns, strict=True)]
+    names = ["g", "g_sq"]
+    names += ["g_m", "m_sq"] if momentum is not None else []
+    if updates is not None:
+        names += ["u_sq"] + (["p_sq"] if params is not None else [])
+        names += ["g_u"] if params is not None and dots else []
+    found = dict(zip(names, vectors, strict=True))
+    return _Sums(**{name: found.get(name) for name in _Sums._fields})
 
 
 def sense(
-    grads: Any, value: jax.Array | None, momentum: Any | None = None
-) -> tuple[Signals, jax.Array]:
-    """Reduces the gradients (and the loss) to a few scalars.
+    grads: Any,
+    value: jax.Array | None,
+    momentum: Any | None = None,
+    *,
+    updates: Any | None = None,
+    params: Any | None = None,
+    dots: bool = False,
+    stacked: Any = None,
+) -> tuple[Signals, jax.Array, jax.Array]:
+    """Reduces the gradients, the loss and (when given) the inner update to a few signals.
 
-    Each tensor contributes two sums, Σg and Σg², computed by one variadic reduction, so
-    sensing costs one read of the gradients. A NaN or Inf anywhere makes Σg² non-finite, so
-    the same reduction also tells whether the step is finite (a sum of squares that
-    overflows float32 counts as non-finite too, deliberately: such a step is not safe).
+    One variadic reduction per tensor computes every sum the step needs (Σg, Σg², and with
+    the update Σu², with the parameters Σθ², ...), so sensing reads each array once, and XLA
+    can fuse the inner update's arithmetic into that same pass. A NaN or Inf anywhere makes a
+    sum of squares non-finite, so the same reduction also tells whether the step is finite (a
+    sum of squares that overflows float32 counts as non-finite too, deliberately: such a step
+    is not safe).
 
     Args:
       grads: the gradients.
       value: the scalar loss, or ``None``.
       momentum: the inner optimizer's first moment before this step, to sense the
         gradient–momentum alignment (costs one read of it), or ``None``.
+      updates: the inner optimizer's update, to sense its norm (and check it is finite), or
+        ``None``.
+      params: the parameters before the step, to sense the per-tensor norms a trust-ratio
+        limiter needs (with ``updates``), or ``None``.
+      dots: also sense each tensor's ``g·u`` (with ``updates`` and ``params``).
+      stacked: which leaves stack layers on their leading axis (see :func:`stack_flags`);
+        each layer is then a tensor of its own in the per-tensor vectors.
 
     Returns:
-      ``(signals, finite)`` where ``finite`` is a bool scalar: loss and gradients finite.
+      ``(signals, grads_finite, updates_finite)``: bool scalars; ``grads_finite`` covers the
+      loss and the gradients, ``updates_finite`` the update (true when not sensed).
     """
-    pairs = [
-        (g, m)
-        for g, m in zip(
-            jax.tree.leaves(grads),
-            jax.tree.leaves(grads) if momentum is None else jax.tree.leaves(momentum),
-            strict=True,
-        )
-        if g.size > 0
-    ]
-    if not pairs:
-        raise ValueError("the gradient tree has no non-empty arrays to sense")
-    leaves = [g for g, _ in pairs]
-    if momentum is None:
-        sums, sq_sums = zip(*(_fused_sums(g, g * g) for g in _f32(leaves)), strict=True)
-        dot, m_sq = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
-    else:
-        sums, sq_sums, dots, m_sqs = zip(
-            *(_fused_sums(g, g * g, g * m, m * m) for g, m in map(_f32, pairs)),
-            strict=True,
-        )
-        dot, m_sq = sum(dots), sum(m_sqs)
-    mean_squares = jnp.stack([s / g.size for s, g in zip(sq_sums, leaves, strict=True)])
-    total, total_sq = sum(sums), sum(sq_sums)
-    count = sum(g.size for g in leaves)
+    flags = stack_flags(grads, stacked)
+    sums = _per_tensor_sums(grads, momentum, updates, params, dots, flags)
+    size_list = tensor_sizes(grads, stacked)
+    sizes = jnp.asarray(size_list, jnp.float32)
+    total, total_sq = jnp.sum(sums.g), jnp.sum(sums.g_sq)
     loss = jnp.zeros([], jnp.float32) if value is None else jnp.asarray(value, jnp.float32)
     if loss.shape != ():
         raise ValueError(f"value must be the scalar loss of the step, got shape {loss.shape}")
-    finite = jnp.isfinite(total_sq) & jnp.isfinite(total) & jnp.isfinite(loss)
-    cos = dot / (jnp.sqrt(total_sq * m_sq) + 1e-30)
-    cos = jnp.where(jnp.isfinite(cos), cos, 0.0)
+    grads_finite = jnp.isfinite(total_sq) & jnp.isfinite(total) & jnp.isfinite(loss)
+    cos = jnp.zeros([], jnp.float32)
+    if sums.g_m is not None:
+        cos = jnp.sum(sums.g_m) / (jnp.sqrt(total_sq * jnp.sum(sums.m_sq)) + 1e-30)
+        cos = jnp.where(jnp.isfinite(cos), cos, 0.0)
+    mean_squares = sums.g_sq / sizes
     signals = Signals(
         loss=loss,
         grad_norm=jnp.sqrt(total_sq),
         grad_ms_max=jnp.max(mean_squares),
         grad_ms_mean=jnp.mean(mean_squares),
-        grad_mean=total / count,
+        grad_mean=total / sum(size_list),
         grad_momentum_cos=cos,
         update_norm=jnp.zeros([], jnp.float32),
         tensor_update_norms=optax.MaskedNode(),
         tensor_param_norms=optax.MaskedNode(),
         tensor_sizes=optax.MaskedNode(),
     )
-    return signals, finite
-
-
-def sense_updates(
-    signals: Signals, updates: Any, params: Any | None = None, grads: Any | None = None
-) -> tuple[Signals, jax.Array]:
-    """Adds the inner update's norms to ``signals``; tells whether the update is finite.
-
-    One reduction per update tensor (fused with a read of the matching parameter when
-    ``params`` is given, for the per-tensor norms a trust-ratio limiter needs). A NaN or Inf in
-    the update makes its sum of squares non-finite.
-
-    Args:
-      signals: the gradient signals of the step.
-      updates: the inner optimizer's update.
-      params: the parameters before the step, to sense per-tensor norms; ``None`` senses only
-        the global update norm.
-      grads: the gradients, to sense each tensor's ``g·u`` as well (needs ``params``; one more
-        read of the gradients); ``None``: not sensed.
-
-    Returns:
-      ``(signals, finite)``: the signals with ``update_norm`` (and, with ``params``, the
-      per-tensor vectors) filled in, and whether every update element is finite.
-    """
-    leaves = [u for u in jax.tree.leaves(updates) if u.size > 0]
-    if params is None:
-        sq = [_fused_sums(u * u)[0] for u in _f32(leaves)]
-        vectors = {}
-    else:
-        param_leaves = [p for p in jax.tree.leaves(params) if p.size > 0]
-        if len(param_leaves) != len(leaves):
-            raise ValueError("the updates and the parameters must have the same tensors")
-        if grads is None:
-            pairs = zip(leaves, param_leaves, strict=True)
-            sq, p_sq = zip(*(_fused_sums(u * u, p * p) for u, p in map(_f32, pairs)), strict=True)
-        else:
-            grad_leaves = [g for g in jax.tree.leaves(grads) if g.size > 0]
-            triples = zip(leaves, param_leaves, grad_leaves, strict=True)
-            sums = (_fused_sums(u * u, p * p, g * u) for u, p, g in map(_f32, triples))
-            sq, p_sq, dots = zip(*sums, strict=True)
-        vectors = dict(
-            tensor_update_norms=jnp.sqrt(jnp.stack(sq)),
-            tensor_param_norms=jnp.sqrt(jnp.stack(p_sq)),
-            tensor_sizes=jnp.asarray([u.size for u in leaves], jnp.float32),
+    updates_finite = jnp.array(True)
+    if sums.u_sq is not None:
+        update_sq = jnp.sum(sums.u_sq)
+        updates_finite = jnp.isfinite(update_sq)
+        signals = signals._replace(update_norm=jnp.sqrt(update_sq))
+    if sums.p_sq is not None:
+        signals = signals._replace(
+            tensor_update_norms=jnp.sqrt(sums.u_sq),
+            tensor_param_norms=jnp.sqrt(sums.p_sq),
+            tensor_sizes=sizes,
         )
-        if grads is not None:
-            vectors["tensor_grad_update_dots"] = jnp.stack(dots)
-    total_sq = sum(sq, jnp.zeros([], jnp.float32))
-    finite = jnp.isfinite(total_sq)
-    return signals._replace(update_norm=jnp.sqrt(total_sq), **vectors), finite
+    if sums.g_u is not None:
+        signals = signals._replace(tensor_grad_update_dots=sums.g_u)
+    return signals, grads_finite, updates_finite

@@ -25,6 +25,7 @@ from models.config import (
 )
 from models.decoder import MLP, Attention, Block, Decoder, RMSNorm, apply_rope, count_params
 from models.hf import config_from_hf, config_to_hf, load_pretrained, save_pretrained
+from models.layout import scan_layers, stacked_layers, unscan_layers
 from models.lora import (
     ALL_TARGETS,
     ATTENTION_TARGETS,
@@ -74,9 +75,12 @@ __all__ = [
     "qwen2_5_7b",
     "qwen2_5_14b",
     "save_pretrained",
+    "scan_layers",
+    "stacked_layers",
     "tiny_qwen2_5_3b",
     "tiny_qwen2_5_7b",
     "tiny_qwen2_5_14b",
     "tiny_tinyllama_1_1b",
     "tinyllama_1_1b",
+    "unscan_layers",
 ]

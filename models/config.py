@@ -49,6 +49,11 @@ class ModelConfig:
       max_position_embeddings: longest context the checkpoint was trained for (metadata).
       dtype: compute dtype of activations and matmuls.
       param_dtype: storage dtype of the parameters.
+      scan_layers: hold the blocks as one stacked block (every parameter with a leading layer
+        axis ``L``) and run them with ``nnx.scan``, as MaxText and Levanter do: compilation
+        then does not grow with depth. The logits are those of the unrolled model.
+      remat: recompute each block's activations in the backward pass (``nnx.remat``) instead
+        of keeping them: less memory, about one more forward pass of compute.
     """
 
     name: str = "custom"
@@ -67,6 +72,8 @@ class ModelConfig:
     max_position_embeddings: int = 32_768
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: bool = False
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:

@@ -147,7 +147,10 @@ class Decoder(nnx.Module):
             embedding_init=nnx.initializers.normal(INITIALIZER_RANGE),
             rngs=rngs,
         )  # embedding: [V, D]
-        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        if config.scan_layers:
+            self.layers = _stacked_blocks(config, rngs)  # every parameter: [L, ...]
+        else:
+            self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config, rngs=rngs)
         if config.tie_embeddings:
             self.lm_head = None
@@ -182,12 +185,33 @@ class Decoder(nnx.Module):
         if attention_mask is not None:
             mask = attention_mask.astype(jnp.bool_)[:, None, None, :]  # [B, 1, 1, S]
         x = self.embed_tokens(tokens)  # [B, T, D]
-        for layer in self.layers:
-            x = layer(x, positions=positions, mask=mask)
+
+        def block(layer: Block, x: jax.Array) -> jax.Array:
+            return layer(x, positions=positions, mask=mask)
+
+        if self.config.remat:
+            block = nnx.remat(block)
+        if self.config.scan_layers:
+            x = nnx.scan(block, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, x)
+        else:
+            for layer in self.layers:
+                x = block(layer, x)
         x = self.norm(x)
         if self.lm_head is None:
             return self.embed_tokens.attend(x)  # [B, T, V]
         return self.lm_head(x)  # [B, T, V]
+
+
+def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """One :class:`Block` whose every parameter has a leading layer axis ``L``: each layer is
+    initialised from its own split of ``rngs``."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(config, rngs=rngs)
+
+    return make(rngs)
 
 
 def count_params(config: ModelConfig) -> int:

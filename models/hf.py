@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import layout
 from models.config import ModelConfig
 from models.decoder import Decoder
 from models.lora import has_lora, merge_lora
@@ -180,7 +181,9 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     )
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None) -> Decoder:
+def load_pretrained(
+    path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, scan_layers: bool = False
+) -> Decoder:
     """Builds a :class:`Decoder` from a Hugging Face checkpoint directory.
 
     The model is built abstractly (``nnx.eval_shape``) and each parameter is read straight from
@@ -192,6 +195,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
       dtype: compute dtype of the model.
       param_dtype: storage dtype of the parameters (default: ``dtype``); checkpoint tensors are
         cast to it.
+      scan_layers: return the model in the scanned layout (see :mod:`models.layout`).
 
     Returns:
       The loaded model.
@@ -255,7 +259,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
                         f"{variable.shape}."
                     )
                 variable.set_value(jnp.asarray(array, dtype=variable.dtype))
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    return layout.scan_layers(model) if scan_layers else model
 
 
 def _parse_size(size: int | str) -> int:
@@ -293,6 +298,8 @@ def save_pretrained(
 
     if has_lora(model):
         model = merge_lora(nnx.clone(model))
+    if model.config.scan_layers:  # Hugging Face names one tensor per layer.
+        model = layout.unscan_layers(model)
     config = model.config
     hf_config = config_to_hf(config, dtype=dtype)
     out_dtype = jnp.dtype(config.param_dtype if dtype is None else dtype)

@@ -123,6 +123,11 @@ def add_lora(
     """
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got {rank!r}.")
+    if model.config.scan_layers:
+        raise ValueError(
+            "LoRA adapters need the unrolled layout: build the model with scan_layers=False "
+            "(or models.unscan_layers(model)) before add_lora."
+        )
     if not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha!r}.")
     targets = tuple(targets)
@@ -147,6 +152,8 @@ def add_lora(
 
 def has_lora(model: Decoder) -> bool:
     """Whether any projection of ``model`` carries an adapter."""
+    if model.config.scan_layers:  # add_lora refuses the scanned layout.
+        return False
     return any(
         isinstance(getattr(owner, name), ScaledLoRA)
         for owner, name in _projections(model, ALL_TARGETS)

@@ -110,6 +110,11 @@ class TrainConfig:
         written by ``export_to`` or ``models.save_pretrained``) whose weights replace the random
         initialisation before LoRA adapters are added; its shapes and numerics must match the
         preset with its overrides. ``None``: random initialisation.
+      scan_layers: hold the blocks stacked and run them with ``nnx.scan`` (compilation no
+        longer grows with depth); the governor then limits each layer as in the unrolled
+        layout. Not with LoRA.
+      remat: recompute each block's activations in the backward pass (``nnx.remat``): less
+        memory for about one more forward pass.
 
     Optimizer:
       optimizer: a registered name (see ``train.optimizers.available_optimizers()``).
@@ -184,6 +189,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     init_from: str | None = None
+    scan_layers: bool = False
+    remat: bool = False
     # Optimizer.
     optimizer: str = "adamw"
     learning_rate: float = 1e-3

@@ -144,11 +144,22 @@ def check_config(config: TrainConfig) -> None:
             f"fields: {', '.join(sorted(fields))}."
         )
     try:
-        models.get_config(config.model, **config.model_overrides)
+        model_config(config)
+        if config.scan_layers and config.lora_rank:
+            raise ValueError(
+                "--scan-layers and --lora-rank: LoRA adapters need the unrolled layout; drop "
+                "--scan-layers"
+            )
         check_optimizer(config.optimizer)
         sharding.parse_mesh(config.mesh)
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from e
+
+
+def model_config(config: TrainConfig) -> models.ModelConfig:
+    """The decoder's config: the preset, its layout flags, then ``model_overrides``."""
+    layout = {"scan_layers": config.scan_layers, "remat": config.remat}
+    return models.get_config(config.model, **(layout | config.model_overrides))
 
 
 def build_model(config: TrainConfig, vocab_size: int) -> tuple[models.Decoder, Any]:
@@ -158,13 +169,13 @@ def build_model(config: TrainConfig, vocab_size: int) -> tuple[models.Decoder, A
     Raises:
       ValueError: if the tokenizer's ``vocab_size`` does not fit the model's vocabulary.
     """
-    model_config = models.get_config(config.model, **config.model_overrides)
-    if vocab_size > model_config.vocab_size:
+    decoder_config = model_config(config)
+    if vocab_size > decoder_config.vocab_size:
         raise ValueError(
             f"The tokenizer has {vocab_size} ids but model {config.model!r} only "
-            f"{model_config.vocab_size} embeddings."
+            f"{decoder_config.vocab_size} embeddings."
         )
-    model = models.Decoder(model_config, rngs=nnx.Rngs(config.seed))
+    model = models.Decoder(decoder_config, rngs=nnx.Rngs(config.seed))
     if config.init_from is not None:
         load_weights(model, config.init_from)
     if config.lora_rank == 0:
@@ -189,11 +200,13 @@ def load_weights(model: models.Decoder, path: str | os.PathLike) -> None:
         differ are named).
     """
     mine = model.config
-    base = models.load_pretrained(path, dtype=mine.dtype, param_dtype=mine.param_dtype)
+    base = models.load_pretrained(
+        path, dtype=mine.dtype, param_dtype=mine.param_dtype, scan_layers=mine.scan_layers
+    )
     differs = {
         f.name: (getattr(base.config, f.name), getattr(mine, f.name))
         for f in dataclasses.fields(mine)
-        if f.name != "name" and getattr(base.config, f.name) != getattr(mine, f.name)
+        if f.name not in ("name", "remat") and getattr(base.config, f.name) != getattr(mine, f.name)
     }
     if differs:
         detail = ", ".join(f"{k}: checkpoint {a!r}, model {b!r}" for k, (a, b) in differs.items())
@@ -261,6 +274,8 @@ _OPTIMIZER_FIELDS = (
     "optimizer_args",
     "steps",
     "faults",
+    "scan_layers",  # A governor limits each stacked layer: the layout is part of the optimizer.
+    "model_overrides",
 )
 
 

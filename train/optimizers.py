@@ -37,6 +37,7 @@ import optax
 import optax.contrib
 
 import lbw_optax
+import models
 from train.config import TrainConfig
 
 Factory = Callable[[TrainConfig, optax.Schedule], optax.GradientTransformation]
@@ -224,7 +225,9 @@ def _governed(config: TrainConfig, inner: optax.GradientTransformation):
     (held in the state) scales ``inner``'s update inside the guard."""
     if config.peak_lr_in_state:
         inner = optax.chain(inner, scale_by_peak_learning_rate())
-    return lbw_optax.guard(inner, policy=config.policy)
+    scanned = config.model_overrides.get("scan_layers", config.scan_layers)
+    stacked = models.stacked_layers if scanned else None  # Each layer limited on its own.
+    return lbw_optax.guard(inner, policy=config.policy, stacked=stacked)
 
 
 @register_optimizer("lbw", guarded=True)
