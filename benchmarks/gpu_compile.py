@@ -146,7 +146,8 @@ def measure(args) -> tuple[list[Row], int]:
         graphdef, params, rest = abstract_model(config)
         num_params = sum(x.size for x in jax.tree.leaves(params))
         for method in args.methods:
-            tx = make_optimizer(OPTIMIZERS[method])
+            # Scanned, the guard limits each stacked layer (models.stacked_layers).
+            tx = make_optimizer(dict(OPTIMIZERS[method], scan_layers=layout == "scanned"))
             for program in args.programs:
                 start = time.perf_counter()
                 if program == "optimizer step":

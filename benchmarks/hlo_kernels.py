@@ -3,7 +3,8 @@
 Each instruction of the entry computation other than parameters, tuples, tuple elements,
 bitcasts and constants is one kernel launch. A ``while`` loop launches its body's kernels once
 per iteration (its ``known_trip_count``) and its condition's once more; a ``call`` (e.g. a GPU
-command buffer) launches what it calls; a ``conditional`` is counted by its largest branch.
+command buffer) launches what it calls; a ``conditional`` is counted by its cheapest branch
+(SGG's re-clustering runs once in ``recluster_every`` steps: its ordinary step is counted).
 
 Per kernel: the bytes it moves (its operands plus its outputs, as XLA's own cost model counts a
 memory-bound kernel), the flops of its matrix products (``dot`` instructions inside a fusion,
@@ -186,7 +187,8 @@ def _is_gemm(instruction: Instruction) -> bool:
 
 
 def _called(instruction: Instruction) -> list[str]:
-    names = [instruction.attribute(k) for k in ("calls", "to_apply", "body", "condition")]
+    keys = ("calls", "to_apply", "body", "condition", "true_computation", "false_computation")
+    names = [instruction.attribute(k) for k in keys]
     branches = re.search(r"branch_computations=\{([^}]*)\}", instruction.rest)
     if branches:
         names += _OPERAND.findall(branches.group(1))
@@ -234,7 +236,7 @@ def count(text: str, *, bandwidth: float, peak_flops: float) -> Counts:
                 continue
             if opcode == "conditional":
                 branches = [walk(b) for b in _called(instruction)]
-                counts.add(max(branches, key=lambda c: c.estimated_s(0.0) + c.kernels))
+                counts.add(min(branches, key=lambda c: c.estimated_s(0.0) + c.kernels))
                 continue
             outputs = arrays(instruction.shape)
             if _is_gemm(instruction):
