@@ -34,8 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # The CUDA plugin's driver checks stay off.
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -224,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", default=str(TARGET))
     parser.add_argument("--out", default=None, help="write the tables to this Markdown file")
     args = parser.parse_args(argv)
+    # Before any backend starts: the CUDA plugin's driver checks stay off on a CPU machine.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     unknown = sorted(set(args.methods) - set(OPTIMIZERS))
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {', '.join(OPTIMIZERS)}")

@@ -9,10 +9,14 @@ every stage, so a run that is cut short keeps what it measured:
 
 1. ``suite``: ``lbw-stress gpu`` (:mod:`train.gpu_suite`): probe, plan (refused before any run
    when it does not fit ``--suite-budget-s``), the runs, the report.
-2. ``guard``: the wall clock of the training loop's own jitted train step (0.5B, bf16, the
-   suite's batch) for AdamW, the governor and the published rule, timed one step at a time in
-   interleaved rounds (the order reversed every other round); medians, min–max, and the ratio
-   to AdamW with the spread of the per-round ratios. It reuses the suite's compiled steps.
+2. ``guard``: the wall clock of the training loop's own jitted, donated train step (0.5B,
+   bf16, the suite's batch) for AdamW, clipping, the governor, the published rule and SGG in
+   the scanned layout, and AdamW and the governor unrolled: steps run back to back with one
+   sync per round, in interleaved rounds (the order reversed every other round); medians,
+   min–max, the ratio to AdamW in the same layout with the spread of the per-round ratios, the
+   bandwidth achieved (the scanned step's HLO bytes over its time) against the card's peak,
+   and a ``jax.profiler`` trace of three governor steps (its kernel time; the file kept as
+   ``trace.xplane.pb`` when under 20 MB).
 3. ``sgg``: the optimizer step alone on the 0.5B parameter tree: AdamW, SGG-AdamW on an
    ordinary step and on a re-clustering step (interleaved), the mean over SGG's default
    500-step interval, and the train-step ratio that implies with the AdamW step of stage 2.
@@ -21,7 +25,7 @@ every stage, so a run that is cut short keeps what it measured:
 
 Stages 2–4 share ``--cost-budget-s``; a stage that would not fit what is left is skipped with
 its reason; ``--stages`` runs some of them only (e.g. ``--stages model_step`` to finish what a
-first run skipped). OUT_DIR receives at most seven files, no folders: ``summary.md``,
+first run skipped). OUT_DIR receives at most eight files, no folders: ``summary.md``,
 ``evidence.json`` (every figure, the command, the machine, the code version), the suite's
 ``suite.json``, ``runs.jsonl`` and ``suite-summary.md``, ``suite-runs.tar.gz`` (the suite
 folder with every run's metrics and the plots, and the probe) and ``log.txt``. The runs
@@ -155,6 +159,14 @@ def _version(name: str) -> str | None:
         return None
 
 
+# Peak memory bandwidth (bytes/s) by device kind, from the vendors' data sheets.
+PEAK_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
+def peak_bandwidth(kind: str) -> float | None:
+    return next((v for k, v in PEAK_BANDWIDTH.items() if k in kind), None)
+
+
 def machine() -> dict[str, Any]:
     """Devices, versions and the host, as far as they can be read."""
     devices = []
@@ -190,6 +202,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "host": f"{os.cpu_count()} CPUs, {platform.machine()}, {platform.system()}",
         "summary": stress.machine(),
+        "memory_bandwidth_bytes_per_s": peak_bandwidth(devices[0]["kind"]) if devices else None,
     }
     try:
         smi = subprocess.run(
@@ -291,59 +304,152 @@ def loop_step(config: TrainConfig):
     return step, model, jnp.asarray(batch)
 
 
-def stage_guard(sizes: Sizes, steps: int, state: dict[str, Any]) -> dict[str, Any]:
+# The guard stage's methods: (label, optimizer overrides, layouts it is timed in). The
+# unrolled 0.5B model compiles for about 40 s a program on a GPU, so only AdamW and the default
+# run there; the scanned one compiles in seconds.
+GUARD_METHODS = (
+    ("adamw", dict(optimizer="adamw"), ("scanned", "unrolled")),
+    ("adamw+clip(1.0)", dict(optimizer="adamw+clip", clip_threshold=1.0), ("scanned",)),
+    ("lbw(governor)", dict(optimizer="lbw", policy="governor"), ("scanned", "unrolled")),
+    ("lbw(reference)", dict(optimizer="lbw", policy="reference"), ("scanned",)),
+    ("sgg", dict(optimizer="sgg"), ("scanned",)),
+)
+TRACE_LIMIT_BYTES = 20 * 2**20
+
+
+def time_back_to_back(step, batch, steps: int) -> float:
+    """Seconds per step of ``steps`` donated steps run back to back, with one sync at the end
+    (the loop's own rhythm: a host sync per step would time the harness)."""
+    start = time.perf_counter()
+    out = None
+    for _ in range(steps):
+        out = step(batch)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / steps
+
+
+def kernel_time_s(xspace: bytes) -> float | None:
+    """Σ of the GPU kernels' durations in a ``jax.profiler`` trace (the device streams' events),
+    or ``None`` when the trace has no GPU plane."""
+    data = jax.profiler.ProfileData.from_serialized_xspace(xspace)
+    total, found = 0, False
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if line.name.startswith("Stream"):
+                found = True
+                total += sum(event.duration_ns for event in line.events)
+    return total * 1e-9 if found else None
+
+
+def trace_steps(step, batch, steps: int, out: Path) -> dict[str, Any]:
+    """A ``jax.profiler`` trace of ``steps`` steps; its kernel time, and its file kept in ``out``
+    as ``trace.xplane.pb`` when under 20 MB."""
+    folder = Path(tempfile.mkdtemp(prefix="trace-"))
+    jax.block_until_ready(step(batch))
+    with jax.profiler.trace(str(folder)):
+        time_back_to_back(step, batch, steps)
+    files = sorted(folder.rglob("*.xplane.pb"))
+    if not files:
+        return {"kept": False, "reason": "no trace file was written"}
+    raw = files[0].read_bytes()
+    kernel_s = kernel_time_s(raw)
+    result = {"steps": steps, "bytes": len(raw), "kept": len(raw) <= TRACE_LIMIT_BYTES}
+    if kernel_s is not None:
+        result["kernel_ms_per_step"] = 1e3 * kernel_s / steps
+    if result["kept"]:
+        shutil.copyfile(files[0], out / "trace.xplane.pb")
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def stage_guard(sizes: Sizes, steps: int, state: dict[str, Any], out: Path) -> dict[str, Any]:
     scale = sizes.scale
     fields = gpu_suite.train_fields(scale, steps)
-    methods = {
-        "adamw": dict(optimizer="adamw"),
-        "lbw(governor)": dict(optimizer="lbw", policy="governor"),
-        "lbw(reference)": dict(optimizer="lbw", policy="reference"),
-    }
-    steps_fns, compile_s = {}, {}
-    for name, overrides in methods.items():
-        config = TrainConfig(
-            **fields,
-            model=scale.model,
-            model_overrides=dict(scale.model_overrides),
-            learning_rate=gpu_suite.CALM_LR,
-            quiet=True,
-            **overrides,
-        )
-        step, model, batch = loop_step(config)
-        start = time.perf_counter()
-        jax.block_until_ready(step(batch))
-        compile_s[name] = time.perf_counter() - start
-        steps_fns[name] = (step, batch)
-        if name == "adamw":
-            state["adamw_model"] = model  # Its parameter tree is stage 3's workload.
-    times: dict[str, list[float]] = {name: [] for name in methods}
+    steps_fns, compile_s, bytes_per_step = {}, {}, {}
+    for name, overrides, layouts in GUARD_METHODS:
+        for layout in layouts:
+            label = f"{name} [{layout}]"
+            config = TrainConfig(
+                **fields,
+                model=scale.model,
+                model_overrides=dict(scale.model_overrides),
+                learning_rate=gpu_suite.CALM_LR,
+                quiet=True,
+                scan_layers=layout == "scanned",
+                **overrides,
+            )
+            step, model, batch = loop_step(config)
+            start = time.perf_counter()
+            jax.block_until_ready(step(batch))
+            compile_s[label] = time.perf_counter() - start
+            steps_fns[label] = (step, batch)
+            # The scanned programs compile in seconds: their HLO gives the bytes moved.
+            if layout == "scanned":
+                bytes_per_step[label] = train_step_bytes(config, model)
+            if name == "adamw" and layout == "unrolled":
+                state["adamw_model"] = model  # Its parameter tree is stage 3's workload.
+    times: dict[str, list[float]] = {label: [] for label in steps_fns}
     rounds: list[dict[str, float]] = []
-    order = list(methods)
+    order = list(steps_fns)
     for r in range(sizes.guard_rounds):
         this_round = {}
-        for name in order if r % 2 == 0 else order[::-1]:
-            step, batch = steps_fns[name]
-            ts = []
-            for _ in range(sizes.guard_steps):
-                start = time.perf_counter()
-                jax.block_until_ready(step(batch))
-                ts.append(time.perf_counter() - start)
-            times[name] += ts
-            this_round[name] = statistics.median(ts)
+        for label in order if r % 2 == 0 else order[::-1]:
+            step, batch = steps_fns[label]
+            this_round[label] = time_back_to_back(step, batch, sizes.guard_steps)
+            times[label].append(this_round[label])
         rounds.append(this_round)
-    base = statistics.median(times["adamw"])
-    result = {"batch": [scale.batch_size, scale.seq_len], "model": scale.model, "methods": {}}
-    for name in methods:
-        per_round = [r[name] / r["adamw"] for r in rounds]
-        result["methods"][name] = {
-            **_stats(times[name]),
-            "ratio": statistics.median(times[name]) / base,
+    peak = state["machine"].get("memory_bandwidth_bytes_per_s")
+    result = {
+        "batch": [scale.batch_size, scale.seq_len],
+        "model": scale.model,
+        "methods": {},
+        "peak_bandwidth": peak,
+    }
+    for label in steps_fns:
+        layout = label.split("[")[1].rstrip("]")
+        base = f"adamw [{layout}]"
+        per_round = [r[label] / r[base] for r in rounds]
+        median = statistics.median(times[label])
+        result["methods"][label] = {
+            **_stats(times[label]),
+            "ratio": median / statistics.median(times[base]),
             "round_ratio_min": min(per_round),
             "round_ratio_max": max(per_round),
-            "first_call_s": compile_s[name],
+            "first_call_s": compile_s[label],
         }
+        if label in bytes_per_step:
+            achieved = bytes_per_step[label] / median
+            result["methods"][label]["hlo_gb"] = bytes_per_step[label] / 1e9
+            result["methods"][label]["achieved_gb_s"] = achieved / 1e9
+            if peak:
+                result["methods"][label]["of_peak"] = achieved / peak
+    governor = "lbw(governor) [scanned]"
+    result["trace"] = trace_steps(*steps_fns[governor], steps=3, out=out)
+    kernel_ms = result["trace"].get("kernel_ms_per_step")
+    if kernel_ms:
+        result["trace"]["train_step_ms"] = result["methods"][governor]["median_ms"]
     result["rounds"], result["steps_per_round"] = sizes.guard_rounds, sizes.guard_steps
     return result
+
+
+def train_step_bytes(config: TrainConfig, model) -> float:
+    """The bytes the train step of ``config`` moves on this device, from its optimized HLO
+    (``benchmarks.hlo_kernels``, compiled from abstract shapes): with the measured time, the
+    bandwidth it achieves."""
+    from flax import nnx
+
+    from benchmarks import gpu_compile, hlo_kernels
+    from train.loop import _optimizer_fields, _transform
+
+    _, tx = _transform(*_optimizer_fields(config))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, rest))
+    text = gpu_compile.train_step_text(
+        tx, graphdef, *abstract, jax.devices()[0], config.batch_size, config.seq_len
+    )
+    return hlo_kernels.count(text, bandwidth=1.0, peak_flops=1.0).bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,18 +608,31 @@ def summary_md(state: dict[str, Any]) -> str:
     if guard:
         lines += [
             "",
-            f"## The guard's train-step cost ({guard['model']}, batch "
-            f"{guard['batch'][0]}×{guard['batch'][1]}, {guard['rounds']} interleaved rounds of "
-            f"{guard['steps_per_round']} steps)",
+            f"## Train-step cost ({guard['model']}, batch "
+            f"{guard['batch'][0]}×{guard['batch'][1]}, donated steps back to back, "
+            f"{guard['rounds']} interleaved rounds of {guard['steps_per_round']} steps, one sync "
+            "per round; ratios against AdamW in the same layout)",
             "",
-            "| method | median ms (min–max) | × adamw | per-round ratio min–max |",
-            "|---|---|---|---|",
+            "| method [layout] | median ms (min–max) | × adamw | per-round ratio min–max "
+            "| HLO GB | achieved GB/s | of peak |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, m in guard["methods"].items():
+            achieved = m.get("achieved_gb_s")
             lines.append(
                 f"| {name} | {m['median_ms']:.2f} ({m['min_ms']:.2f}–{m['max_ms']:.2f}) | "
-                f"{m['ratio']:.4f} | {m['round_ratio_min']:.4f}–{m['round_ratio_max']:.4f} |"
+                f"{m['ratio']:.4f} | {m['round_ratio_min']:.4f}–{m['round_ratio_max']:.4f} | "
+                f"{_f(m.get('hlo_gb'))} | {_f(achieved, 0)} | {_f(m.get('of_peak'))} |"
             )
+        trace = guard.get("trace", {})
+        if "kernel_ms_per_step" in trace:
+            lines += [
+                "",
+                f"Profiler trace of {trace['steps']} governor steps (scanned): "
+                f"{trace['kernel_ms_per_step']:.2f} ms of kernels per step against "
+                f"{trace['train_step_ms']:.2f} ms of wall clock"
+                + (" (`trace.xplane.pb`)." if trace.get("kept") else " (over 20 MB, not kept)."),
+            ]
     sgg = res.get("sgg")
     if sgg:
         lines += [
@@ -596,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (*OUTPUTS, "suite-runs.tar.gz", "log.txt"):
+    for name in (*OUTPUTS, "suite-runs.tar.gz", "log.txt", "trace.xplane.pb"):
         (out / name).unlink(missing_ok=True)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu-evidence-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -662,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Estimates (seconds) of each cost stage before it starts; compilations dominate.
     reused = plan is not None  # The suite compiled the loop steps stage 2 times.
-    guard_need = (0 if reused else 3 * compile_guess) + 30.0
+    # Scanned programs compile in a fraction of the unrolled ones (the probe's is unrolled).
+    guard_need = 2 * compile_guess + (0 if reused else 5 * 0.25 * compile_guess) + 40.0
 
     def cost_stage(name: str, stage: str, need: float, fn, *fn_args) -> None:
         """Runs a selected cost stage if its estimate fits what is left, else records why not."""
@@ -673,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             skip(name, f"needs about {need:.0f} s, {left():.0f} s left")
 
-    cost_stage("guard", "guard", guard_need, stage_guard, sizes, steps, state)
+    cost_stage("guard", "guard", guard_need, stage_guard, sizes, steps, state, out)
     cost_stage("sgg", "sgg", 0.5 * compile_guess + 10.0, stage_sgg, sizes, state)
     state.pop("adamw_model", None)
     gc.collect()

@@ -171,6 +171,7 @@ def test_gpu_evidence_smoke(tmp_path):
             "suite-summary.md",
             "suite.json",
             "summary.md",
+            "trace.xplane.pb",
         ]
     )
     for p in out.iterdir():  # What comes back from the machine: plain, small, simple names.
@@ -188,8 +189,15 @@ def test_gpu_evidence_smoke(tmp_path):
     assert evidence["code"]["code_dir"] == str(ROOT)
     results = evidence["results"]
     assert results["suite"]["runs"] == 15 and results["suite"]["plan"]["compilations"] == 4
-    assert set(results["guard"]["methods"]) == {"adamw", "lbw(governor)", "lbw(reference)"}
-    assert results["guard"]["methods"]["adamw"]["ratio"] == 1.0
+    from benchmarks.gpu_evidence import GUARD_METHODS
+
+    guard = results["guard"]["methods"]
+    assert set(guard) == {
+        f"{name} [{layout}]" for name, _, layouts in GUARD_METHODS for layout in layouts
+    }
+    assert guard["adamw [scanned]"]["ratio"] == guard["adamw [unrolled]"]["ratio"] == 1.0
+    assert guard["lbw(governor) [scanned]"]["hlo_gb"] > guard["adamw [scanned]"]["hlo_gb"] > 0
+    assert results["guard"]["trace"]["kept"]
     assert set(results["sgg"]["steps"]) == {
         "adamw",
         "sgg_adamw ordinary step",
