@@ -145,10 +145,9 @@ def test_works_with_nnx_optimizer(case):
         assert all(isinstance(s, jax.Array) for s in jax.tree.leaves(record["cluster_scales"]))
 
 
-@cases
-def test_nnx_step_donates_model_and_optimizer(case):
+def test_nnx_step_donates_model_and_optimizer():
     model = _TinyModel(nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, _tx(case), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, lbw_optax.lbw_adamw(1e-2), wrt=nnx.Param)
     x = jnp.linspace(-1, 1, 8).reshape(2, 4)
 
     @nnx.jit(donate_argnums=(0, 1))
