@@ -227,13 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(args.methods) - set(OPTIMIZERS))
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {', '.join(OPTIMIZERS)}")
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), _commit()  # The code the figures come from.
     rows, num_params = measure(args)
     command = "python -m benchmarks.gpu_compile " + " ".join(sys.argv[1:] if argv is None else argv)
     header = [
         f"# GPU cost without a GPU: {args.model} ({num_params:,} parameters), compiled for an H100",
         "",
-        f"Command: `{command.strip()}`. Commit: {_commit()}. "
+        f"Command: `{command.strip()}`. Commit: {commit}. "
         f"Date: {datetime.date.today().isoformat()}.",
         f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores, no GPU; "
         f"JAX {jax.__version__}, "
