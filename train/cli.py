@@ -11,6 +11,7 @@ import shlex
 import sys
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from train.config import TrainConfig, UserError
@@ -30,9 +31,8 @@ _LAUNCH_FLAGS = {
 }
 
 EPILOG = """\
-optimizers (--optimizer): {optimizers}
-  adamw+clip clips the global norm at --clip-threshold; lbw and lbw+sgg run under the LBW guard
-  with --policy
+optimizers (--optimizer): adamw+clip clips the global norm at --clip-threshold; lbw, lbw+clip
+  and lbw+sgg run under the LBW guard with --policy
 
 data sources (--data):
   wikitext2     the WikiText-2 sample shipped with this package (offline default):
@@ -142,18 +142,25 @@ def _flag(name: str) -> str:
     return ALIASES.get(name, ("--" + name.replace("_", "-"),))[0]
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type, group: Any = None) -> None:
+def _add_fields(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    group: Any = None,
+    choices: Mapping[str, Sequence[str]] | None = None,
+) -> None:
     """Adds one flag per field of the dataclass ``cls`` to ``group``, or else to the argument
     group of the field's docstring section; the fields of a nested dataclass go to a group
-    named by its docstring's summary."""
+    named by its docstring's summary. ``choices`` lists the values a field takes from an open
+    registry (its help lists them; a bad one is refused when the config is checked)."""
     docs, hints, groups = field_docs(cls), typing.get_type_hints(cls), {}
+    choices = choices or {}
     flags = {name: _flag(name) for name in hints}
     for field in dataclasses.fields(cls):
         hint = _unwrap(hints[field.name])
         if dataclasses.is_dataclass(hint):
             summary = inspect.cleandoc(hint.__doc__ or hint.__name__).splitlines()[0]
             title = summary[0].lower() + summary[1:].rstrip(".")
-            _add_fields(parser, hint, parser.add_argument_group(title))
+            _add_fields(parser, hint, parser.add_argument_group(title), choices)
             continue
         section, text = docs.get(field.name, ("", ""))
         if group is None and section not in groups:
@@ -174,6 +181,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, group: Any = None) -
             text += "; repeatable, VALUE is read as JSON when it parses"
         else:
             kwargs["type"] = hint
+        if field.name in choices:
+            text += f"; one of: {', '.join(choices[field.name])}"
         if hint is bool:
             text += " (default: %(default)s)"
         elif default not in (None, "", (), {}):
@@ -193,10 +202,10 @@ def build_parser(config: type = TrainConfig) -> argparse.ArgumentParser:
         prog="lbw-train",
         description="Train a Qwen2.5/LLaMA-style decoder (full or LoRA) with a governed optimizer, "
         "logging telemetry as JSON lines and saving resumable Orbax checkpoints.",
-        epilog=EPILOG.format(optimizers=", ".join(available_optimizers())),
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_fields(p, config)
+    _add_fields(p, config, choices={"optimizer": available_optimizers()})
     g = p.add_argument_group("multi-process run (see docs/scaling.md)")
     for flag, (kind, metavar, text) in _LAUNCH_FLAGS.items():
         g.add_argument(flag, type=kind, metavar=metavar, help=text)
@@ -271,9 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; resume with: {_resume_command(argv)}" if resumable else ""
         print(f"lbw-train: {what}{hint}", file=sys.stderr)
         return 130
-    if not config.quiet:
-        keys = ("status", "step", "loss", "eval_loss", "eval_perplexity", "tokens_per_s")
-        print(json.dumps({k: summary.get(k) for k in keys}))
+    keys = ("status", "step", "loss", "eval_loss", "eval_perplexity", "tokens_per_s")
+    print(json.dumps({k: summary.get(k) for k in keys}))  # Even with --quiet: the result.
     return 0
 
 

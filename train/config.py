@@ -112,7 +112,7 @@ class TrainConfig:
         preset with its overrides. ``None``: random initialisation.
 
     Optimizer:
-      optimizer: a registered name (see ``train.optimizers.available_optimizers()``).
+      optimizer: the optimizer, by its registered name (what each one runs: docs/training.md).
       learning_rate: peak learning rate.
       schedule: ``"cosine"`` (linear warm-up, then cosine decay to ``min_lr_ratio`` × peak at
         the last step) or ``"constant"`` (linear warm-up, then constant).
@@ -166,7 +166,11 @@ class TrainConfig:
       overwrite: start afresh in an ``out_dir`` that holds the results of another run (its
         ``metrics.jsonl``, ``summary.json`` and ``checkpoints/`` are replaced); without it such
         an ``out_dir`` is refused.
-      quiet: no progress bar and no console messages.
+      quiet: no progress bar or progress lines and no console messages on stderr (the final
+        summary is still printed).
+      progress_every: when stderr is not a terminal (a log file, nohup, CI, SLURM), print a
+        plain progress line (step, loss, tokens/s, time left, the guard's regime and scale) at
+        the first log interval and then at most every N seconds (0: at every log interval).
       export_to: at the end of a completed run, write the model there in Hugging Face format
         (LoRA adapters merged), e.g. the base of a later ``init_from`` run. ``None``: no export.
       faults: the :class:`FaultConfig`.
@@ -222,6 +226,7 @@ class TrainConfig:
     resume_step: int | None = None
     overwrite: bool = False
     quiet: bool = False
+    progress_every: float = 30.0
     export_to: str | None = None
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     # Devices.
@@ -255,6 +260,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}.")
+        if not self.progress_every >= 0:
+            raise ValueError(f"progress_every must be >= 0 seconds, got {self.progress_every!r}.")
         if not self.clip_threshold > 0:
             raise ValueError(f"clip_threshold must be positive, got {self.clip_threshold!r}.")
         if self.resume_step is not None and not self.resume:

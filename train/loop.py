@@ -61,6 +61,7 @@ from train.optimizers import (
     scale_by_peak_learning_rate,
     set_peak_learning_rate,
 )
+from train.progress import Throttle, describe
 
 # Config fields that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = frozenset(
@@ -70,6 +71,7 @@ RESUMABLE_CHANGES = frozenset(
         "overwrite",
         "mesh",
         "quiet",
+        "progress_every",
         "export_to",
         "out_dir",
         "log_every",
@@ -410,14 +412,20 @@ def _normalised(config: TrainConfig) -> dict[str, Any]:
 
 
 class _Progress:
-    """A tqdm bar on stderr, off with ``quiet`` or when stderr is not a terminal."""
+    """Progress on stderr (see :mod:`train.progress`): a tqdm bar on a terminal; otherwise
+    (a log file, nohup, CI) a plain line at the first log interval, then at most one every
+    ``progress_every`` seconds. Nothing with ``quiet``."""
 
     def __init__(self, config: TrainConfig, initial: int):
-        self.bar = None
-        if not config.quiet and sys.stderr.isatty():
+        self.bar, self.throttle, self.total = None, None, config.steps
+        if config.quiet:
+            return
+        if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=config.steps, initial=initial, unit="step", dynamic_ncols=True)
+        else:
+            self.throttle = Throttle(config.progress_every)
 
     def update(self) -> None:
         if self.bar is not None:
@@ -432,6 +440,8 @@ class _Progress:
                 postfix["scale"] = f"{tel['scale']:.3f}"
             postfix["tok/s"] = f"{line['tokens_per_s']:.0f}"
             self.bar.set_postfix(postfix, refresh=False)
+        elif self.throttle is not None and self.throttle.due():
+            print(f"lbw-train: {describe(line, self.total)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
