@@ -47,6 +47,7 @@ files written to --out-dir:
   metrics.jsonl   one JSON line per log interval ("kind": "train") and per evaluation
                   ("kind": "eval"); see docs/training.md for every field
   summary.json    the final summary
+  events.out.tfevents.*  TensorBoard event files (not with --no-tensorboard)
   checkpoints/    Orbax checkpoints (with --checkpoint-every)
 
 errors: a bad flag, a data file that is missing, empty, binary or not UTF-8, an --out-dir that

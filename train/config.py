@@ -171,6 +171,8 @@ class TrainConfig:
       progress_every: when stderr is not a terminal (a log file, nohup, CI, SLURM), print a
         plain progress line (step, loss, tokens/s, time left, the guard's regime and scale) at
         the first log interval and then at most every N seconds (0: at every log interval).
+      tensorboard: write TensorBoard event files into ``out_dir`` (the telemetry lines, the
+        evaluations, the guard's telemetry; see :mod:`train.tensorboard`).
       export_to: at the end of a completed run, write the model there in Hugging Face format
         (LoRA adapters merged), e.g. the base of a later ``init_from`` run. ``None``: no export.
       faults: the :class:`FaultConfig`.
@@ -227,6 +229,7 @@ class TrainConfig:
     overwrite: bool = False
     quiet: bool = False
     progress_every: float = 30.0
+    tensorboard: bool = True
     export_to: str | None = None
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     # Devices.

@@ -62,6 +62,7 @@ from train.optimizers import (
     set_peak_learning_rate,
 )
 from train.progress import Throttle, describe
+from train.tensorboard import EventWriter, remove_event_files
 
 # Config fields that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = frozenset(
@@ -72,6 +73,7 @@ RESUMABLE_CHANGES = frozenset(
         "mesh",
         "quiet",
         "progress_every",
+        "tensorboard",
         "export_to",
         "out_dir",
         "log_every",
@@ -649,6 +651,7 @@ def _start_out_dir(config: TrainConfig, out_dir: Path, summary_path: Path) -> No
     if config.overwrite:
         if jax.process_index() == 0:
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+            remove_event_files(out_dir)
         summary_path.unlink(missing_ok=True)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -707,6 +710,11 @@ class _Session:
         self.schedule(0)
         self.tokens_per_step = config.batch_size * config.seq_len
         self.metrics = self.metrics_path.open("a")
+        self.events = None  # TensorBoard: written by process 0, resumed runs purge later steps.
+        if config.tensorboard and jax.process_index() == 0:
+            self.events = EventWriter(
+                self.out_dir, purge_step=start_step + 1 if start_step else None
+            )
         self.progress = _Progress(config, start_step)
 
     def run(self, stop_requested: list[bool]) -> dict[str, Any]:
@@ -749,8 +757,11 @@ class _Session:
         self.pending.clear()
 
     def write(self, record: dict[str, Any]) -> None:
+        """Writes a telemetry line or an evaluation to ``metrics.jsonl`` and TensorBoard."""
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
+        if self.events is not None:
+            (self.events.train if record["kind"] == "train" else self.events.eval)(record)
 
     def log(self, step: int) -> None:
         """Writes the telemetry line of the log interval that ends at ``step``."""
@@ -879,6 +890,8 @@ class _Session:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.events is not None:
+            self.events.close()
         self.progress.close()
 
 
