@@ -149,7 +149,11 @@ class TrainConfig:
       data_dir: cache directory of ``datasets``/TFDS (``None``: their defaults).
       seq_len: tokens per training sequence (the model sees ``seq_len`` inputs and predicts
         ``seq_len`` targets).
-      batch_size: sequences per step.
+      batch_size: sequences per step (per micro-step with ``grad_accum``).
+      grad_accum: micro-batches of ``batch_size`` sequences per optimizer update, K: gradient
+        accumulation through ``lbw_optax.accumulate_gradients`` (``optax.MultiSteps`` that hands
+        the optimizer the mean loss of the K micro-batches). An update sees K × ``batch_size``
+        sequences; the activation memory is that of one micro-batch.
 
     Run:
       steps: optimizer updates to run.
@@ -215,6 +219,7 @@ class TrainConfig:
     data_dir: str | None = None
     seq_len: int = 128
     batch_size: int = 8
+    grad_accum: int = 1
     # Run.
     steps: int = 200
     seed: int = 0
@@ -245,6 +250,7 @@ class TrainConfig:
         for name in (
             "seq_len",
             "batch_size",
+            "grad_accum",
             "steps",
             "log_every",
             "eval_batches",

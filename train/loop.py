@@ -208,22 +208,26 @@ def load_weights(model: models.Decoder, path: str | os.PathLike) -> None:
 
 
 def make_train_step(config: TrainConfig, wrt: Any, mesh: jax.sharding.Mesh | None = None):
-    """The jitted step ``(model, optimizer, tokens [B, T+1]) -> (loss, finite)``.
+    """The jitted step ``(model, optimizer, tokens [B, T+1]) -> (loss, finite)``; with
+    ``grad_accum`` K, a micro-step (the optimizer updates the model at every K-th call).
 
     Faults are decided on device from the optimizer's step counter (see :mod:`train.faults`), so
     the step is traced once. Runs in one process with the same faults and trainable filter share
     one step function, and so its compilation cache. With a ``mesh``, the updated model and
     optimizer state keep the FSDP layout of :func:`train.sharding.param_sharding`.
     """
-    return _train_step(config.faults, wrt, mesh)
+    return _train_step(config.faults, wrt, mesh, config.grad_accum)
 
 
 @functools.lru_cache(maxsize=16)
-def _train_step(faults: FaultConfig, wrt: Any, mesh: jax.sharding.Mesh | None = None):
+def _train_step(
+    faults: FaultConfig, wrt: Any, mesh: jax.sharding.Mesh | None = None, grad_accum: int = 1
+):
 
     @nnx.jit
     def train_step(model, optimizer, tokens):
-        step = optimizer.step[...] + 1  # The update this call performs, counted from 1.
+        # The update this call (a micro-step of it, with grad_accum) performs, counted from 1.
+        step = optimizer.step[...] // grad_accum + 1
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T] each
 
         def loss_fn(model):
@@ -262,6 +266,7 @@ _OPTIMIZER_FIELDS = (
     "optimizer_args",
     "steps",
     "faults",
+    "grad_accum",
 )
 
 
@@ -276,6 +281,8 @@ def _transform(*values):
     # Here learning_rate is 1: the peak is set in the state (inside the guard, for a guard).
     if config.peak_lr_in_state and config.optimizer not in PEAK_INSIDE:
         tx = optax.with_extra_args_support(optax.chain(tx, scale_by_peak_learning_rate()))
+    if config.grad_accum > 1:
+        tx = lbw_optax.accumulate_gradients(tx, config.grad_accum)
     return schedule, tx
 
 
@@ -607,7 +614,10 @@ def _setup(config: TrainConfig) -> _Setup:
     description = text.description
     del text
     batches = Batches(
-        train_tokens, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
+        train_tokens,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size * config.grad_accum,  # The micro-batches of one update.
+        seed=config.seed,
     )
     stream = DataStream(batches, config.faults, vocab_size=tokenizer.vocab_size, seed=config.seed)
     eval_batches = eval_set(
@@ -698,7 +708,8 @@ class _Session:
         self.last_loss, self.last_eval = None, None
         if start_step:  # Until this session logs its own.
             self.last_loss, self.last_eval = _last_values(self.metrics_path)
-        self.pending: list[tuple[jax.Array, jax.Array]] = []  # (loss, finite) of steps not read.
+        # (loss, finite) of each micro-step of the steps not read.
+        self.pending: list[list[tuple[jax.Array, jax.Array]]] = []
         self.fetched: list[tuple[float, bool]] = []  # ... read, and not yet logged.
         self.first_nonfinite: int | None = None
         # cached_partial traverses the model and optimizer graphs once, not at every call.
@@ -708,7 +719,7 @@ class _Session:
         # here, outside the timed steps.
         self.schedule = jax.jit(applied_schedule(config.optimizer, setup.schedule))
         self.schedule(0)
-        self.tokens_per_step = config.batch_size * config.seq_len
+        self.tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
         self.metrics = self.metrics_path.open("a")
         self.events = None  # TensorBoard: written by process 0, resumed runs purge later steps.
         if config.tensorboard and jax.process_index() == 0:
@@ -722,10 +733,7 @@ class _Session:
         config, setup = self.config, self.setup
         self.clock.restart()
         for step in range(self.start_step + 1, config.steps + 1):
-            batch = setup.stream.batch(step)
-            mesh = setup.mesh
-            batch = jnp.asarray(batch) if mesh is None else sharding.global_batch(batch, mesh)
-            self.pending.append(self.train_step(batch))
+            self.pending.append([self.train_step(b) for b in self.micro_batches(step)])
             self.progress.update()
             self.clock.step_done(self.pending[-1])
 
@@ -746,14 +754,23 @@ class _Session:
             models.save_pretrained(setup.model, config.export_to)
         return self.finish(config.steps, status="completed")
 
+    def micro_batches(self, step: int) -> list[jax.Array]:
+        """The batch of ``step`` on device, as its ``grad_accum`` micro-batches."""
+        batch, mesh = self.setup.stream.batch(step), self.setup.mesh
+        put = jnp.asarray if mesh is None else (lambda b: sharding.global_batch(b, mesh))
+        return [put(b) for b in np.split(batch, self.config.grad_accum)]
+
     def fetch(self, step: int) -> None:
-        """Reads the pending (loss, finite) pairs of the steps up to ``step``."""
+        """Reads the pending (loss, finite) pairs of the steps up to ``step``: a step's loss is
+        the mean of its micro-steps', and it is finite when all of them are."""
         values = jax.device_get(self.pending)
         first = step - len(values) + 1
-        for i, (loss, ok) in enumerate(values):
+        for i, micro in enumerate(values):
+            losses, oks = zip(*micro, strict=True)
+            loss, ok = float(np.mean(losses)), all(oks)
             if not ok and self.first_nonfinite is None:
                 self.first_nonfinite = first + i
-            self.fetched.append((float(loss), bool(ok)))
+            self.fetched.append((loss, ok))
         self.pending.clear()
 
     def write(self, record: dict[str, Any]) -> None:
