@@ -12,6 +12,7 @@ import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from train.config import TrainConfig, UserError
@@ -42,6 +43,8 @@ data sources (--data):
   hf:NAME[:CONFIG]  any Hugging Face dataset with a text column (--text-field)
   files         local text files: --train-files A.txt B.txt --eval-files C.txt
   tfds:NAME     a TFDS dataset through tfds.data_source (pip install 'lbw-optax[tfds]')
+  tokens:DIR    token files DIR/train.bin and DIR/val.bin (nanoGPT's layout, memory-mapped);
+                'lbw-train tokenize TEXT DIR [--tokenizer T]' makes them from a text file
 
 files written to --out-dir:
   metrics.jsonl   one JSON line per log interval ("kind": "train") and per evaluation
@@ -234,9 +237,63 @@ def _resume_command(argv: list[str]) -> str:
     return shlex.join(["lbw-train", *args, "--resume"])
 
 
+def tokenize_main(argv: list[str]) -> int:
+    """``lbw-train tokenize TEXT OUT``: a text file to the token folder ``--data tokens:OUT``
+    reads (:func:`train.data.write_token_files`); returns the exit status."""
+    p = ArgumentParser(
+        prog="lbw-train tokenize",
+        description="Tokenize a UTF-8 text file into OUT/train.bin and OUT/val.bin (raw "
+        "little-endian token ids, nanoGPT's layout) and OUT/meta.json, for --data tokens:OUT.",
+    )
+    p.add_argument("text", help="a UTF-8 text file")
+    p.add_argument("out", help="the token folder to write (created if missing)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a local Hugging Face tokenizer directory (default: the byte-level tokenizer); "
+        "train with the same --tokenizer",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="the fraction of the tokens, at the end, that goes to val.bin (default: %(default)s)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the token files of an existing OUT"
+    )
+    args = p.parse_args(argv)
+    from train.data import META_NAME, TOKEN_FILES, write_token_files
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"{args.out!r} is a file; give a folder")
+    there = [n for n in (*TOKEN_FILES.values(), META_NAME) if (out / n).exists()]
+    if there and not args.overwrite:
+        p.error(f"{args.out!r} already holds {', '.join(there)}; pass --overwrite to replace them")
+    from models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        meta = write_token_files(
+            args.text,
+            out,
+            tokenizer,
+            tokenizer_name=args.tokenizer or "byte-level",
+            val_fraction=args.val_fraction,
+        )
+    except (UserError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"lbw-train tokenize: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    print(json.dumps({"out": str(out), **meta}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lbw-train``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "tokenize":
+        return tokenize_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -140,7 +140,9 @@ class TrainConfig:
         its test split), ``"wikitext103"`` (Hugging Face ``Salesforce/wikitext``,
         ``wikitext-103-raw-v1``), ``"hf:NAME"`` or ``"hf:NAME:CONFIG"`` (any Hugging Face
         dataset with a text column), ``"files"`` (local text files, read with the
-        ``datasets`` text loader) or ``"tfds:NAME"`` (``tfds.data_source``).
+        ``datasets`` text loader), ``"tfds:NAME"`` (``tfds.data_source``) or
+        ``"tokens:DIR"`` (token files ``DIR/train.bin`` and ``DIR/val.bin``, memory-mapped;
+        ``lbw-train tokenize TEXT DIR`` makes them).
       train_files, eval_files: the local files of ``data="files"``.
       train_split, eval_split: splits of the ``hf:``/``tfds:`` sources; ``None`` picks the
         source's default (``train`` and ``validation``, or ``test`` when TFDS has no

@@ -48,7 +48,7 @@ import models
 from train import sharding
 from train.checkpoint import Checkpointer, CheckpointError, has_checkpoints
 from train.config import FaultConfig, TrainConfig, UserError
-from train.data import Batches, DataStream, eval_set, load_text, tokenize
+from train.data import Batches, DataStream, eval_set, load_tokens
 from train.faults import loss_factor, perturb_grads
 from train.optimizers import (
     PEAK_INSIDE,
@@ -608,18 +608,15 @@ def _setup(config: TrainConfig) -> _Setup:
     """Reads and tokenizes the data, builds the model and its optimizer, and shards both over
     the config's mesh."""
     tokenizer = models.load_tokenizer(config.tokenizer)
-    text = load_text(config)
-    train_tokens = tokenize(text.train, tokenizer, what="training text")
-    eval_tokens = tokenize(text.eval, tokenizer, what="evaluation text")
-    description = text.description
-    del text
+    tokens = load_tokens(config, tokenizer)
+    train_tokens, eval_tokens, description = tokens.train, tokens.eval, tokens.description
     batches = Batches(
         train_tokens,
         seq_len=config.seq_len,
         batch_size=config.batch_size * config.grad_accum,  # The micro-batches of one update.
         seed=config.seed,
     )
-    stream = DataStream(batches, config.faults, vocab_size=tokenizer.vocab_size, seed=config.seed)
+    stream = DataStream(batches, config.faults, vocab_size=tokens.vocab_size, seed=config.seed)
     eval_batches = eval_set(
         eval_tokens,
         seq_len=config.seq_len,
@@ -627,7 +624,7 @@ def _setup(config: TrainConfig) -> _Setup:
         num_batches=config.eval_batches,
     )
 
-    model, wrt = build_model(config, tokenizer.vocab_size)
+    model, wrt = build_model(config, tokens.vocab_size)
     unit_schedule, tx = _transform(*_optimizer_fields(config))
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     peak = 1.0
