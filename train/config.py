@@ -11,6 +11,7 @@ import math
 import typing
 from typing import Any, Literal
 
+DEFAULT_MODEL = "tiny_qwen2_5_3b"  # The preset of a run that names none and starts afresh.
 Schedule = Literal["cosine", "constant"]
 SCHEDULES = typing.get_args(Schedule)
 
@@ -99,7 +100,9 @@ class TrainConfig:
     a new field needs its entry, under the section whose flags it joins.
 
     Model:
-      model: a preset name of ``models.PRESETS`` (e.g. ``"tiny_qwen2_5_3b"``).
+      model: a preset name of ``models.PRESETS``; ``None``: ``"tiny_qwen2_5_3b"``, or with
+        ``init_from`` the architecture of the checkpoint's ``config.json`` (a named preset must
+        then agree with it).
       model_overrides: fields of ``models.ModelConfig`` to replace (e.g. ``{"num_layers": 2}``).
       tokenizer: a local Hugging Face tokenizer directory, or ``None`` for the byte-level
         tokenizer (the default; it fits the ``tiny_*`` presets' vocabulary).
@@ -107,9 +110,10 @@ class TrainConfig:
       lora_alpha: LoRA scale numerator (the adapter output is scaled by ``alpha / rank``).
       lora_targets: projections that get adapters (names from ``models.ALL_TARGETS``).
       init_from: a Hugging Face-format model directory (``config.json`` and safetensors, as
-        written by ``export_to`` or ``models.save_pretrained``) whose weights replace the random
-        initialisation before LoRA adapters are added; its shapes and numerics must match the
-        preset with its overrides. ``None``: random initialisation.
+        written by ``export_to`` or ``models.save_pretrained``; Qwen2 or LLaMA layout) whose
+        weights replace the random initialisation before LoRA adapters are added; the model is
+        the one its ``config.json`` describes (``model_overrides`` may change its numerics).
+        ``None``: random initialisation.
 
     Optimizer:
       optimizer: the optimizer, by its registered name (what each one runs: docs/training.md).
@@ -189,7 +193,7 @@ class TrainConfig:
     """
 
     # Model.
-    model: str = "tiny_qwen2_5_3b"
+    model: str | None = None
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     tokenizer: str | None = None
     lora_rank: int = 0
@@ -243,6 +247,8 @@ class TrainConfig:
     mesh: str = ""
 
     def __post_init__(self):
+        if self.model is None and self.init_from is None:
+            object.__setattr__(self, "model", DEFAULT_MODEL)
         if isinstance(self.faults, dict):
             object.__setattr__(self, "faults", FaultConfig(**self.faults))
         for name in ("lora_targets", "train_files", "eval_files"):

@@ -148,27 +148,83 @@ def check_config(config: TrainConfig) -> None:
             f"fields: {', '.join(sorted(fields))}."
         )
     try:
-        models.get_config(config.model, **config.model_overrides)
+        shape = model_config(config)
         check_optimizer(config.optimizer)
         sharding.parse_mesh(config.mesh)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from e
+    if config.seq_len > shape.max_position_embeddings:
+        raise UserError(
+            f"--seq-len {config.seq_len} is longer than model {shape.name!r} was made for "
+            f"(max_position_embeddings {shape.max_position_embeddings}); use --seq-len "
+            f"{shape.max_position_embeddings} or less, or raise the limit with "
+            "--model-override max_position_embeddings=N."
+        )
+
+
+# Fields of a model config that a checkpoint's weights do not fix: a label, the numerics it is
+# loaded in, and the context length it was trained for (RoPE has no table of positions).
+_NOT_ARCHITECTURE = frozenset({"name", "dtype", "param_dtype", "max_position_embeddings"})
+
+
+def architecture_differences(
+    checkpoint: models.ModelConfig, model: models.ModelConfig
+) -> dict[str, tuple[Any, Any]]:
+    """``{field: (checkpoint's, model's)}`` for the architecture fields that differ."""
+    return {
+        f.name: (getattr(checkpoint, f.name), getattr(model, f.name))
+        for f in dataclasses.fields(model)
+        if f.name not in _NOT_ARCHITECTURE and getattr(checkpoint, f.name) != getattr(model, f.name)
+    }
+
+
+def _differences_text(differs: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k}: checkpoint {a!r}, model {b!r}" for k, (a, b) in differs.items())
+
+
+def model_config(config: TrainConfig) -> models.ModelConfig:
+    """The model a run trains: the ``model`` preset with ``model_overrides``; with
+    ``init_from``, the architecture of the checkpoint's ``config.json`` (with the overrides),
+    or the preset when one is named and it agrees with the checkpoint.
+
+    Raises:
+      FileNotFoundError: if ``init_from`` holds no ``config.json``.
+      ValueError: an unknown preset or field; a named preset whose architecture differs from
+        the checkpoint's (a :class:`~train.config.UserError` naming the fields and the fix).
+    """
+    if config.init_from is None:
+        return models.get_config(config.model, **config.model_overrides)
+    path = Path(config.init_from) / models.hf.CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-from {config.init_from}: no config.json in it.")
+    checkpoint = models.config_from_hf(json.loads(path.read_text()), name=path.parent.name)
+    if config.model is None:
+        return dataclasses.replace(checkpoint, **config.model_overrides)
+    preset = models.get_config(config.model, **config.model_overrides)
+    differs = architecture_differences(checkpoint, preset)
+    if differs:
+        raise UserError(
+            f"--model {config.model} does not match the config.json of --init-from "
+            f"{config.init_from} ({_differences_text(differs)}); drop --model to train the "
+            "checkpoint's architecture."
+        )
+    return preset
 
 
 def build_model(config: TrainConfig, vocab_size: int) -> tuple[models.Decoder, Any]:
-    """The decoder of ``config`` (LoRA adapters added when ``lora_rank > 0``) and the filter of
-    its trainable variables.
+    """The decoder of ``config`` (:func:`model_config`; LoRA adapters added when
+    ``lora_rank > 0``) and the filter of its trainable variables.
 
     Raises:
       ValueError: if the tokenizer's ``vocab_size`` does not fit the model's vocabulary.
     """
-    model_config = models.get_config(config.model, **config.model_overrides)
-    if vocab_size > model_config.vocab_size:
+    spec = model_config(config)
+    if vocab_size > spec.vocab_size:
         raise ValueError(
-            f"The tokenizer has {vocab_size} ids but model {config.model!r} only "
-            f"{model_config.vocab_size} embeddings."
+            f"The tokenizer has {vocab_size} ids but model {spec.name!r} only "
+            f"{spec.vocab_size} embeddings."
         )
-    model = models.Decoder(model_config, rngs=nnx.Rngs(config.seed))
+    model = models.Decoder(spec, rngs=nnx.Rngs(config.seed))
     if config.init_from is not None:
         load_weights(model, config.init_from)
     if config.lora_rank == 0:
@@ -194,15 +250,11 @@ def load_weights(model: models.Decoder, path: str | os.PathLike) -> None:
     """
     mine = model.config
     base = models.load_pretrained(path, dtype=mine.dtype, param_dtype=mine.param_dtype)
-    differs = {
-        f.name: (getattr(base.config, f.name), getattr(mine, f.name))
-        for f in dataclasses.fields(mine)
-        if f.name != "name" and getattr(base.config, f.name) != getattr(mine, f.name)
-    }
+    differs = architecture_differences(base.config, mine)
     if differs:
-        detail = ", ".join(f"{k}: checkpoint {a!r}, model {b!r}" for k, (a, b) in differs.items())
         raise ValueError(
-            f"init_from {path}: the checkpoint does not fit model {mine.name!r}: {detail}."
+            f"init_from {path}: the checkpoint does not fit model {mine.name!r}: "
+            f"{_differences_text(differs)}."
         )
     nnx.update(model, nnx.state(base, nnx.Param))
 
@@ -893,7 +945,7 @@ class _Session:
             "wall_time_s": clock.wall(),
             "trainable_params": self.setup.trainable,
             "optimizer": config.optimizer,
-            "model": config.model,
+            "model": self.setup.model.config.name,
             "data": self.setup.data,
             "telemetry": read_telemetry(self.setup.optimizer),
             "config": _normalised(config),
@@ -967,7 +1019,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             say(f"lbw-train: resumed {out_dir} from step {start_step}")
         what = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full"
         say(
-            f"lbw-train: {config.model} ({what}, {setup.trainable:,} trainable params), "
+            f"lbw-train: {setup.model.config.name} ({what}, {setup.trainable:,} trainable "
+            "params), "
             f"optimizer {config.optimizer}; data: {setup.data}"
         )
         paths = (out_dir, summary_path, metrics_path)
