@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from train.config import TrainConfig, UserError
+from train.interrupts import Sigint, handling_sigint
 
 # The only flags not named after their field (the first name is the one ``--help`` shows).
 ALIASES = {
@@ -290,11 +291,25 @@ def tokenize_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``lbw-train``; returns the exit status."""
+    """Entry point of ``lbw-train``; returns the exit status.
+
+    Ctrl-C at any moment, from the first import of JAX on, ends it with status 130 and one
+    line on stderr (see :mod:`train.interrupts`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "tokenize":
-        return tokenize_main(argv[1:])
+    with handling_sigint() as sigint:
+        try:
+            if argv and argv[0] == "tokenize":
+                return tokenize_main(argv[1:])
+            return _train_main(argv, sigint)
+        except KeyboardInterrupt:
+            print("lbw-train: interrupted", file=sys.stderr)
+            return 130
+
+
+def _train_main(argv: list[str], sigint: Sigint) -> int:
+    """``lbw-train`` with the flags ``argv``; a Ctrl-C during training says how to resume."""
     parser = build_parser()
+    sigint.check()  # JAX is imported.
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
@@ -314,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     except ValueError as e:
         parser.error(str(e))
+    sigint.check()
 
     from train.checkpoint import has_checkpoints
     from train.loop import Interrupted, NonFiniteError, train

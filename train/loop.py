@@ -30,9 +30,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +48,7 @@ from train.checkpoint import Checkpointer, CheckpointError, has_checkpoints
 from train.config import FaultConfig, TrainConfig, UserError
 from train.data import Batches, DataStream, eval_set, load_tokens
 from train.faults import loss_factor, perturb_grads
+from train.interrupts import Sigint, handling_sigint
 from train.optimizers import (
     PEAK_INSIDE,
     applied_schedule,
@@ -108,32 +107,6 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(message)
         self.step = step
         self.checkpoint = checkpoint
-
-
-@contextlib.contextmanager
-def _stop_on_sigint():
-    """Turns the first Ctrl-C into a request (``requested`` becomes non-empty) that the loop
-    honours between two steps, where the run is consistent and can be checkpointed; a second
-    Ctrl-C interrupts at once. Only in the main thread, and only over Python's default
-    handler (an application's own handler is left alone)."""
-    requested: list[bool] = []
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield requested
-        return
-
-    def handler(signum, frame):
-        del signum, frame
-        requested.append(True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def check_config(config: TrainConfig) -> None:
@@ -777,14 +750,17 @@ class _Session:
             )
         self.progress = _Progress(config, start_step)
 
-    def run(self, stop_requested: list[bool]) -> dict[str, Any]:
-        """Runs the steps; returns the summary of the completed run."""
+    def run(self, sigint: Sigint) -> dict[str, Any]:
+        """Runs the steps; returns the summary of the completed run. Ctrl-C stops at once
+        until the first step is done, then between two steps (see :mod:`train.interrupts`)."""
         config, setup = self.config, self.setup
         self.clock.restart()
         for step in range(self.start_step + 1, config.steps + 1):
             self.pending.append([self.train_step(b) for b in self.micro_batches(step)])
             self.progress.update()
             self.clock.step_done(self.pending[-1])
+            if not sigint.deferred:  # Compiled: from now on Ctrl-C waits for the step's end.
+                sigint.defer()
 
             last = step == config.steps
             eval_now = (config.eval_every and step % config.eval_every == 0) or last
@@ -797,7 +773,7 @@ class _Session:
                 self.log(step)
             if eval_now or save_now:
                 self.evaluate_and_save(step, eval_now, save_now)
-            if stop_requested and not last:  # Ctrl-C: stop between two steps.
+            if sigint.stop_requested and not last:  # Ctrl-C: stop between two steps.
                 raise self.interrupted(step, saved=bool(save_now))
         if config.export_to is not None and jax.process_index() == 0:
             models.save_pretrained(setup.model, config.export_to)
@@ -972,6 +948,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         guard (the message names the step).
       Interrupted: Ctrl-C stopped the run between two steps (after saving a checkpoint of the
         last step done when ``checkpoint_every`` is set).
+      KeyboardInterrupt: Ctrl-C during start-up (reading data, building, compiling), or a
+        second Ctrl-C during a step.
       CheckpointError: ``resume`` found no checkpoint, or an unreadable or corrupted one.
       train.data.DataError: unknown data source; missing, empty, binary or non-UTF-8 files;
         too-short text.
@@ -983,6 +961,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     created only once the data is read and the model built. ``resume`` (without
     ``resume_step``) of a run that has completed returns its summary and rewrites nothing.
     """
+    with handling_sigint() as sigint:
+        return _train(config, sigint)
+
+
+def _train(config: TrainConfig, sigint: Sigint) -> dict[str, Any]:
+    """:func:`train`, with Ctrl-C handled by ``sigint`` (checked between the phases of
+    start-up, see :mod:`train.interrupts`)."""
     clock = _Clock()
     check_config(config)  # Fail fast on bad names, before reading any data.
     if config.export_to is not None and jax.process_count() > 1:
@@ -1006,6 +991,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             return done
 
     setup = _setup(config)
+    sigint.check()
     _start_out_dir(config, out_dir, summary_path)
     checkpointer = None
     if config.checkpoint_every or config.resume:
@@ -1020,13 +1006,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         what = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full"
         say(
             f"lbw-train: {setup.model.config.name} ({what}, {setup.trainable:,} trainable "
-            "params), "
-            f"optimizer {config.optimizer}; data: {setup.data}"
+            f"params), optimizer {config.optimizer}; data: {setup.data}"
         )
         paths = (out_dir, summary_path, metrics_path)
         session = _Session(config, setup, checkpointer, clock, paths, start_step)
-        with _stop_on_sigint() as stop_requested:
-            return session.run(stop_requested)
+        sigint.check()
+        return session.run(sigint)
     finally:
         if session is not None:
             with contextlib.suppress(Exception):
