@@ -73,8 +73,11 @@ class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are one line, ``prog: error: ...`` (pointing to
     ``--help`` instead of printing the usage), with exit status 2."""
 
+    context = ""  # Said before each error (the config file being read).
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+        text = f"{self.context}{one_line(message)}"
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
 
 
 def one_line(message: Any) -> str:
@@ -210,6 +213,13 @@ def build_parser(config: type = TrainConfig) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML file (or YAML: .yaml, .yml) that gives flags of the run: each key is a "
+        "flag's name without -- (seq-len = 256, lr = 3e-4, model-override = {num_layers = 2}); "
+        "flags on the command line override it",
+    )
     _add_fields(p, config, choices={"optimizer": available_optimizers()})
     g = p.add_argument_group("multi-process run (see docs/scaling.md)")
     for flag, (kind, metavar, text) in _LAUNCH_FLAGS.items():
@@ -231,6 +241,116 @@ def config_from_args(args: argparse.Namespace, config: type = TrainConfig) -> An
             value = field.default_factory() if value is None else dict(value)
         kwargs[field.name] = value
     return config(**kwargs)
+
+
+def _field_names(cls: type) -> set[str]:
+    """The fields of the dataclass ``cls`` that are flags (a nested dataclass's own fields)."""
+    hints, names = typing.get_type_hints(cls), set()
+    for field in dataclasses.fields(cls):
+        hint = _unwrap(hints[field.name])
+        names |= _field_names(hint) if dataclasses.is_dataclass(hint) else {field.name}
+    return names
+
+
+def field_flags(parser: argparse.ArgumentParser, config: type = TrainConfig) -> dict[str, Any]:
+    """Flag name without ``--`` → its ``argparse`` action, for every flag of a field of
+    ``config`` (nested dataclasses included), under each of its names."""
+    fields = _field_names(config)
+    return {
+        name[2:]: action
+        for action in parser._actions
+        if action.dest in fields
+        for name in action.option_strings
+        if not name.startswith("--no-")
+    }
+
+
+def _file_tokens(key: str, value: Any, action: argparse.Action) -> list[str]:
+    """The command-line tokens that set ``--key`` to a config file's ``value``."""
+    flag = f"--{key}"
+    if value is None:
+        raise ValueError(f"{key} is empty (null); leave it out to keep the default")
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return [flag if value else f"--no-{key}"]
+    if action.nargs == "+":
+        items = value if isinstance(value, list) else [value]
+        return [f"{flag}={','.join(map(str, items))}"]
+    if isinstance(action, argparse._AppendAction):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a table of KEY = VALUE, got {value!r}")
+        return [f"{flag}={k}={json.dumps(v)}" for k, v in value.items()]
+    if isinstance(value, dict | list):
+        raise ValueError(f"{key} takes one value, got {value!r}")
+    return [f"{flag}={value}"]
+
+
+def config_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The command-line tokens equivalent to the config file ``path``: TOML (read with
+    ``tomllib``), or YAML for a ``.yaml``/``.yml`` name; a table whose keys are flag names
+    without ``--`` and whose values are a flag's value (a list for a flag of several values, a
+    table for ``model-override``/``optimizer-arg``, true/false for a switch).
+
+    Raises:
+      UserError: for an unreadable file, an unknown key (the closest flag is suggested) or a
+        value of the wrong kind.
+    """
+    import difflib
+
+    where = f"--config {path}"
+    try:
+        text = Path(path).read_bytes()
+        if Path(path).suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            import tomllib
+
+            values = tomllib.loads(text.decode("utf-8"))
+    except OSError as e:
+        raise UserError(f"{where}: cannot read it ({e.strerror}).") from None
+    except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError.
+        raise UserError(f"{where}: not valid TOML/YAML: {one_line(e)}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: expected a table of flag = value, got {values!r}.")
+    flags = field_flags(parser)
+    tokens = []
+    for key, value in values.items():
+        if key not in flags:
+            close = difflib.get_close_matches(str(key), flags, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(
+                f"{where}: unknown key {key!r}{hint} (keys are lbw-train's flags without --)"
+            )
+        try:
+            tokens += _file_tokens(key, value, flags[key])
+        except ValueError as e:
+            raise UserError(f"{where}: {e}.") from None
+    return tokens
+
+
+def parse_config(argv: list[str]) -> tuple[ArgumentParser, argparse.Namespace, TrainConfig]:
+    """The parser, the parsed arguments and the :class:`TrainConfig` of ``lbw-train``'s flags
+    ``argv``, with ``--config FILE`` read first (:func:`config_file_tokens`) and the command
+    line's flags over it. Exits with status 2 and one line for a bad flag, file or value."""
+    parser = build_parser()
+    path = parser.parse_known_args(argv)[0].config
+    tokens = []
+    if path is not None:
+        try:
+            tokens = config_file_tokens(path, parser)
+        except UserError as e:
+            parser.error(str(e))
+        parser.context = f"--config {path}: "
+        parser.parse_args(tokens)  # The file's values alone, so that an error names the file.
+        parser.context = ""
+    args = parser.parse_args([*tokens, *argv])
+    try:
+        return parser, args, config_from_args(args)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
 
 
 def _resume_command(argv: list[str]) -> str:
@@ -308,13 +428,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train_main(argv: list[str], sigint: Sigint) -> int:
     """``lbw-train`` with the flags ``argv``; a Ctrl-C during training says how to resume."""
-    parser = build_parser()
+    parser, args, config = parse_config(argv)
     sigint.check()  # JAX is imported.
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except (TypeError, ValueError) as e:
-        parser.error(str(e))
 
     from train.loop import check_config
 
