@@ -4,12 +4,15 @@ model's ``max_position_embeddings``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 from flax import nnx
 
 import models
+from train import TrainConfig, build_model
 from train.cli import main
 
 FLAGS = ["--batch-size=4", "--eval-batches=2", "--log-every=1", "--quiet", "--steps=1"]
@@ -46,8 +49,31 @@ def _run(capsys, args) -> tuple[int, list[str]]:
 
 
 @pytest.mark.parametrize("layout", ["qwen2", "llama"])
-def test_init_from_without_model_trains_the_checkpoint_architecture(tmp_path, capsys, layout):
+def test_init_from_takes_the_model_from_config_json(tmp_path, capsys, layout):
     folder = _hf_folder(tmp_path, layout)
+    config = TrainConfig(init_from=str(folder), seq_len=32)
+    assert config.model is None
+    model, _ = build_model(config, models.ByteTokenizer.vocab_size)
+    saved = models.load_pretrained(folder)
+    assert model.config == dataclasses.replace(saved.config, name=folder.name)
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model, nnx.Param)),
+        nnx.to_flat_state(nnx.state(saved, nnx.Param)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+
+    # A --model whose architecture differs: one line that names the fields and the fix.
+    out = tmp_path / "run"
+    args = [*FLAGS, "--seq-len=32", f"--init-from={folder}", f"--out-dir={out}"]
+    status, err = _run(capsys, [*args, "--model=tiny_qwen2_5_3b"])
+    assert status == 2 and len(err) == 1 and err[0].startswith("lbw-train: error: "), err
+    assert "hidden_size: checkpoint 32, model 128" in err[0] and "drop --model" in err[0]
+    assert not out.exists()
+
+
+def test_a_run_from_a_checkpoint_without_model(tmp_path, capsys):
+    folder = _hf_folder(tmp_path, "qwen2")
     out = tmp_path / "run"
     args = [*FLAGS, "--seq-len=32", f"--init-from={folder}", f"--out-dir={out}"]
     status, err = _run(capsys, [*args, f"--export-to={tmp_path / 'export'}"])
@@ -58,13 +84,6 @@ def test_init_from_without_model_trains_the_checkpoint_architecture(tmp_path, ca
     written = json.loads((folder / "config.json").read_text())
     for key in ("model_type", "hidden_size", "num_hidden_layers", "tie_word_embeddings"):
         assert exported[key] == written[key], key
-
-    # A --model whose architecture differs: one line that names the fields and the fix.
-    other = tmp_path / "other"
-    status, err = _run(capsys, [*args[:-1], f"--out-dir={other}", "--model=tiny_qwen2_5_3b"])
-    assert status == 2 and len(err) == 1 and err[0].startswith("lbw-train: error: "), err
-    assert "hidden_size: checkpoint 32, model 128" in err[0] and "drop --model" in err[0]
-    assert not other.exists()
 
 
 def test_seq_len_beyond_max_position_embeddings_is_refused(tmp_path, capsys):

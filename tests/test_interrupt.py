@@ -96,7 +96,9 @@ def test_ctrl_c_during_start_up_exits_130_with_one_line(tmp_path, phase):
     assert lines == ["lbw-train: interrupted"], lines
 
 
-@pytest.mark.parametrize("phase", ["import", "compile"])
+@pytest.mark.parametrize(
+    "phase", ["import", "build", pytest.param("compile", marks=pytest.mark.slow)]
+)
 def test_a_swallowed_ctrl_c_still_stops_the_run(tmp_path, phase):
     status, lines = _interrupt(tmp_path, phase, swallow=True)
     assert status == 130, lines

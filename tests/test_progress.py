@@ -69,10 +69,13 @@ def test_plain_progress_lines_and_the_summary_with_or_without_quiet(tmp_path, ca
     assert "ETA" in lines[1] and "ETA" not in lines[2]
     assert json.loads(out)["status"] == "completed"
 
-    assert main([*args, f"--out-dir={tmp_path / 'b'}", "--quiet"]) == 0
+    assert list((tmp_path / "a").glob("events.out.tfevents.*"))  # TensorBoard by default.
+
+    assert main([*args, f"--out-dir={tmp_path / 'b'}", "--quiet", "--no-tensorboard"]) == 0
     out, err = capsys.readouterr()
     assert err == ""  # No progress, no messages...
     assert json.loads(out)["step"] == 3  # ... but the result.
+    assert not list((tmp_path / "b").glob("events.*"))
 
 
 def test_optimizer_help_lists_the_choices():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -108,9 +109,7 @@ def test_a_governed_run_writes_its_telemetry(tmp_path):
     nonzero = [n for n in lines[1]["telemetry"]["tensor_param_norms"] if n > 0]  # Zero biases.
     assert 0 < ratios[0].histogram_value.num == len(nonzero)
 
-    # --overwrite replaces the event files; --no-tensorboard writes none.
-    train(tiny_config(tmp_path, steps=2, overwrite=True))
+    # --overwrite replaces the event files (the same config: its step is compiled already).
+    train(dataclasses.replace(config, overwrite=True))
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
-    assert sorted(_scalars(_read(tmp_path), "train/loss")) == [1, 2]
-    train(tiny_config(tmp_path / "none", steps=1, tensorboard=False))
-    assert not list((tmp_path / "none").glob("events.*"))
+    assert sorted(_scalars(_read(tmp_path), "train/loss")) == [1, 2, 3, 4]
