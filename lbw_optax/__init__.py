@@ -1,5 +1,6 @@
 """lbw-optax: training-control governance (LBW-Guard) and friends as Optax transformations."""
 
+from lbw_optax._accumulate import AccumulateGradientsState, accumulate_gradients
 from lbw_optax._adagc import AdaGCState, adagc, adagc_adamw
 from lbw_optax._common import donatable
 from lbw_optax._governor import GovernorPolicy, GovernorState, MarginState, governor_policy
@@ -23,6 +24,7 @@ from lbw_optax._zclip import ZClipState, zclip, zclip_adamw
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulateGradientsState",
     "AdaGCState",
     "Decision",
     "GovernorPolicy",
@@ -41,6 +43,7 @@ __all__ = [
     "SpamRecord",
     "StableAdamRecord",
     "ZClipState",
+    "accumulate_gradients",
     "adagc",
     "adagc_adamw",
     "donatable",

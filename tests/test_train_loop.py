@@ -235,3 +235,40 @@ def test_lbw_sgg_lines_log_per_tensor_cluster_fields(tmp_path):
         assert len(tel[field][kernel]) == 3  # One value per cluster.
     assert all(math.isfinite(x) for v in tel["cluster_scales"].values() for x in v)
     assert not any("layernorm" in k for k in tel["cluster_scales"])  # Skipped: no empty lists.
+
+
+def test_grad_accum_is_one_batch_of_k_times_the_size(tmp_path):
+    """K=2 micro-batches of 2 sequences make the same updates as one batch of 4 (AdamW)."""
+    common = dict(steps=3, schedule="constant", learning_rate=3e-3)
+    runs = {}
+    for name, values in (("k2", dict(batch_size=2, grad_accum=2)), ("k1", dict(batch_size=4))):
+        model_dir = tmp_path / f"{name}-model"
+        config = tiny_config(tmp_path / name, export_to=str(model_dir), **common, **values)
+        summary = train(config)
+        runs[name] = (train_losses(tmp_path / name / "metrics.jsonl"), model_dir, summary)
+    (k2_losses, k2_model, k2), (k1_losses, k1_model, _) = runs["k2"], runs["k1"]
+    assert sorted(k2_losses) == [1, 2, 3]
+    for step in k2_losses:
+        assert k2_losses[step] == pytest.approx(k1_losses[step], rel=1e-5)
+    want = nnx.to_flat_state(nnx.state(models.load_pretrained(k1_model), nnx.Param))
+    got = nnx.to_flat_state(nnx.state(models.load_pretrained(k2_model), nnx.Param))
+    # The key bias's gradient is zero up to rounding (softmax ignores a shift shared by all
+    # keys), and AdamW's normalisation turns rounding into whole steps: left out.
+    pairs = [(p, a[...], b[...]) for (p, a), (_, b) in zip(got, want, strict=True)]
+    pairs = [(p, a, b) for p, a, b in pairs if p[-2:] != ("k_proj", "bias")]
+    assert len(pairs) == len(want) - 1
+    for path, a, b in pairs:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(path))
+    assert k2["telemetry"] == {}
+
+
+def test_grad_accum_guard_reads_each_update_mean_loss_and_holds_a_nan(tmp_path):
+    faults = FaultConfig(nan_loss_steps=(2,))
+    train(tiny_config(tmp_path, optimizer="lbw", grad_accum=2, steps=4, faults=faults))
+    lines = {r["step"]: r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"}
+    assert lines[2]["loss"] is None and lines[2]["nonfinite"] == 1
+    assert lines[2]["telemetry"]["regime_name"] == "NONFINITE"
+    for step in (1, 3, 4):  # The guard read the mean of the two micro-losses, as logged.
+        tel = lines[step]["telemetry"]
+        assert tel["step"] == step and tel["loss"] == pytest.approx(lines[step]["loss"], rel=1e-5)
+    assert lines[4]["telemetry"]["nonfinite_steps"] == 1

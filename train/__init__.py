@@ -2,43 +2,50 @@
 
 >>> from train import TrainConfig, train
 >>> summary = train(TrainConfig(steps=50, out_dir="runs/demo"))  # doctest: +SKIP
+
+The names below are imported when first used (PEP 562), so that ``lbw-train`` starts, and
+handles Ctrl-C, before JAX is imported.
 """
 
-from train import peers  # noqa: F401  Registers zclip, skip-step, adagc and spam.
-from train.checkpoint import Checkpointer, CheckpointError
-from train.config import FaultConfig, TrainConfig, UserError
-from train.data import Batches, DataError, DataPosition, DataStream, eval_set, load_text, tokenize
-from train.loop import Interrupted, NonFiniteError, build_model, evaluate, make_train_step, train
-from train.optimizers import (
-    available_optimizers,
-    build_optimizer,
-    is_guarded,
-    learning_rate_schedule,
-    register_optimizer,
-)
+import importlib
 
-__all__ = [
-    "Batches",
-    "CheckpointError",
-    "Checkpointer",
-    "DataError",
-    "DataPosition",
-    "DataStream",
-    "FaultConfig",
-    "Interrupted",
-    "NonFiniteError",
-    "TrainConfig",
-    "UserError",
-    "available_optimizers",
-    "build_model",
-    "build_optimizer",
-    "eval_set",
-    "evaluate",
-    "is_guarded",
-    "learning_rate_schedule",
-    "load_text",
-    "make_train_step",
-    "register_optimizer",
-    "tokenize",
-    "train",
-]
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "Batches": "train.data",
+    "CheckpointError": "train.checkpoint",
+    "Checkpointer": "train.checkpoint",
+    "DataError": "train.data",
+    "DataPosition": "train.data",
+    "DataStream": "train.data",
+    "FaultConfig": "train.config",
+    "Interrupted": "train.loop",
+    "NonFiniteError": "train.loop",
+    "TrainConfig": "train.config",
+    "UserError": "train.config",
+    "available_optimizers": "train.optimizers",
+    "build_model": "train.loop",
+    "build_optimizer": "train.optimizers",
+    "eval_set": "train.data",
+    "evaluate": "train.loop",
+    "is_guarded": "train.optimizers",
+    "learning_rate_schedule": "train.optimizers",
+    "load_text": "train.data",
+    "make_train_step": "train.loop",
+    "register_optimizer": "train.optimizers",
+    "tokenize": "train.data",
+    "train": "train.loop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

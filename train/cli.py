@@ -11,9 +11,12 @@ import shlex
 import sys
 import types
 import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from train.config import TrainConfig, UserError
+from train.interrupts import Sigint, handling_sigint
 
 # The only flags not named after their field (the first name is the one ``--help`` shows).
 ALIASES = {
@@ -30,9 +33,8 @@ _LAUNCH_FLAGS = {
 }
 
 EPILOG = """\
-optimizers (--optimizer): {optimizers}
-  adamw+clip clips the global norm at --clip-threshold; lbw and lbw+sgg run under the LBW guard
-  with --policy
+optimizers (--optimizer): adamw+clip clips the global norm at --clip-threshold; lbw, lbw+clip
+  and lbw+sgg run under the LBW guard with --policy
 
 data sources (--data):
   wikitext2     the WikiText-2 sample shipped with this package (offline default):
@@ -42,11 +44,14 @@ data sources (--data):
   hf:NAME[:CONFIG]  any Hugging Face dataset with a text column (--text-field)
   files         local text files: --train-files A.txt B.txt --eval-files C.txt
   tfds:NAME     a TFDS dataset through tfds.data_source (pip install 'lbw-optax[tfds]')
+  tokens:DIR    token files DIR/train.bin and DIR/val.bin (nanoGPT's layout, memory-mapped);
+                'lbw-train tokenize TEXT DIR [--tokenizer T]' makes them from a text file
 
 files written to --out-dir:
   metrics.jsonl   one JSON line per log interval ("kind": "train") and per evaluation
                   ("kind": "eval"); see docs/training.md for every field
   summary.json    the final summary
+  events.out.tfevents.*  TensorBoard event files (not with --no-tensorboard)
   checkpoints/    Orbax checkpoints (with --checkpoint-every)
 
 errors: a bad flag, a data file that is missing, empty, binary or not UTF-8, an --out-dir that
@@ -68,8 +73,11 @@ class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are one line, ``prog: error: ...`` (pointing to
     ``--help`` instead of printing the usage), with exit status 2."""
 
+    context = ""  # Said before each error (the config file being read).
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+        text = f"{self.context}{one_line(message)}"
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
 
 
 def one_line(message: Any) -> str:
@@ -142,18 +150,25 @@ def _flag(name: str) -> str:
     return ALIASES.get(name, ("--" + name.replace("_", "-"),))[0]
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type, group: Any = None) -> None:
+def _add_fields(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    group: Any = None,
+    choices: Mapping[str, Sequence[str]] | None = None,
+) -> None:
     """Adds one flag per field of the dataclass ``cls`` to ``group``, or else to the argument
     group of the field's docstring section; the fields of a nested dataclass go to a group
-    named by its docstring's summary."""
+    named by its docstring's summary. ``choices`` lists the values a field takes from an open
+    registry (its help lists them; a bad one is refused when the config is checked)."""
     docs, hints, groups = field_docs(cls), typing.get_type_hints(cls), {}
+    choices = choices or {}
     flags = {name: _flag(name) for name in hints}
     for field in dataclasses.fields(cls):
         hint = _unwrap(hints[field.name])
         if dataclasses.is_dataclass(hint):
             summary = inspect.cleandoc(hint.__doc__ or hint.__name__).splitlines()[0]
             title = summary[0].lower() + summary[1:].rstrip(".")
-            _add_fields(parser, hint, parser.add_argument_group(title))
+            _add_fields(parser, hint, parser.add_argument_group(title), choices)
             continue
         section, text = docs.get(field.name, ("", ""))
         if group is None and section not in groups:
@@ -174,6 +189,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, group: Any = None) -
             text += "; repeatable, VALUE is read as JSON when it parses"
         else:
             kwargs["type"] = hint
+        if field.name in choices:
+            text += f"; one of: {', '.join(choices[field.name])}"
         if hint is bool:
             text += " (default: %(default)s)"
         elif default not in (None, "", (), {}):
@@ -193,10 +210,17 @@ def build_parser(config: type = TrainConfig) -> argparse.ArgumentParser:
         prog="lbw-train",
         description="Train a Qwen2.5/LLaMA-style decoder (full or LoRA) with a governed optimizer, "
         "logging telemetry as JSON lines and saving resumable Orbax checkpoints.",
-        epilog=EPILOG.format(optimizers=", ".join(available_optimizers())),
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_fields(p, config)
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML file (or YAML: .yaml, .yml) that gives flags of the run: each key is a "
+        "flag's name without -- (seq-len = 256, lr = 3e-4, model-override = {num_layers = 2}); "
+        "flags on the command line override it",
+    )
+    _add_fields(p, config, choices={"optimizer": available_optimizers()})
     g = p.add_argument_group("multi-process run (see docs/scaling.md)")
     for flag, (kind, metavar, text) in _LAUNCH_FLAGS.items():
         g.add_argument(flag, type=kind, metavar=metavar, help=text)
@@ -219,20 +243,193 @@ def config_from_args(args: argparse.Namespace, config: type = TrainConfig) -> An
     return config(**kwargs)
 
 
+def _field_names(cls: type) -> set[str]:
+    """The fields of the dataclass ``cls`` that are flags (a nested dataclass's own fields)."""
+    hints, names = typing.get_type_hints(cls), set()
+    for field in dataclasses.fields(cls):
+        hint = _unwrap(hints[field.name])
+        names |= _field_names(hint) if dataclasses.is_dataclass(hint) else {field.name}
+    return names
+
+
+def field_flags(parser: argparse.ArgumentParser, config: type = TrainConfig) -> dict[str, Any]:
+    """Flag name without ``--`` → its ``argparse`` action, for every flag of a field of
+    ``config`` (nested dataclasses included), under each of its names."""
+    fields = _field_names(config)
+    return {
+        name[2:]: action
+        for action in parser._actions
+        if action.dest in fields
+        for name in action.option_strings
+        if not name.startswith("--no-")
+    }
+
+
+def _file_tokens(key: str, value: Any, action: argparse.Action) -> list[str]:
+    """The command-line tokens that set ``--key`` to a config file's ``value``."""
+    flag = f"--{key}"
+    if value is None:
+        raise ValueError(f"{key} is empty (null); leave it out to keep the default")
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return [flag if value else f"--no-{key}"]
+    if action.nargs == "+":
+        items = value if isinstance(value, list) else [value]
+        return [f"{flag}={','.join(map(str, items))}"]
+    if isinstance(action, argparse._AppendAction):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a table of KEY = VALUE, got {value!r}")
+        return [f"{flag}={k}={json.dumps(v)}" for k, v in value.items()]
+    if isinstance(value, dict | list):
+        raise ValueError(f"{key} takes one value, got {value!r}")
+    return [f"{flag}={value}"]
+
+
+def config_file_tokens(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The command-line tokens equivalent to the config file ``path``: TOML (read with
+    ``tomllib``), or YAML for a ``.yaml``/``.yml`` name; a table whose keys are flag names
+    without ``--`` and whose values are a flag's value (a list for a flag of several values, a
+    table for ``model-override``/``optimizer-arg``, true/false for a switch).
+
+    Raises:
+      UserError: for an unreadable file, an unknown key (the closest flag is suggested) or a
+        value of the wrong kind.
+    """
+    import difflib
+
+    where = f"--config {path}"
+    try:
+        text = Path(path).read_bytes()
+        if Path(path).suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            import tomllib
+
+            values = tomllib.loads(text.decode("utf-8"))
+    except OSError as e:
+        raise UserError(f"{where}: cannot read it ({e.strerror}).") from None
+    except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError.
+        raise UserError(f"{where}: not valid TOML/YAML: {one_line(e)}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: expected a table of flag = value, got {values!r}.")
+    flags = field_flags(parser)
+    tokens = []
+    for key, value in values.items():
+        if key not in flags:
+            close = difflib.get_close_matches(str(key), flags, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(
+                f"{where}: unknown key {key!r}{hint} (keys are lbw-train's flags without --)"
+            )
+        try:
+            tokens += _file_tokens(key, value, flags[key])
+        except ValueError as e:
+            raise UserError(f"{where}: {e}.") from None
+    return tokens
+
+
+def parse_config(argv: list[str]) -> tuple[ArgumentParser, argparse.Namespace, TrainConfig]:
+    """The parser, the parsed arguments and the :class:`TrainConfig` of ``lbw-train``'s flags
+    ``argv``, with ``--config FILE`` read first (:func:`config_file_tokens`) and the command
+    line's flags over it. Exits with status 2 and one line for a bad flag, file or value."""
+    parser = build_parser()
+    path = parser.parse_known_args(argv)[0].config
+    tokens = []
+    if path is not None:
+        try:
+            tokens = config_file_tokens(path, parser)
+        except UserError as e:
+            parser.error(str(e))
+        parser.context = f"--config {path}: "
+        parser.parse_args(tokens)  # The file's values alone, so that an error names the file.
+        parser.context = ""
+    args = parser.parse_args([*tokens, *argv])
+    try:
+        return parser, args, config_from_args(args)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+
+
 def _resume_command(argv: list[str]) -> str:
     args = [a for a in argv if a not in ("--resume", "--overwrite")]
     return shlex.join(["lbw-train", *args, "--resume"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``lbw-train``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def tokenize_main(argv: list[str]) -> int:
+    """``lbw-train tokenize TEXT OUT``: a text file to the token folder ``--data tokens:OUT``
+    reads (:func:`train.data.write_token_files`); returns the exit status."""
+    p = ArgumentParser(
+        prog="lbw-train tokenize",
+        description="Tokenize a UTF-8 text file into OUT/train.bin and OUT/val.bin (raw "
+        "little-endian token ids, nanoGPT's layout) and OUT/meta.json, for --data tokens:OUT.",
+    )
+    p.add_argument("text", help="a UTF-8 text file")
+    p.add_argument("out", help="the token folder to write (created if missing)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a local Hugging Face tokenizer directory (default: the byte-level tokenizer); "
+        "train with the same --tokenizer",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="the fraction of the tokens, at the end, that goes to val.bin (default: %(default)s)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the token files of an existing OUT"
+    )
+    args = p.parse_args(argv)
+    from train.data import META_NAME, TOKEN_FILES, write_token_files
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"{args.out!r} is a file; give a folder")
+    there = [n for n in (*TOKEN_FILES.values(), META_NAME) if (out / n).exists()]
+    if there and not args.overwrite:
+        p.error(f"{args.out!r} already holds {', '.join(there)}; pass --overwrite to replace them")
+    from models import load_tokenizer
+
     try:
-        config = config_from_args(args)
-    except (TypeError, ValueError) as e:
-        parser.error(str(e))
+        tokenizer = load_tokenizer(args.tokenizer)
+        meta = write_token_files(
+            args.text,
+            out,
+            tokenizer,
+            tokenizer_name=args.tokenizer or "byte-level",
+            val_fraction=args.val_fraction,
+        )
+    except (UserError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"lbw-train tokenize: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    print(json.dumps({"out": str(out), **meta}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lbw-train``; returns the exit status.
+
+    Ctrl-C at any moment, from the first import of JAX on, ends it with status 130 and one
+    line on stderr (see :mod:`train.interrupts`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with handling_sigint() as sigint:
+        try:
+            if argv and argv[0] == "tokenize":
+                return tokenize_main(argv[1:])
+            return _train_main(argv, sigint)
+        except KeyboardInterrupt:
+            print("lbw-train: interrupted", file=sys.stderr)
+            return 130
+
+
+def _train_main(argv: list[str], sigint: Sigint) -> int:
+    """``lbw-train`` with the flags ``argv``; a Ctrl-C during training says how to resume."""
+    parser, args, config = parse_config(argv)
+    sigint.check()  # JAX is imported.
 
     from train.loop import check_config
 
@@ -247,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     except ValueError as e:
         parser.error(str(e))
+    sigint.check()
 
     from train.checkpoint import has_checkpoints
     from train.loop import Interrupted, NonFiniteError, train
@@ -271,9 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; resume with: {_resume_command(argv)}" if resumable else ""
         print(f"lbw-train: {what}{hint}", file=sys.stderr)
         return 130
-    if not config.quiet:
-        keys = ("status", "step", "loss", "eval_loss", "eval_perplexity", "tokens_per_s")
-        print(json.dumps({k: summary.get(k) for k in keys}))
+    keys = ("status", "step", "loss", "eval_loss", "eval_perplexity", "tokens_per_s")
+    print(json.dumps({k: summary.get(k) for k in keys}))  # Even with --quiet: the result.
     return 0
 
 

@@ -11,6 +11,7 @@ import math
 import typing
 from typing import Any, Literal
 
+DEFAULT_MODEL = "tiny_qwen2_5_3b"  # The preset of a run that names none and starts afresh.
 Schedule = Literal["cosine", "constant"]
 SCHEDULES = typing.get_args(Schedule)
 
@@ -99,7 +100,9 @@ class TrainConfig:
     a new field needs its entry, under the section whose flags it joins.
 
     Model:
-      model: a preset name of ``models.PRESETS`` (e.g. ``"tiny_qwen2_5_3b"``).
+      model: a preset name of ``models.PRESETS``; ``None``: ``"tiny_qwen2_5_3b"``, or with
+        ``init_from`` the architecture of the checkpoint's ``config.json`` (a named preset must
+        then agree with it).
       model_overrides: fields of ``models.ModelConfig`` to replace (e.g. ``{"num_layers": 2}``).
       tokenizer: a local Hugging Face tokenizer directory, or ``None`` for the byte-level
         tokenizer (the default; it fits the ``tiny_*`` presets' vocabulary).
@@ -107,9 +110,10 @@ class TrainConfig:
       lora_alpha: LoRA scale numerator (the adapter output is scaled by ``alpha / rank``).
       lora_targets: projections that get adapters (names from ``models.ALL_TARGETS``).
       init_from: a Hugging Face-format model directory (``config.json`` and safetensors, as
-        written by ``export_to`` or ``models.save_pretrained``) whose weights replace the random
-        initialisation before LoRA adapters are added; its shapes and numerics must match the
-        preset with its overrides. ``None``: random initialisation.
+        written by ``export_to`` or ``models.save_pretrained``; Qwen2 or LLaMA layout) whose
+        weights replace the random initialisation before LoRA adapters are added; the model is
+        the one its ``config.json`` describes (``model_overrides`` may change its numerics).
+        ``None``: random initialisation.
       scan_layers: hold the blocks stacked and run them with ``nnx.scan`` (compilation no
         longer grows with depth); the governor then limits each layer as in the unrolled
         layout. Not with LoRA.
@@ -117,7 +121,7 @@ class TrainConfig:
         memory for about one more forward pass.
 
     Optimizer:
-      optimizer: a registered name (see ``train.optimizers.available_optimizers()``).
+      optimizer: the optimizer, by its registered name (what each one runs: docs/training.md).
       learning_rate: peak learning rate.
       schedule: ``"cosine"`` (linear warm-up, then cosine decay to ``min_lr_ratio`` × peak at
         the last step) or ``"constant"`` (linear warm-up, then constant).
@@ -145,7 +149,9 @@ class TrainConfig:
         its test split), ``"wikitext103"`` (Hugging Face ``Salesforce/wikitext``,
         ``wikitext-103-raw-v1``), ``"hf:NAME"`` or ``"hf:NAME:CONFIG"`` (any Hugging Face
         dataset with a text column), ``"files"`` (local text files, read with the
-        ``datasets`` text loader) or ``"tfds:NAME"`` (``tfds.data_source``).
+        ``datasets`` text loader), ``"tfds:NAME"`` (``tfds.data_source``) or
+        ``"tokens:DIR"`` (token files ``DIR/train.bin`` and ``DIR/val.bin``, memory-mapped;
+        ``lbw-train tokenize TEXT DIR`` makes them).
       train_files, eval_files: the local files of ``data="files"``.
       train_split, eval_split: splits of the ``hf:``/``tfds:`` sources; ``None`` picks the
         source's default (``train`` and ``validation``, or ``test`` when TFDS has no
@@ -154,7 +160,11 @@ class TrainConfig:
       data_dir: cache directory of ``datasets``/TFDS (``None``: their defaults).
       seq_len: tokens per training sequence (the model sees ``seq_len`` inputs and predicts
         ``seq_len`` targets).
-      batch_size: sequences per step.
+      batch_size: sequences per step (per micro-step with ``grad_accum``).
+      grad_accum: micro-batches of ``batch_size`` sequences per optimizer update, K: gradient
+        accumulation through ``lbw_optax.accumulate_gradients`` (``optax.MultiSteps`` that hands
+        the optimizer the mean loss of the K micro-batches). An update sees K × ``batch_size``
+        sequences; the activation memory is that of one micro-batch.
 
     Run:
       steps: optimizer updates to run.
@@ -171,7 +181,13 @@ class TrainConfig:
       overwrite: start afresh in an ``out_dir`` that holds the results of another run (its
         ``metrics.jsonl``, ``summary.json`` and ``checkpoints/`` are replaced); without it such
         an ``out_dir`` is refused.
-      quiet: no progress bar and no console messages.
+      quiet: no progress bar or progress lines and no console messages on stderr (the final
+        summary is still printed).
+      progress_every: when stderr is not a terminal (a log file, nohup, CI, SLURM), print a
+        plain progress line (step, loss, tokens/s, time left, the guard's regime and scale) at
+        the first log interval and then at most every N seconds (0: at every log interval).
+      tensorboard: write TensorBoard event files into ``out_dir`` (the telemetry lines, the
+        evaluations, the guard's telemetry; see :mod:`train.tensorboard`).
       export_to: at the end of a completed run, write the model there in Hugging Face format
         (LoRA adapters merged), e.g. the base of a later ``init_from`` run. ``None``: no export.
       faults: the :class:`FaultConfig`.
@@ -182,7 +198,7 @@ class TrainConfig:
     """
 
     # Model.
-    model: str = "tiny_qwen2_5_3b"
+    model: str | None = None
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     tokenizer: str | None = None
     lora_rank: int = 0
@@ -216,6 +232,7 @@ class TrainConfig:
     data_dir: str | None = None
     seq_len: int = 128
     batch_size: int = 8
+    grad_accum: int = 1
     # Run.
     steps: int = 200
     seed: int = 0
@@ -229,12 +246,16 @@ class TrainConfig:
     resume_step: int | None = None
     overwrite: bool = False
     quiet: bool = False
+    progress_every: float = 30.0
+    tensorboard: bool = True
     export_to: str | None = None
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     # Devices.
     mesh: str = ""
 
     def __post_init__(self):
+        if self.model is None and self.init_from is None:
+            object.__setattr__(self, "model", DEFAULT_MODEL)
         if isinstance(self.faults, dict):
             object.__setattr__(self, "faults", FaultConfig(**self.faults))
         for name in ("lora_targets", "train_files", "eval_files"):
@@ -244,6 +265,7 @@ class TrainConfig:
         for name in (
             "seq_len",
             "batch_size",
+            "grad_accum",
             "steps",
             "log_every",
             "eval_batches",
@@ -262,6 +284,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}.")
+        if not self.progress_every >= 0:
+            raise ValueError(f"progress_every must be >= 0 seconds, got {self.progress_every!r}.")
         if not self.clip_threshold > 0:
             raise ValueError(f"clip_threshold must be positive, got {self.clip_threshold!r}.")
         if self.resume_step is not None and not self.resume:

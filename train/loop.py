@@ -30,9 +30,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,8 +46,9 @@ import models
 from train import sharding
 from train.checkpoint import Checkpointer, CheckpointError, has_checkpoints
 from train.config import FaultConfig, TrainConfig, UserError
-from train.data import Batches, DataStream, eval_set, load_text, tokenize
+from train.data import Batches, DataStream, eval_set, load_tokens
 from train.faults import loss_factor, perturb_grads
+from train.interrupts import Sigint, handling_sigint
 from train.optimizers import (
     PEAK_INSIDE,
     applied_schedule,
@@ -61,6 +60,8 @@ from train.optimizers import (
     scale_by_peak_learning_rate,
     set_peak_learning_rate,
 )
+from train.progress import Throttle, describe
+from train.tensorboard import EventWriter, remove_event_files
 
 # Config fields that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = frozenset(
@@ -70,6 +71,8 @@ RESUMABLE_CHANGES = frozenset(
         "overwrite",
         "mesh",
         "quiet",
+        "progress_every",
+        "tensorboard",
         "export_to",
         "out_dir",
         "log_every",
@@ -106,32 +109,6 @@ class Interrupted(KeyboardInterrupt):
         self.checkpoint = checkpoint
 
 
-@contextlib.contextmanager
-def _stop_on_sigint():
-    """Turns the first Ctrl-C into a request (``requested`` becomes non-empty) that the loop
-    honours between two steps, where the run is consistent and can be checkpointed; a second
-    Ctrl-C interrupts at once. Only in the main thread, and only over Python's default
-    handler (an application's own handler is left alone)."""
-    requested: list[bool] = []
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield requested
-        return
-
-    def handler(signum, frame):
-        del signum, frame
-        requested.append(True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def check_config(config: TrainConfig) -> None:
     """Raises :class:`~train.config.UserError` for names the run cannot use: an unknown model
     preset or model field, an unknown optimizer, a bad mesh. Cheap: reads no data and builds
@@ -144,7 +121,7 @@ def check_config(config: TrainConfig) -> None:
             f"fields: {', '.join(sorted(fields))}."
         )
     try:
-        model_config(config)
+        shape = model_config(config)
         if config.scan_layers and config.lora_rank:
             raise ValueError(
                 "--scan-layers and --lora-rank: LoRA adapters need the unrolled layout; drop "
@@ -152,30 +129,87 @@ def check_config(config: TrainConfig) -> None:
             )
         check_optimizer(config.optimizer)
         sharding.parse_mesh(config.mesh)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from e
+    if config.seq_len > shape.max_position_embeddings:
+        raise UserError(
+            f"--seq-len {config.seq_len} is longer than model {shape.name!r} was made for "
+            f"(max_position_embeddings {shape.max_position_embeddings}); use --seq-len "
+            f"{shape.max_position_embeddings} or less, or raise the limit with "
+            "--model-override max_position_embeddings=N."
+        )
+
+
+# Fields of a model config that a checkpoint's weights do not fix: a label, the numerics it is
+# loaded in, and the context length it was trained for (RoPE has no table of positions).
+# The layout fields too: a checkpoint loads into either layout, with or without remat.
+_NOT_ARCHITECTURE = frozenset(
+    {"name", "dtype", "param_dtype", "max_position_embeddings", "scan_layers", "remat"}
+)
+
+
+def architecture_differences(
+    checkpoint: models.ModelConfig, model: models.ModelConfig
+) -> dict[str, tuple[Any, Any]]:
+    """``{field: (checkpoint's, model's)}`` for the architecture fields that differ."""
+    return {
+        f.name: (getattr(checkpoint, f.name), getattr(model, f.name))
+        for f in dataclasses.fields(model)
+        if f.name not in _NOT_ARCHITECTURE and getattr(checkpoint, f.name) != getattr(model, f.name)
+    }
+
+
+def _differences_text(differs: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k}: checkpoint {a!r}, model {b!r}" for k, (a, b) in differs.items())
 
 
 def model_config(config: TrainConfig) -> models.ModelConfig:
-    """The decoder's config: the preset, its layout flags, then ``model_overrides``."""
-    layout = {"scan_layers": config.scan_layers, "remat": config.remat}
-    return models.get_config(config.model, **(layout | config.model_overrides))
+    """The model a run trains: the ``model`` preset with its layout flags and
+    ``model_overrides``; with ``init_from``, the architecture of the checkpoint's
+    ``config.json`` (with the same), or the preset when one is named and it agrees with the
+    checkpoint.
+
+    Raises:
+      FileNotFoundError: if ``init_from`` holds no ``config.json``.
+      ValueError: an unknown preset or field; a named preset whose architecture differs from
+        the checkpoint's (a :class:`~train.config.UserError` naming the fields and the fix).
+    """
+    # The layout flags, then the overrides (which may name them too).
+    overrides = {"scan_layers": config.scan_layers, "remat": config.remat}
+    overrides |= config.model_overrides
+    if config.init_from is None:
+        return models.get_config(config.model, **overrides)
+    path = Path(config.init_from) / models.hf.CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-from {config.init_from}: no config.json in it.")
+    checkpoint = models.config_from_hf(json.loads(path.read_text()), name=path.parent.name)
+    if config.model is None:
+        return dataclasses.replace(checkpoint, **overrides)
+    preset = models.get_config(config.model, **overrides)
+    differs = architecture_differences(checkpoint, preset)
+    if differs:
+        raise UserError(
+            f"--model {config.model} does not match the config.json of --init-from "
+            f"{config.init_from} ({_differences_text(differs)}); drop --model to train the "
+            "checkpoint's architecture."
+        )
+    return preset
 
 
 def build_model(config: TrainConfig, vocab_size: int) -> tuple[models.Decoder, Any]:
-    """The decoder of ``config`` (LoRA adapters added when ``lora_rank > 0``) and the filter of
-    its trainable variables.
+    """The decoder of ``config`` (:func:`model_config`; LoRA adapters added when
+    ``lora_rank > 0``) and the filter of its trainable variables.
 
     Raises:
       ValueError: if the tokenizer's ``vocab_size`` does not fit the model's vocabulary.
     """
-    decoder_config = model_config(config)
-    if vocab_size > decoder_config.vocab_size:
+    spec = model_config(config)
+    if vocab_size > spec.vocab_size:
         raise ValueError(
-            f"The tokenizer has {vocab_size} ids but model {config.model!r} only "
-            f"{decoder_config.vocab_size} embeddings."
+            f"The tokenizer has {vocab_size} ids but model {spec.name!r} only "
+            f"{spec.vocab_size} embeddings."
         )
-    model = models.Decoder(decoder_config, rngs=nnx.Rngs(config.seed))
+    model = models.Decoder(spec, rngs=nnx.Rngs(config.seed))
     if config.init_from is not None:
         load_weights(model, config.init_from)
     if config.lora_rank == 0:
@@ -203,21 +237,18 @@ def load_weights(model: models.Decoder, path: str | os.PathLike) -> None:
     base = models.load_pretrained(
         path, dtype=mine.dtype, param_dtype=mine.param_dtype, scan_layers=mine.scan_layers
     )
-    differs = {
-        f.name: (getattr(base.config, f.name), getattr(mine, f.name))
-        for f in dataclasses.fields(mine)
-        if f.name not in ("name", "remat") and getattr(base.config, f.name) != getattr(mine, f.name)
-    }
+    differs = architecture_differences(base.config, mine)
     if differs:
-        detail = ", ".join(f"{k}: checkpoint {a!r}, model {b!r}" for k, (a, b) in differs.items())
         raise ValueError(
-            f"init_from {path}: the checkpoint does not fit model {mine.name!r}: {detail}."
+            f"init_from {path}: the checkpoint does not fit model {mine.name!r}: "
+            f"{_differences_text(differs)}."
         )
     nnx.update(model, nnx.state(base, nnx.Param))
 
 
 def make_train_step(config: TrainConfig, wrt: Any, mesh: jax.sharding.Mesh | None = None):
-    """The jitted step ``(model, optimizer, tokens [B, T+1]) -> (loss, finite)``.
+    """The jitted step ``(model, optimizer, tokens [B, T+1]) -> (loss, finite)``; with
+    ``grad_accum`` K, a micro-step (the optimizer updates the model at every K-th call).
 
     Faults are decided on device from the optimizer's step counter (see :mod:`train.faults`), so
     the step is traced once. Runs in one process with the same faults and trainable filter share
@@ -227,15 +258,18 @@ def make_train_step(config: TrainConfig, wrt: Any, mesh: jax.sharding.Mesh | Non
     The model and the optimizer are donated: the step writes the new parameters and state into
     the old ones' memory (arrays read from them before the call are invalid after it).
     """
-    return _train_step(config.faults, wrt, mesh)
+    return _train_step(config.faults, wrt, mesh, config.grad_accum)
 
 
 @functools.lru_cache(maxsize=16)
-def _train_step(faults: FaultConfig, wrt: Any, mesh: jax.sharding.Mesh | None = None):
+def _train_step(
+    faults: FaultConfig, wrt: Any, mesh: jax.sharding.Mesh | None = None, grad_accum: int = 1
+):
 
     @functools.partial(nnx.jit, donate_argnums=(0, 1))
     def train_step(model, optimizer, tokens):
-        step = optimizer.step[...] + 1  # The update this call performs, counted from 1.
+        # The update this call (a micro-step of it, with grad_accum) performs, counted from 1.
+        step = optimizer.step[...] // grad_accum + 1
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T] each
 
         def loss_fn(model):
@@ -276,6 +310,7 @@ _OPTIMIZER_FIELDS = (
     "faults",
     "scan_layers",  # A governor limits each stacked layer: the layout is part of the optimizer.
     "model_overrides",
+    "grad_accum",
 )
 
 
@@ -290,6 +325,8 @@ def _transform(*values):
     # Here learning_rate is 1: the peak is set in the state (inside the guard, for a guard).
     if config.peak_lr_in_state and config.optimizer not in PEAK_INSIDE:
         tx = optax.with_extra_args_support(optax.chain(tx, scale_by_peak_learning_rate()))
+    if config.grad_accum > 1:
+        tx = lbw_optax.accumulate_gradients(tx, config.grad_accum)
     return schedule, tx
 
 
@@ -428,14 +465,20 @@ def _normalised(config: TrainConfig) -> dict[str, Any]:
 
 
 class _Progress:
-    """A tqdm bar on stderr, off with ``quiet`` or when stderr is not a terminal."""
+    """Progress on stderr (see :mod:`train.progress`): a tqdm bar on a terminal; otherwise
+    (a log file, nohup, CI) a plain line at the first log interval, then at most one every
+    ``progress_every`` seconds. Nothing with ``quiet``."""
 
     def __init__(self, config: TrainConfig, initial: int):
-        self.bar = None
-        if not config.quiet and sys.stderr.isatty():
+        self.bar, self.throttle, self.total = None, None, config.steps
+        if config.quiet:
+            return
+        if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=config.steps, initial=initial, unit="step", dynamic_ncols=True)
+        else:
+            self.throttle = Throttle(config.progress_every)
 
     def update(self) -> None:
         if self.bar is not None:
@@ -450,6 +493,8 @@ class _Progress:
                 postfix["scale"] = f"{tel['scale']:.3f}"
             postfix["tok/s"] = f"{line['tokens_per_s']:.0f}"
             self.bar.set_postfix(postfix, refresh=False)
+        elif self.throttle is not None and self.throttle.due():
+            print(f"lbw-train: {describe(line, self.total)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -607,15 +652,15 @@ def _setup(config: TrainConfig) -> _Setup:
     """Reads and tokenizes the data, builds the model and its optimizer, and shards both over
     the config's mesh."""
     tokenizer = models.load_tokenizer(config.tokenizer)
-    text = load_text(config)
-    train_tokens = tokenize(text.train, tokenizer, what="training text")
-    eval_tokens = tokenize(text.eval, tokenizer, what="evaluation text")
-    description = text.description
-    del text
+    tokens = load_tokens(config, tokenizer)
+    train_tokens, eval_tokens, description = tokens.train, tokens.eval, tokens.description
     batches = Batches(
-        train_tokens, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
+        train_tokens,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size * config.grad_accum,  # The micro-batches of one update.
+        seed=config.seed,
     )
-    stream = DataStream(batches, config.faults, vocab_size=tokenizer.vocab_size, seed=config.seed)
+    stream = DataStream(batches, config.faults, vocab_size=tokens.vocab_size, seed=config.seed)
     eval_batches = eval_set(
         eval_tokens,
         seq_len=config.seq_len,
@@ -623,7 +668,7 @@ def _setup(config: TrainConfig) -> _Setup:
         num_batches=config.eval_batches,
     )
 
-    model, wrt = build_model(config, tokenizer.vocab_size)
+    model, wrt = build_model(config, tokens.vocab_size)
     unit_schedule, tx = _transform(*_optimizer_fields(config))
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     peak = 1.0
@@ -657,6 +702,7 @@ def _start_out_dir(config: TrainConfig, out_dir: Path, summary_path: Path) -> No
     if config.overwrite:
         if jax.process_index() == 0:
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+            remove_event_files(out_dir)
         summary_path.unlink(missing_ok=True)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -703,7 +749,8 @@ class _Session:
         self.last_loss, self.last_eval = None, None
         if start_step:  # Until this session logs its own.
             self.last_loss, self.last_eval = _last_values(self.metrics_path)
-        self.pending: list[tuple[jax.Array, jax.Array]] = []  # (loss, finite) of steps not read.
+        # (loss, finite) of each micro-step of the steps not read.
+        self.pending: list[list[tuple[jax.Array, jax.Array]]] = []
         self.fetched: list[tuple[float, bool]] = []  # ... read, and not yet logged.
         self.first_nonfinite: int | None = None
         # cached_partial traverses the model and optimizer graphs once, not at every call.
@@ -713,21 +760,26 @@ class _Session:
         # here, outside the timed steps.
         self.schedule = jax.jit(applied_schedule(config.optimizer, setup.schedule))
         self.schedule(0)
-        self.tokens_per_step = config.batch_size * config.seq_len
+        self.tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
         self.metrics = self.metrics_path.open("a")
+        self.events = None  # TensorBoard: written by process 0, resumed runs purge later steps.
+        if config.tensorboard and jax.process_index() == 0:
+            self.events = EventWriter(
+                self.out_dir, purge_step=start_step + 1 if start_step else None
+            )
         self.progress = _Progress(config, start_step)
 
-    def run(self, stop_requested: list[bool]) -> dict[str, Any]:
-        """Runs the steps; returns the summary of the completed run."""
+    def run(self, sigint: Sigint) -> dict[str, Any]:
+        """Runs the steps; returns the summary of the completed run. Ctrl-C stops at once
+        until the first step is done, then between two steps (see :mod:`train.interrupts`)."""
         config, setup = self.config, self.setup
         self.clock.restart()
         for step in range(self.start_step + 1, config.steps + 1):
-            batch = setup.stream.batch(step)
-            mesh = setup.mesh
-            batch = jnp.asarray(batch) if mesh is None else sharding.global_batch(batch, mesh)
-            self.pending.append(self.train_step(batch))
+            self.pending.append([self.train_step(b) for b in self.micro_batches(step)])
             self.progress.update()
             self.clock.step_done(self.pending[-1])
+            if not sigint.deferred:  # Compiled: from now on Ctrl-C waits for the step's end.
+                sigint.defer()
 
             last = step == config.steps
             eval_now = (config.eval_every and step % config.eval_every == 0) or last
@@ -740,25 +792,37 @@ class _Session:
                 self.log(step)
             if eval_now or save_now:
                 self.evaluate_and_save(step, eval_now, save_now)
-            if stop_requested and not last:  # Ctrl-C: stop between two steps.
+            if sigint.stop_requested and not last:  # Ctrl-C: stop between two steps.
                 raise self.interrupted(step, saved=bool(save_now))
         if config.export_to is not None and jax.process_index() == 0:
             models.save_pretrained(setup.model, config.export_to)
         return self.finish(config.steps, status="completed")
 
+    def micro_batches(self, step: int) -> list[jax.Array]:
+        """The batch of ``step`` on device, as its ``grad_accum`` micro-batches."""
+        batch, mesh = self.setup.stream.batch(step), self.setup.mesh
+        put = jnp.asarray if mesh is None else (lambda b: sharding.global_batch(b, mesh))
+        return [put(b) for b in np.split(batch, self.config.grad_accum)]
+
     def fetch(self, step: int) -> None:
-        """Reads the pending (loss, finite) pairs of the steps up to ``step``."""
+        """Reads the pending (loss, finite) pairs of the steps up to ``step``: a step's loss is
+        the mean of its micro-steps', and it is finite when all of them are."""
         values = jax.device_get(self.pending)
         first = step - len(values) + 1
-        for i, (loss, ok) in enumerate(values):
+        for i, micro in enumerate(values):
+            losses, oks = zip(*micro, strict=True)
+            loss, ok = float(np.mean(losses)), all(oks)
             if not ok and self.first_nonfinite is None:
                 self.first_nonfinite = first + i
-            self.fetched.append((float(loss), bool(ok)))
+            self.fetched.append((loss, ok))
         self.pending.clear()
 
     def write(self, record: dict[str, Any]) -> None:
+        """Writes a telemetry line or an evaluation to ``metrics.jsonl`` and TensorBoard."""
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
+        if self.events is not None:
+            (self.events.train if record["kind"] == "train" else self.events.eval)(record)
 
     def log(self, step: int) -> None:
         """Writes the telemetry line of the log interval that ends at ``step``."""
@@ -876,7 +940,7 @@ class _Session:
             "wall_time_s": clock.wall(),
             "trainable_params": self.setup.trainable,
             "optimizer": config.optimizer,
-            "model": config.model,
+            "model": self.setup.model.config.name,
             "data": self.setup.data,
             "telemetry": read_telemetry(self.setup.optimizer),
             "config": _normalised(config),
@@ -887,6 +951,8 @@ class _Session:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.events is not None:
+            self.events.close()
         self.progress.close()
 
 
@@ -901,6 +967,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         guard (the message names the step).
       Interrupted: Ctrl-C stopped the run between two steps (after saving a checkpoint of the
         last step done when ``checkpoint_every`` is set).
+      KeyboardInterrupt: Ctrl-C during start-up (reading data, building, compiling), or a
+        second Ctrl-C during a step.
       CheckpointError: ``resume`` found no checkpoint, or an unreadable or corrupted one.
       train.data.DataError: unknown data source; missing, empty, binary or non-UTF-8 files;
         too-short text.
@@ -912,6 +980,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     created only once the data is read and the model built. ``resume`` (without
     ``resume_step``) of a run that has completed returns its summary and rewrites nothing.
     """
+    with handling_sigint() as sigint:
+        return _train(config, sigint)
+
+
+def _train(config: TrainConfig, sigint: Sigint) -> dict[str, Any]:
+    """:func:`train`, with Ctrl-C handled by ``sigint`` (checked between the phases of
+    start-up, see :mod:`train.interrupts`)."""
     clock = _Clock()
     check_config(config)  # Fail fast on bad names, before reading any data.
     if config.export_to is not None and jax.process_count() > 1:
@@ -935,6 +1010,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             return done
 
     setup = _setup(config)
+    sigint.check()
     _start_out_dir(config, out_dir, summary_path)
     checkpointer = None
     if config.checkpoint_every or config.resume:
@@ -948,13 +1024,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
             say(f"lbw-train: resumed {out_dir} from step {start_step}")
         what = f"LoRA rank {config.lora_rank}" if config.lora_rank else "full"
         say(
-            f"lbw-train: {config.model} ({what}, {setup.trainable:,} trainable params), "
-            f"optimizer {config.optimizer}; data: {setup.data}"
+            f"lbw-train: {setup.model.config.name} ({what}, {setup.trainable:,} trainable "
+            f"params), optimizer {config.optimizer}; data: {setup.data}"
         )
         paths = (out_dir, summary_path, metrics_path)
         session = _Session(config, setup, checkpointer, clock, paths, start_step)
-        with _stop_on_sigint() as stop_requested:
-            return session.run(stop_requested)
+        sigint.check()
+        return session.run(sigint)
     finally:
         if session is not None:
             with contextlib.suppress(Exception):

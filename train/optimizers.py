@@ -334,3 +334,7 @@ def set_peak_learning_rate(opt_state: Any, value: float) -> None:
             f"expected one scale_by_peak_learning_rate state in the optimizer, found {len(found)}."
         )
     found[0].peak_learning_rate[...] = jnp.asarray(value, jnp.float32)
+
+
+# The peers register themselves when imported (train.peers imports this module's registry).
+from train import peers  # noqa: E402, F401

@@ -69,7 +69,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="worker processes (default: min(2, CPU count) = %(default)s)",
     )
     p.add_argument("--seeds", type=int, nargs="+", help="override the suite's seeds")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar or progress lines (the final table is still printed)",
+    )
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="when stderr is not a terminal (a log file, nohup, CI), print a plain progress "
+        "line every S seconds: runs done, time left, and the step, loss, tokens/s and regime of "
+        "each run under way (default: %(default)s)",
+    )
     p.add_argument(
         "--collect",
         action="store_true",
@@ -117,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             workers=1 if args.suite == "gpu" else args.workers,  # One process shares compilations.
             progress=not args.quiet,
+            progress_every=args.progress_every,
             command=command.strip(),
             machine=machine(),
             collect_only=args.collect,

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 from train import archive, peers  # peers registers the peers and the replay control.
 from train.config import TrainConfig, UserError
+from train.progress import describe, format_duration
 from train.stress import report
 from train.stress.expand import expand, expand_pretrain, expand_sweep, run_id, time_constants
 from train.stress.records import (
@@ -101,39 +103,125 @@ def _groups(runs: Sequence[Run]) -> list[list[Run]]:
     return list(groups.values())
 
 
-class _Bar:
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
-        self.bar = None
-        if enabled and sys.stderr.isatty():
+class _Progress:
+    """Suite progress on stderr: on a terminal, a tqdm bar of the finished runs; otherwise (a
+    log file, nohup, CI) a plain line every ``every_s`` seconds, printed by a thread: the runs
+    done, the time elapsed and left, and the last telemetry line of each run under way (read
+    from its ``metrics.jsonl``, see :func:`suite_line`). Nothing when not ``enabled``."""
+
+    def __init__(
+        self, name: str, runs_dir: Path, total: int, done: int, enabled: bool, every_s: float
+    ):
+        self.name, self.runs_dir = name, runs_dir
+        self.total, self.done, self.done_before = total, done, done
+        self.steps: dict[str, int] = {}  # Run id -> steps, of the runs queued so far.
+        self.start = time.time()
+        self.bar, self.thread, self.stop = None, None, threading.Event()
+        if not enabled:
+            return
+        if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="run", desc=desc, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=done, unit="run", desc=name, dynamic_ncols=True)
+        else:
+            self.thread = threading.Thread(target=self._print_every, args=(every_s,), daemon=True)
+            self.thread.start()
+
+    def queue(self, runs: Sequence[Run]) -> None:
+        """Notes the runs about to start (their progress is shown while they run)."""
+        self.steps.update({r.run_id: int(r.config.get("steps", TrainConfig.steps)) for r in runs})
 
     def update(self, n: int, postfix: str = "") -> None:
+        self.done += n
         if self.bar is not None:
             self.bar.update(n)
             if postfix:
                 self.bar.set_postfix_str(postfix, refresh=False)
 
+    def set_counts(self, total: int, done: int) -> None:
+        """Corrects the counts once the base learning-rate sweep has fixed the suite's runs."""
+        self.done_before += done - self.done
+        self.total, self.done = total, done
+        if self.bar is not None:
+            self.bar.total, self.bar.n = total, done
+            self.bar.refresh()
+
+    def line(self) -> str:
+        running = running_runs(self.runs_dir, self.steps, self.start)
+        elapsed = time.time() - self.start
+        return suite_line(
+            self.name, self.done, self.total, elapsed, self.done - self.done_before, running
+        )
+
+    def _print_every(self, every_s: float) -> None:
+        while not self.stop.wait(every_s):
+            print(self.line(), file=sys.stderr, flush=True)
+
     def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
         if self.bar is not None:
             self.bar.close()
 
 
-def _run_stage(runs: Sequence[Run], runs_dir: Path, workers: int, bar: _Bar) -> None:
+def running_runs(runs_dir: Path, steps: Mapping[str, int], since: float) -> dict[str, str]:
+    """Run id → progress words (:func:`train.progress.describe`) of the last telemetry line of
+    each run of ``steps`` (run id → its steps) under way: its ``metrics.jsonl`` was written
+    after ``since`` (a time.time()) and it has no finished summary."""
+    out = {}
+    for rid, total in steps.items():
+        metrics = runs_dir / rid / "metrics.jsonl"
+        try:
+            if metrics.stat().st_mtime < since or read_summary(runs_dir / rid) is not None:
+                continue
+            lines = metrics.read_text().splitlines()
+        except OSError:
+            continue
+        for text in reversed(lines):
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:  # A line being written.
+                continue
+            if record.get("kind") == "train":
+                out[rid] = describe(record, total)
+                break
+    return out
+
+
+def suite_line(
+    name: str, done: int, total: int, elapsed: float, done_here: int, running: Mapping[str, str]
+) -> str:
+    """One plain progress line of a suite: runs done of ``total``, the time ``elapsed`` in this
+    invocation and, once it has finished ``done_here`` runs, the time left at their pace; then
+    each run under way.
+
+    >>> suite_line("quick", 12, 81, 300.0, 10, {"r1": "step 5/10 (50%) loss 2.5000"})
+    'lbw-stress quick: 12/81 runs done, 5m00s elapsed, ETA 34m30s; r1: step 5/10 (50%) loss 2.5000'
+    """
+    words = f"lbw-stress {name}: {done}/{total} runs done, {format_duration(elapsed)} elapsed"
+    if done_here and total > done:
+        words += f", ETA {format_duration(elapsed / done_here * (total - done))}"
+    return "; ".join([words, *(f"{rid}: {text}" for rid, text in running.items())])
+
+
+def _run_stage(
+    runs: Sequence[Run], runs_dir: Path, workers: int, bar: _Progress, counted: bool = True
+) -> None:
     todo = [r for r in runs if not _finished(runs_dir, r.run_id, r.stage)]
+    bar.queue(todo)
     groups = _groups(todo)
     if workers <= 1 or len(groups) <= 1:
         for group in groups:
             _execute(group, str(runs_dir))
-            bar.update(len(group), group[0].run_id)
+            bar.update(len(group) if counted else 0, group[0].run_id)
         return
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = [pool.submit(_execute, group, str(runs_dir)) for group in groups]
         for future in concurrent.futures.as_completed(futures):
             ids = future.result()
-            bar.update(len(ids), ids[-1])
+            bar.update(len(ids) if counted else 0, ids[-1])
 
 
 def choose_base_lr(
@@ -200,14 +288,17 @@ def run_suite(
     *,
     workers: int = 1,
     progress: bool = True,
+    progress_every: float = 30.0,
     command: str = "",
     machine: str = "",
     collect_only: bool = False,
 ) -> Path:
     """Runs (or resumes) ``spec`` under ``out/<name>`` and writes the report.
 
-    With ``collect_only``, nothing runs: the finished runs of an interrupted suite are collected
-    into ``runs.jsonl`` and the report (which says how many of the planned runs finished).
+    ``progress`` shows the suite's progress on stderr: a bar on a terminal, else a plain line
+    every ``progress_every`` seconds. With ``collect_only``, nothing runs: the finished runs of
+    an interrupted suite are collected into ``runs.jsonl`` and the report (which says how many
+    of the planned runs finished).
 
     Returns:
       The suite directory (``runs/``, ``runs.jsonl``, ``suite.json``, ``summary.md``, PNGs).
@@ -236,7 +327,7 @@ def run_suite(
     guess = {s.name: s.base_lr or s.lr_grid[0] for s in spec.settings}
     total = len({r.run_id for r in expand(spec, guess)} | sweep_ids)
     done = sum(read_summary(runs_dir / i) is not None for i in sweep_ids)
-    bar = _Bar(total, done, progress, spec.name)
+    bar = _Progress(spec.name, runs_dir, total, done, progress, progress_every)
     pretrain = {r.run_id: r for r in expand_pretrain(spec)}
 
     def stage(runs: Sequence[Run]) -> None:
@@ -245,7 +336,7 @@ def run_suite(
             return
         todo = [r for r in runs if not _finished(runs_dir, r.run_id, r.stage)]
         bases = [pretrain[b] for b in dict.fromkeys(r.base for r in todo if r.base)]
-        _run_stage(bases, runs_dir, workers, _Bar(0, 0, False, ""))
+        _run_stage(bases, runs_dir, workers, bar, counted=False)
         _run_stage(todo, runs_dir, workers, bar)
 
     planned = spec  # What the suite plans; ``spec`` becomes what is collected.
@@ -266,14 +357,12 @@ def run_suite(
         runs = expand(spec, {k: v["base_lr"] for k, v in base.items()})
         ids = [r.run_id for r in runs]
         extra = len(sweep_ids - set(ids))
-        if bar.bar is not None:
-            bar.bar.total = len(ids) + extra
-            bar.bar.n = (
-                extra
-                + sum(read_summary(runs_dir / i) is not None for i in ids if i not in sweep_ids)
-                + len(sweep_ids & set(ids))
-            )
-            bar.bar.refresh()
+        bar.set_counts(
+            len(ids) + extra,
+            extra
+            + sum(read_summary(runs_dir / i) is not None for i in ids if i not in sweep_ids)
+            + len(sweep_ids & set(ids)),
+        )
         for setting in spec.settings:  # Setting by setting: an interrupted suite has whole ones.
             mine = [r for r in runs if r.setting == setting.name]
             stage([r for r in mine if r.control is None])
