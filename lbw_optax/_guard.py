@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _adamw
+from lbw_optax import _adamw, _validate
 from lbw_optax import _common as _pu
 from lbw_optax._governor import governor_policy
 from lbw_optax._policy import Policy
@@ -146,6 +146,7 @@ def guard(
     *,
     policy: str | Policy = "governor",
     check_updates: bool | None = None,
+    clip_threshold: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Governs any optax transformation with a bounded, recorded control loop.
 
@@ -173,6 +174,12 @@ def guard(
         step in ``benchmarks/overhead.py``) so that a non-finite one is held. ``None``: when
         the policy senses the update anyway (a per-tensor limiter, as the governor's), where
         the check is free.
+      clip_threshold: clip the gradients to this global norm (> 0) after sensing them and
+        before the inner transformation, as ``optax.clip_by_global_norm`` would: the guard
+        senses the raw gradients, so a spike stays visible to the policy, and the inner
+        optimizer gets the clipped ones (the sensed norm is reused: no extra pass). ``None``:
+        no clipping. ``optax.chain(optax.clip_by_global_norm(c), guard(inner))`` instead
+        hides spikes from the guard: it senses gradients whose norm is at most ``c``.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
@@ -200,6 +207,8 @@ def guard(
             f"check_updates=False: the {type(policy).__name__} senses the update anyway "
             "(its per-tensor limiter), so the check costs nothing; leave it at None"
         )
+    if clip_threshold is not None:
+        _validate.check_positive("clip_threshold", clip_threshold)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -233,15 +242,24 @@ def guard(
             )
         if value is not None:
             extra_args["value"] = value
-        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         if num_sensed_tensors(updates) == 0:
             # Nothing to govern (e.g. a multi_transform group with no parameters): identity.
+            inner_updates, inner_state = inner.update(
+                updates, state.inner_state, params, **extra_args
+            )
             step = optax.safe_increment(state.step)
             return inner_updates, state._replace(step=step, inner_state=inner_state)
 
         step = optax.safe_increment(state.step)
         momentum = find_first_moment(state.inner_state, updates) if policy.needs_momentum else None
         signals, grads_finite = sense(updates, value, momentum)
+        inner_grads = updates
+        if clip_threshold is not None:
+            # Sensed raw, clipped for the inner optimizer only.
+            inner_grads = _pu.clip_to_norm(updates, signals.grad_norm, clip_threshold)
+        inner_updates, inner_state = inner.update(
+            inner_grads, state.inner_state, params, **extra_args
+        )
         # The inner update too, when checked: a NaN that the inner optimizer makes from
         # finite gradients (e.g. bf16 moments) is held like a NaN gradient, never applied.
         finite = grads_finite
@@ -291,8 +309,10 @@ def lbw_adamw(
     mu_dtype: Any = None,
     nesterov: bool = False,
     policy: str | Policy = "governor",
+    clip_threshold: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """AdamW governed by :func:`guard`: ``guard(optax.adamw(...), policy=policy)``.
+    """AdamW governed by :func:`guard`: ``guard(optax.adamw(...), policy=policy,
+    clip_threshold=clip_threshold)``.
 
     The scale multiplies AdamW's whole update, so it acts as ``learning_rate × scale`` on both
     the adaptive step and the decoupled weight decay, as in the published LBW-Guard.
@@ -301,6 +321,8 @@ def lbw_adamw(
       learning_rate: a float or an optax schedule.
       b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       policy: ``"governor"``, ``"reference"`` or a policy instance (see :func:`guard`).
+      clip_threshold: clip the gradients to this global norm after the guard has sensed them
+        (see :func:`guard`); ``None``: no clipping.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -312,4 +334,4 @@ def lbw_adamw(
     adamw = _adamw.adamw(
         learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
     )
-    return guard(adamw, policy=policy)
+    return guard(adamw, policy=policy, clip_threshold=clip_threshold)
