@@ -150,11 +150,12 @@ def guard(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Governs any optax transformation with a bounded, recorded control loop.
 
-    Every step: **sense** the gradients (and the loss, ``value=``) into a few scalars in one
-    fused pass; let the **policy** interpret them into a :class:`~lbw_optax.Regime` and decide a
-    scale in its bounds (and whether to hold); run the inner transformation; **actuate**
-    (``update = scale · inner_update``, or zero on a held step with the inner state kept);
-    **record** the counters and signals in the state. No host synchronisation happens.
+    Every step: **sense** the gradients (and the loss, ``value=``, when given:
+    ``Signals.loss_seen``) into a few scalars in one fused pass; let the **policy** interpret
+    them into a :class:`~lbw_optax.Regime` and decide a scale in its bounds (and whether to
+    hold); run the inner transformation; **actuate** (``update = scale · inner_update``, or
+    zero on a held step with the inner state kept); **record** the counters and signals in
+    the state. No host synchronisation happens.
 
     Non-finite loss or gradients always hold the step: zero update, inner state and policy
     state unchanged, ``nonfinite_steps`` and ``skipped_steps`` counted, no NaN/Inf written to

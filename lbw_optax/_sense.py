@@ -11,7 +11,7 @@ class Signals(NamedTuple):
     """What the guard sensed at a step: float32 scalars, and two small per-tensor vectors.
 
     Attributes:
-      loss: the loss passed as ``value=`` (0 when no loss is given).
+      loss: the loss passed as ``value=`` (0 when no loss is given: see ``loss_seen``).
       grad_norm: global L2 norm of the gradients (pre-clip, as the optimizer received them).
       grad_ms_max: the largest per-tensor mean of g² (the published rule's sensor).
       grad_ms_mean: the mean over tensors of the per-tensor mean of g².
@@ -33,6 +33,9 @@ class Signals(NamedTuple):
       tensor_grad_update_dots: float32 ``[n]``, each tensor's ``g·u`` (gradient times inner
         update), when the policy asks for it: summed with the applied factors, the first-order
         change of the loss the step predicts; :class:`optax.MaskedNode` when not sensed.
+      loss_seen: bool, whether the step was given its loss (``value=``). A wrapper that does
+        not forward extra arguments (``flax.training.train_state.TrainState``,
+        ``optax.lookahead``) gives none; a policy then reads no loss cue from ``loss``.
     """
 
     loss: jax.Array
@@ -46,6 +49,7 @@ class Signals(NamedTuple):
     tensor_param_norms: jax.Array | optax.MaskedNode
     tensor_sizes: jax.Array | optax.MaskedNode
     tensor_grad_update_dots: jax.Array | optax.MaskedNode = optax.MaskedNode()
+    loss_seen: jax.Array | bool = True
 
 
 def empty_signals(num_tensors: int | None = None, *, dots: bool = False) -> Signals:
@@ -59,7 +63,8 @@ def empty_signals(num_tensors: int | None = None, *, dots: bool = False) -> Sign
     else:
         vector = jnp.zeros([max(num_tensors, 1)], jnp.float32)
     dot_vector = vector if dots else optax.MaskedNode()
-    return Signals(zero, zero, zero, zero, zero, zero, zero, vector, vector, vector, dot_vector)
+    signals = Signals(zero, zero, zero, zero, zero, zero, zero, vector, vector, vector, dot_vector)
+    return signals._replace(loss_seen=jnp.array(False))
 
 
 def num_sensed_tensors(tree: Any) -> int:
@@ -166,6 +171,7 @@ def sense(
         tensor_update_norms=optax.MaskedNode(),
         tensor_param_norms=optax.MaskedNode(),
         tensor_sizes=optax.MaskedNode(),
+        loss_seen=jnp.asarray(value is not None),
     )
     return signals, finite
 
