@@ -503,7 +503,41 @@ class GovernorPolicy(Policy):
         return decision, new_state
 
 
-def governor_policy(**overrides) -> GovernorPolicy:
+def governor_policy(
+    *,
+    min_scale: float = 0.1,
+    max_scale: float = 1.0,
+    warmup: int = 10,
+    fast_decay: float = 0.9,
+    slow_decay: float = 0.99,
+    spike_z: float = 4.0,
+    hold_z: float = 8.0,
+    hold_ratio: float = 10.0,
+    min_spike_rise: float = 0.05,
+    stress_trend: float = 0.02,
+    oscillation_trend: float = 0.1,
+    dwell: int = 5,
+    calm_steps: int = 20,
+    damping: float = 0.0,
+    spike_factor: float = 1.0,
+    release: float = 0.01,
+    max_holds: int = 2,
+    overshoot_cos: float | None = None,
+    alignment_decay: float = 0.9,
+    initial_scale: float = 1.0,
+    growth: float = 1.0,
+    pace_cut: float = 1.0,
+    pace_release: float = 0.01,
+    cooldown: int = 10,
+    max_update_ratio: float | None = 0.035,
+    param_floor: float = 0.02,
+    limit_anneal: float = 0.5,
+    margin_low: float | None = None,
+    margin_cut: float = 0.5,
+    margin_release: float = 0.02,
+    margin_decay: float = 0.9,
+    margin_warmup: int = 3,
+) -> GovernorPolicy:
     r"""Our governance policy: a per-tensor update limiter, regimes read from the loss and the
     gradients, holds on severe spikes.
 
@@ -617,4 +651,5 @@ def governor_policy(**overrides) -> GovernorPolicy:
       >>> import optax, lbw_optax
       >>> tx = lbw_optax.guard(optax.adamw(1e-3), policy=lbw_optax.governor_policy(warmup=10))
     """
-    return GovernorPolicy(**overrides)
+    # Every argument is a field of the same name (tests/test_api.py checks the defaults).
+    return GovernorPolicy(**locals())
