@@ -12,6 +12,7 @@ from lbw_optax._governor import governor_policy
 from lbw_optax._policy import Policy
 from lbw_optax._reference import reference_policy
 from lbw_optax._regime import Regime
+from lbw_optax._schedule_free import find_schedule_free_state
 from lbw_optax._sense import (
     Signals,
     empty_signals,
@@ -74,6 +75,18 @@ class GuardState(NamedTuple):
         "signals",
         "policy_state",
     )
+
+    # The inner schedule-free state's fields that optax.contrib.schedule_free_eval_params reads
+    # (None without one, which it reports), so that it works on a guard's state.
+    @property
+    def b1(self) -> Any:
+        found = find_schedule_free_state(self.inner_state)
+        return None if found is None else found.b1
+
+    @property
+    def z(self) -> Any:
+        found = find_schedule_free_state(self.inner_state)
+        return None if found is None else found.z
 
 
 def resolve_policy(policy: str | Policy) -> Policy:

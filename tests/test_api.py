@@ -3,8 +3,11 @@
 import dataclasses
 import inspect
 
+import chex
+import jax
 import jax.numpy as jnp
 import optax
+import optax.contrib
 import pytest
 
 import lbw_optax
@@ -66,3 +69,58 @@ def test_telemetry_of_a_real_orbax_restore_without_a_target_is_an_error(tmp_path
     assert isinstance(restored, dict)
     with pytest.raises(ValueError, match=r"fields of GuardState"):
         lbw_optax.telemetry(restored)
+
+
+# --- schedule-free evaluation parameters ------------------------------------------------------
+
+
+def _after_steps(tx, steps=3):
+    state, params = tx.init(PARAMS), PARAMS
+    for k in range(steps):
+        grads = jax.tree.map(lambda p, k=k: jnp.full_like(p, 0.1 * (k + 1)), params)
+        updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+        params = optax.apply_updates(params, updates)
+    return state, params
+
+
+def test_optax_schedule_free_eval_params_reads_a_guards_inner_state():
+    state, params = _after_steps(lbw_optax.guard(optax.contrib.schedule_free_adamw(1e-2)))
+    want = optax.contrib.schedule_free_eval_params(state.inner_state, params)
+    chex.assert_trees_all_equal(optax.contrib.schedule_free_eval_params(state, params), want)
+    # A guard over an optimizer that is not schedule-free: optax's own error.
+    state, params = _after_steps(lbw_optax.lbw_adamw(1e-2), steps=1)
+    with pytest.raises(ValueError, match="requires a ScheduleFreeState"):
+        optax.contrib.schedule_free_eval_params(state, params)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sf: sf,
+        lambda sf: lbw_optax.guard(sf),
+        lambda sf: optax.chain(optax.clip(1.0), lbw_optax.guard(sf)),
+        lambda sf: optax.MultiSteps(lbw_optax.guard(sf), every_k_schedule=1),
+        lambda sf: optax.inject_hyperparams(lambda learning_rate: lbw_optax.guard(sf))(
+            learning_rate=1.0
+        ),
+    ],
+    ids=["bare", "guard", "chain", "MultiSteps", "inject_hyperparams"],
+)
+def test_schedule_free_eval_params_finds_the_schedule_free_state_at_any_depth(wrap):
+    schedule_free = optax.contrib.schedule_free_adamw(1e-2)
+    state, params = _after_steps(wrap(schedule_free))
+    inner = [
+        n
+        for n in jax.tree.leaves(
+            state, is_leaf=lambda n: isinstance(n, optax.contrib.ScheduleFreeState)
+        )
+        if isinstance(n, optax.contrib.ScheduleFreeState)
+    ]
+    want = optax.contrib.schedule_free_eval_params(inner[0], params)
+    chex.assert_trees_all_equal(lbw_optax.schedule_free_eval_params(state, params), want)
+
+
+def test_schedule_free_eval_params_without_a_schedule_free_state_says_so():
+    state, params = _after_steps(lbw_optax.lbw_adamw(1e-2), steps=1)
+    with pytest.raises(ValueError, match=r"no optax\.contrib\.schedule_free state"):
+        lbw_optax.schedule_free_eval_params(state, params)
