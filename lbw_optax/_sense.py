@@ -67,9 +67,42 @@ def empty_signals(num_tensors: int | None = None, *, dots: bool = False) -> Sign
     return signals._replace(loss_seen=jnp.array(False))
 
 
+def sensed_tensors(tree: Any) -> list[tuple[jax.tree_util.KeyPath, jax.Array]]:
+    """The tensors of ``tree`` that are sensed, with their key paths, in the order of the
+    per-tensor signals (``Signals.tensor_update_norms``, ...): the non-empty arrays, in leaf
+    order. This is the one definition of that order (:func:`tensor_names` reports it)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(path, x) for path, x in leaves if x.size > 0]
+
+
 def num_sensed_tensors(tree: Any) -> int:
     """How many tensors of ``tree`` are sensed (the non-empty arrays)."""
-    return sum(1 for x in jax.tree.leaves(tree) if x.size > 0)
+    return len(sensed_tensors(tree))
+
+
+def tensor_names(params: Any) -> list[str]:
+    """The name of each entry of the guard's per-tensor telemetry, in order.
+
+    The per-tensor signals (``tensor_update_norms``, ``tensor_param_norms``, ``tensor_sizes``,
+    ``tensor_grad_update_dots``) and the governor's per-tensor limits carry one entry per
+    sensed tensor, unnamed; entry ``i`` belongs to the parameter ``tensor_names(params)[i]``.
+
+    Args:
+      params: the parameters as the guard sees them (for a guard in an
+        ``optax.multi_transform`` group, that group's parameters; for ``flax.nnx``, e.g.
+        ``nnx.state(model, nnx.Param)``).
+
+    Returns:
+      The key path of each sensed (non-empty) tensor, its keys joined by ``/``.
+
+    Example:
+      >>> import jax.numpy as jnp, lbw_optax
+      >>> lbw_optax.tensor_names({"b": jnp.zeros(3), "w": {"kernel": jnp.ones((2, 3))}})
+      ['b', 'w/kernel']
+    """
+    return [
+        jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in sensed_tensors(params)
+    ]
 
 
 def first_moments(inner_state: Any) -> list[Any]:

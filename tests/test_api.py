@@ -124,3 +124,38 @@ def test_schedule_free_eval_params_without_a_schedule_free_state_says_so():
     state, params = _after_steps(lbw_optax.lbw_adamw(1e-2), steps=1)
     with pytest.raises(ValueError, match=r"no optax\.contrib\.schedule_free state"):
         lbw_optax.schedule_free_eval_params(state, params)
+
+
+# --- tensor names -------------------------------------------------------------------------------
+
+
+def test_tensor_names_label_the_per_tensor_vectors_in_their_order():
+    # Distinct norms, an empty tensor (not sensed) and nesting, so that order matters.
+    params = {
+        "z_last": jnp.full((2, 2), 3.0),
+        "empty": jnp.zeros((0, 3)),
+        "block": {"kernel": jnp.full((3, 2), 1.0), "bias": jnp.full((2,), 2.0)},
+    }
+    names = lbw_optax.tensor_names(params)
+    assert names == ["block/bias", "block/kernel", "z_last"]
+    tx = lbw_optax.lbw_adamw(1e-2)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, state = tx.update(grads, tx.init(params), params, value=jnp.float32(1.0))
+    norms = lbw_optax.telemetry(state)["tensor_param_norms"]
+    assert len(norms) == len(names)
+    leaf = {"block/bias": params["block"]["bias"], "block/kernel": params["block"]["kernel"]}
+    leaf["z_last"] = params["z_last"]
+    for name, norm in zip(names, norms, strict=True):
+        assert float(norm) == pytest.approx(float(jnp.linalg.norm(leaf[name])))
+
+
+def test_tensor_names_of_a_flax_model_match_what_the_guard_senses():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    optimizer = nnx.Optimizer(model, lbw_optax.lbw_adamw(1e-2), wrt=nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+    optimizer.update(model, grads, value=jnp.float32(1.0))
+    names = lbw_optax.tensor_names(nnx.state(model, nnx.Param))
+    assert names[:2] == ["layers/0/bias/value", "layers/0/kernel/value"] and len(names) == 4
+    norms = lbw_optax.telemetry(optimizer.opt_state)["tensor_update_norms"]
+    assert len(norms) == len(names)
