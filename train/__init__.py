@@ -4,7 +4,11 @@
 >>> summary = train(TrainConfig(steps=50, out_dir="runs/demo"))  # doctest: +SKIP
 """
 
-from train import peers  # noqa: F401  Registers zclip, skip-step, adagc and spam.
+from train import (
+    # First: on a base install (no [train] extra) it exits with one line saying what to install.
+    _extra,  # noqa: F401
+    peers,  # noqa: F401  Registers zclip, skip-step, adagc and spam.
+)
 from train.checkpoint import Checkpointer, CheckpointError
 from train.config import FaultConfig, TrainConfig, UserError
 from train.data import Batches, DataError, DataPosition, DataStream, eval_set, load_text, tokenize
