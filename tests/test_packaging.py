@@ -1,8 +1,11 @@
 """What an install gives: the console scripts on a base install, and what the wheel carries."""
 
+import email.parser
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,50 @@ def test_console_scripts_without_the_train_extra_say_which_extra_to_install(prog
     assert lines[0].startswith(f"{prog}: error: ")
     assert 'pip install "lbw-optax[train]"' in lines[0]
     assert all(repr(name) in lines[0] for name in blocked)
+
+
+# What a wheel is built from (the rest of the repository is not packaged).
+PACKAGED = ["pyproject.toml", "README.md", "LICENSE", "lbw_optax", "models", "train"]
+
+
+def _setuptools_version() -> tuple[int, ...]:
+    try:
+        from importlib.metadata import version
+
+        return tuple(int(part) for part in version("setuptools").split(".")[:2])
+    except Exception:  # Not installed, or an unusual version string.
+        return (0,)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    _setuptools_version() < (77,),
+    reason="building without network needs setuptools>=77 here (pyproject's build-system)",
+)
+def test_the_wheel_carries_the_license_the_type_marker_and_the_metadata(tmp_path):
+    # Built from a copy, so that the build leaves nothing in the repository.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in PACKAGED:
+        if (ROOT / name).is_dir():
+            skip = shutil.ignore_patterns("__pycache__")
+            shutil.copytree(ROOT / name, source / name, ignore=skip)
+        else:
+            shutil.copy(ROOT / name, source / name)
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q"]
+    command += ["--no-build-isolation", "--wheel-dir", str(tmp_path / "dist")]
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("lbw_optax-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = email.parser.Parser().parsestr(archive.read(metadata).decode())
+        (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        license_text = archive.read(license_file).decode()
+    assert "lbw_optax/py.typed" in names
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert meta["License-Expression"] == "Apache-2.0"
+    assert "Typing :: Typed" in meta.get_all("Classifier")
+    urls = dict(url.split(", ", 1) for url in meta.get_all("Project-URL"))
+    assert {"Homepage", "Source", "Issues", "Documentation"} <= set(urls)
+    assert all(url.startswith("https://") for url in urls.values())
