@@ -5,10 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,3 +89,17 @@ def test_the_wheel_carries_the_license_the_type_marker_and_the_metadata(tmp_path
     urls = dict(url.split(", ", 1) for url in meta.get_all("Project-URL"))
     assert {"Homepage", "Source", "Issues", "Documentation"} <= set(urls)
     assert all(url.startswith("https://") for url in urls.values())
+
+
+def test_the_declared_floors_are_the_tested_ones():
+    # .ci/run tests the library at .ci/floors.txt's versions: pyproject.toml declares those.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = (ROOT / ".ci" / "floors.txt").read_text().splitlines()
+    tested = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+    for requirement in project["dependencies"]:  # Every dependency, tested at its floor.
+        name, floor = requirement.split(">=")
+        assert Version(tested.get(name, "0")) == Version(floor), requirement
+    for requirement in project["optional-dependencies"]["test"]:  # The test tools pinned there.
+        name, _, floor = requirement.partition(">=")
+        if name in tested:
+            assert Version(tested[name]) == Version(floor), requirement
