@@ -25,8 +25,10 @@ class GovernorState(NamedTuple):
 
     Attributes:
       observed: int32, finite steps observed so far.
-      loss_observed: int32, those of them that were given their loss (``value=``): the loss
-        statistics' own count, which steps without a loss leave as they were.
+      steps_without_loss: int32, those of them given no loss (``value=``), which the loss
+        statistics did not see: they have seen ``observed - steps_without_loss`` losses. (Counted
+        this way, a state saved before the field existed, when every step had a loss, resumes
+        with the right count, 0.)
       loss_fast: float32, fast EMA of the loss.
       loss_slow: float32, slow EMA of the (winsorised) loss.
       loss_var: float32, slow exponentially weighted variance of the loss.
@@ -55,7 +57,7 @@ class GovernorState(NamedTuple):
     """
 
     observed: jax.Array
-    loss_observed: jax.Array
+    steps_without_loss: jax.Array
     loss_fast: jax.Array
     loss_slow: jax.Array
     loss_var: jax.Array
@@ -228,7 +230,7 @@ class GovernorPolicy(Policy):
         izero = jnp.zeros([], jnp.int32)
         return GovernorState(
             observed=izero,
-            loss_observed=izero,
+            steps_without_loss=izero,
             loss_fast=zero,
             loss_slow=zero,
             loss_var=zero,
@@ -308,8 +310,9 @@ class GovernorPolicy(Policy):
         # The loss cues read the steps that were given their loss; a step without one (a
         # wrapper that does not forward value=) has none, and leaves the loss statistics.
         seen = jnp.asarray(signals.loss_seen)
-        loss_first = state.loss_observed == 0
-        loss_warm = seen & (state.loss_observed >= self.warmup)
+        losses_seen = state.observed - state.steps_without_loss
+        loss_first = losses_seen == 0
+        loss_warm = seen & (losses_seen >= self.warmup)
         log_norm = jnp.log(signals.grad_norm + _TINY)
 
         # Interpret: z-scores against the statistics *before* this step.
@@ -428,7 +431,7 @@ class GovernorPolicy(Policy):
         margin = state.margin
         margin_factor = 1.0
         if self.margin_low is not None:
-            margin = self._margin_factor(margin, loss, state.loss_observed, seen)
+            margin = self._margin_factor(margin, loss, losses_seen, seen)
             margin_factor = margin.margin_factor
         new_scale = jnp.clip(own_scale * pace * margin_factor, self.min_scale, self.max_scale)
 
@@ -470,7 +473,7 @@ class GovernorPolicy(Policy):
             )
         new_state = GovernorState(
             observed=state.observed + 1,
-            loss_observed=(state.loss_observed + seen).astype(jnp.int32),
+            steps_without_loss=(state.steps_without_loss + ~seen).astype(jnp.int32),
             loss_fast=loss_fast,
             loss_slow=loss_slow,
             loss_var=loss_var,
@@ -560,7 +563,7 @@ def governor_policy(
     gradient norm :math:`\|g\|`. A step given no loss (a wrapper that does not forward
     ``value=``, as ``flax.training.train_state.TrainState`` and ``optax.lookahead``) runs with
     its loss cues off: no loss z-score, trend, spike or margin, and the loss statistics keep
-    their values (``loss_observed`` counts the steps that had a loss); the limiter and the
+    their values (``steps_without_loss`` counts those steps); the limiter and the
     gradient cues need no loss. Running statistics: fast and slow EMAs of :math:`\ell` and of
     :math:`\log\|g\|`, and slow exponentially weighted variances. Inputs to the statistics are
     winsorised at ``slow + spike_z·sd`` after warm-up, so an outlier moves them a bounded amount.

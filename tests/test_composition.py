@@ -211,8 +211,9 @@ def test_the_governor_runs_on_its_gradient_cues_where_value_is_not_forwarded(wra
     # The gradient cues need no loss either: the spike is held.
     assert int(spike["regime"]) == Regime.SPIKE and bool(spike["held"])
     # No loss statistic was fed a missing loss.
-    for name in ("loss", "loss_fast", "loss_slow", "loss_z", "loss_trend", "loss_observed"):
+    for name in ("loss", "loss_fast", "loss_slow", "loss_var", "loss_z", "loss_trend"):
         assert float(last[name]) == 0.0, name
+    assert int(last["steps_without_loss"]) == int(last["observed"])
 
 
 @pytest.mark.parametrize("wrapper", WRAPPERS)
@@ -240,8 +241,9 @@ def test_steps_without_a_loss_leave_the_loss_statistics_as_they_were():
         _, state = update(grads[k], state, PARAMS, value=value)
     _, only_losses = run(tx, grads[1::2], losses[1::2])
     mixed = lbw_optax.telemetry(state)
-    for name in ("loss_observed", "loss_fast", "loss_slow", "loss_var"):
+    for name in ("loss_fast", "loss_slow", "loss_var"):
         np.testing.assert_allclose(mixed[name], only_losses[-1][name], rtol=1e-6, err_msg=name)
-    assert int(mixed["observed"]) == n and int(mixed["loss_observed"]) == n // 2
+    assert int(mixed["observed"]) == n and int(mixed["steps_without_loss"]) == n // 2
+    assert int(only_losses[-1]["steps_without_loss"]) == 0
     # The last step had a loss.
     assert bool(mixed["loss_seen"])
