@@ -55,10 +55,3 @@ def check(checker: Callable[..., None], name: str, value: Any, *args: Any, **kwa
     if not isinstance(value, jax.core.Tracer):
         checker(name, value, *args, **kwargs)
     return value
-
-
-def clip_to_norm(tree: Any, norm: jax.Array, max_norm: float) -> Any:
-    """``tree`` scaled to global norm ``max_norm`` when its global norm ``norm`` exceeds it, as
-    :func:`optax.clip_by_global_norm` does, from a norm computed already."""
-    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
-    return scale_tree(tree, factor.astype(jnp.float32))

@@ -188,12 +188,12 @@ def guard(
         step in ``benchmarks/overhead.py``) so that a non-finite one is held. ``None``: when
         the policy senses the update anyway (a per-tensor limiter, as the governor's), where
         the check is free.
-      clip_threshold: clip the gradients to this global norm (> 0) after sensing them and
-        before the inner transformation, as ``optax.clip_by_global_norm`` would: the guard
-        senses the raw gradients, so a spike stays visible to the policy, and the inner
-        optimizer gets the clipped ones (the sensed norm is reused: no extra pass). ``None``:
-        no clipping. ``optax.chain(optax.clip_by_global_norm(c), guard(inner))`` instead
-        hides spikes from the guard: it senses gradients whose norm is at most ``c``.
+      clip_threshold: clip the gradients to this global norm (> 0) for the inner
+        transformation with ``optax.clip_by_global_norm``, and sense them unclipped: a spike
+        stays visible to the policy, as in ``guard(optax.chain(clip, inner))``, and the
+        state is the inner transformation's own. ``None``: no clipping.
+        ``optax.chain(optax.clip_by_global_norm(c), guard(inner))`` instead hides spikes from
+        the guard: it senses gradients whose norm is at most ``c``.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
@@ -221,8 +221,10 @@ def guard(
             f"check_updates=False: the {type(policy).__name__} senses the update anyway "
             "(its per-tensor limiter), so the check costs nothing; leave it at None"
         )
+    clip = None
     if clip_threshold is not None:
         _validate.check_positive("clip_threshold", clip_threshold)
+        clip = optax.clip_by_global_norm(clip_threshold)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -256,24 +258,17 @@ def guard(
             )
         if value is not None:
             extra_args["value"] = value
+        # The inner optimizer gets the clipped gradients; the guard senses the raw ones.
+        clipped = updates if clip is None else clip.update(updates, clip.init(updates))[0]
+        inner_updates, inner_state = inner.update(clipped, state.inner_state, params, **extra_args)
         if num_sensed_tensors(updates) == 0:
             # Nothing to govern (e.g. a multi_transform group with no parameters): identity.
-            inner_updates, inner_state = inner.update(
-                updates, state.inner_state, params, **extra_args
-            )
             step = optax.safe_increment(state.step)
             return inner_updates, state._replace(step=step, inner_state=inner_state)
 
         step = optax.safe_increment(state.step)
         momentum = find_first_moment(state.inner_state, updates) if policy.needs_momentum else None
         signals, grads_finite = sense(updates, value, momentum)
-        inner_grads = updates
-        if clip_threshold is not None:
-            # Sensed raw, clipped for the inner optimizer only.
-            inner_grads = _pu.clip_to_norm(updates, signals.grad_norm, clip_threshold)
-        inner_updates, inner_state = inner.update(
-            inner_grads, state.inner_state, params, **extra_args
-        )
         # The inner update too, when checked: a NaN that the inner optimizer makes from
         # finite gradients (e.g. bf16 moments) is held like a NaN gradient, never applied.
         finite = grads_finite

@@ -80,6 +80,7 @@ def test_clip_threshold_gives_the_updates_of_clipping_inside_the_guard():
         calm_losses(),
     )
     threshold, _ = run(lbw_optax.lbw_adamw(1e-2, clip_threshold=1.0), grads, calm_losses())
+    # The same arithmetic; XLA may fuse the two programs differently (float rounding).
     for got, want in zip(threshold, inside, strict=True):
         chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-8)
 
