@@ -8,7 +8,8 @@ from lbw_optax._guard import GuardState, guard, lbw_adamw
 from lbw_optax._policy import Decision, Policy
 from lbw_optax._reference import ReferencePolicy, ReferenceState, reference_policy
 from lbw_optax._regime import Regime
-from lbw_optax._sense import Signals
+from lbw_optax._schedule_free import schedule_free_eval_params
+from lbw_optax._sense import Signals, tensor_names
 from lbw_optax._sgg import SGGState, sgg, sgg_adamw
 from lbw_optax._skip_step import SkipStepState, skip_step, skip_step_adamw
 from lbw_optax._spam import ScaleBySpamState, SpamRecord, scale_by_spam, spam_adamw
@@ -54,6 +55,7 @@ __all__ = [
     "register_telemetry_state",
     "scale_by_spam",
     "scale_by_stable_adam",
+    "schedule_free_eval_params",
     "sgg",
     "sgg_adamw",
     "skip_step",
@@ -61,6 +63,7 @@ __all__ = [
     "spam_adamw",
     "stable_adamw",
     "telemetry",
+    "tensor_names",
     "zclip",
     "zclip_adamw",
 ]

@@ -25,6 +25,10 @@ class GovernorState(NamedTuple):
 
     Attributes:
       observed: int32, finite steps observed so far.
+      steps_without_loss: int32, those of them given no loss (``value=``), which the loss
+        statistics did not see: they have seen ``observed - steps_without_loss`` losses. (Counted
+        this way, a state saved before the field existed, when every step had a loss, resumes
+        with the right count, 0.)
       loss_fast: float32, fast EMA of the loss.
       loss_slow: float32, slow EMA of the (winsorised) loss.
       loss_var: float32, slow exponentially weighted variance of the loss.
@@ -53,6 +57,7 @@ class GovernorState(NamedTuple):
     """
 
     observed: jax.Array
+    steps_without_loss: jax.Array
     loss_fast: jax.Array
     loss_slow: jax.Array
     loss_var: jax.Array
@@ -196,7 +201,8 @@ class GovernorPolicy(Policy):
                 "or the pace never reaches 1"
             )
 
-    needs_value = True
+    # It reads the loss when given (Signals.loss_seen) and runs on the gradients without it.
+    needs_value = False
 
     @property
     def needs_momentum(self) -> bool:
@@ -224,6 +230,7 @@ class GovernorPolicy(Policy):
         izero = jnp.zeros([], jnp.int32)
         return GovernorState(
             observed=izero,
+            steps_without_loss=izero,
             loss_fast=zero,
             loss_slow=zero,
             loss_var=zero,
@@ -261,10 +268,11 @@ class GovernorPolicy(Policy):
             margin_skip=jnp.array(True),  # The first step has no predecessor to compare with.
         )
 
-    def _margin_factor(self, m: MarginState, loss, observed) -> MarginState:
+    def _margin_factor(self, m: MarginState, loss, observed, loss_seen) -> MarginState:
         """Compares the loss change since the last step with the change that step predicted;
-        shrinks the factor when the ratio of their EMAs falls below ``margin_low``."""
-        evidence = ~m.margin_skip
+        shrinks the factor when the ratio of their EMAs falls below ``margin_low``.
+        ``observed`` counts the earlier steps with a loss; a step without one is no evidence."""
+        evidence = ~m.margin_skip & loss_seen
         seed = observed <= 1  # The first comparison seeds the EMAs.
         actual = loss - m.last_loss
         ema = lambda old, x: jnp.where(seed, x, _ema(old, x, self.margin_decay))
@@ -299,6 +307,12 @@ class GovernorPolicy(Policy):
         first = state.observed == 0
         warm = state.observed >= self.warmup
         loss = signals.loss
+        # The loss cues read the steps that were given their loss; a step without one (a
+        # wrapper that does not forward value=) has none, and leaves the loss statistics.
+        seen = jnp.asarray(signals.loss_seen)
+        losses_seen = state.observed - state.steps_without_loss
+        loss_first = losses_seen == 0
+        loss_warm = seen & (losses_seen >= self.warmup)
         log_norm = jnp.log(signals.grad_norm + _TINY)
 
         # Interpret: z-scores against the statistics *before* this step.
@@ -306,36 +320,48 @@ class GovernorPolicy(Policy):
             jnp.sqrt(state.loss_var), _LOSS_SD_FLOOR * jnp.abs(state.loss_slow) + _TINY
         )
         norm_sd = jnp.maximum(jnp.sqrt(state.log_norm_var), _LOG_NORM_SD_FLOOR)
-        loss_z = jnp.where(first, 0.0, (loss - state.loss_slow) / loss_sd)
+        loss_z = jnp.where(loss_first | ~seen, 0.0, (loss - state.loss_slow) / loss_sd)
         grad_z = jnp.where(first, 0.0, (log_norm - state.log_norm_slow) / norm_sd)
-        loss_rise = jnp.where(first, 0.0, loss / (jnp.abs(state.loss_slow) + _TINY) - 1.0)
-        loss_outlier = lambda z: (loss_z > z) & (loss_rise > self.min_spike_rise)
+        loss_rise = jnp.where(loss_first, 0.0, loss / (jnp.abs(state.loss_slow) + _TINY) - 1.0)
+        loss_outlier = lambda z: loss_warm & (loss_z > z) & (loss_rise > self.min_spike_rise)
         # A gradient norm hold_ratio times its running (geometric) mean is severe whatever the
         # variance says: early training inflates the variance, and such a step would poison
         # Adam's moments for hundreds of steps.
         norm_jump = jnp.where(first, 0.0, log_norm - state.log_norm_slow)
         huge = norm_jump > jnp.log(self.hold_ratio)
-        severe = warm & (loss_outlier(self.hold_z) | (grad_z > self.hold_z) | huge)
-        spike = warm & (loss_outlier(self.spike_z) | (grad_z > self.spike_z) | huge)
+        severe = loss_outlier(self.hold_z) | (warm & ((grad_z > self.hold_z) | huge))
+        spike = loss_outlier(self.spike_z) | (warm & ((grad_z > self.spike_z) | huge))
 
         # Statistics, winsorised once warm so one outlier cannot poison them (during warm-up
         # they take every value, so that they learn the signals' real spread).
-        loss_in = jnp.where(warm, jnp.minimum(loss, state.loss_slow + self.spike_z * loss_sd), loss)
+        loss_in = jnp.where(
+            loss_warm, jnp.minimum(loss, state.loss_slow + self.spike_z * loss_sd), loss
+        )
         norm_in = jnp.where(
             warm, jnp.minimum(log_norm, state.log_norm_slow + self.spike_z * norm_sd), log_norm
         )
         seed = lambda old, x, decay: jnp.where(first, x, _ema(old, x, decay))
-        loss_fast = seed(state.loss_fast, loss_in, self.fast_decay)
-        loss_slow = seed(state.loss_slow, loss_in, self.slow_decay)
+        loss_seed = lambda old, x, decay: jnp.where(loss_first, x, _ema(old, x, decay))
+        loss_fast = jnp.where(
+            seen, loss_seed(state.loss_fast, loss_in, self.fast_decay), state.loss_fast
+        )
+        loss_slow = jnp.where(
+            seen, loss_seed(state.loss_slow, loss_in, self.slow_decay), state.loss_slow
+        )
         loss_var = jnp.where(
-            first, 0.0, _ew_var(state.loss_var, state.loss_slow, loss_in, self.slow_decay)
+            seen & ~loss_first,
+            _ew_var(state.loss_var, state.loss_slow, loss_in, self.slow_decay),
+            jnp.where(seen, 0.0, state.loss_var),
         )
         log_norm_fast = seed(state.log_norm_fast, norm_in, self.fast_decay)
         log_norm_slow = seed(state.log_norm_slow, norm_in, self.slow_decay)
         log_norm_var = jnp.where(
             first, 0.0, _ew_var(state.log_norm_var, state.log_norm_slow, norm_in, self.slow_decay)
         )
-        loss_trend = loss_fast / (jnp.abs(loss_slow) + _TINY) - 1.0
+        # 0 until a loss is seen (its statistics are still 0, not a falling loss).
+        loss_trend = jnp.where(
+            loss_first & ~seen, 0.0, loss_fast / (jnp.abs(loss_slow) + _TINY) - 1.0
+        )
         grad_trend = log_norm_fast - log_norm_slow
         alignment = jnp.where(
             state.observed <= 1,  # The first step has no momentum to align with.
@@ -348,7 +374,7 @@ class GovernorPolicy(Policy):
         # Paced, the overshoot cue is read from the second step on (a cosine needs no
         # statistics; the first step has no momentum yet) and drives the pace below.
         overshooting = jnp.array(False) if self.paced else warm & overshoot
-        stressed = warm & (loss_trend > self.stress_trend)
+        stressed = loss_warm & (loss_trend > self.stress_trend)
         oscillating = (warm & (grad_trend > self.oscillation_trend)) | overshooting
         pressure = stressed | oscillating
 
@@ -405,7 +431,7 @@ class GovernorPolicy(Policy):
         margin = state.margin
         margin_factor = 1.0
         if self.margin_low is not None:
-            margin = self._margin_factor(margin, loss, state.observed)
+            margin = self._margin_factor(margin, loss, losses_seen, seen)
             margin_factor = margin.margin_factor
         new_scale = jnp.clip(own_scale * pace * margin_factor, self.min_scale, self.max_scale)
 
@@ -441,12 +467,13 @@ class GovernorPolicy(Policy):
             # The first-order change this step predicts: Σ g·Δθ over the applied update.
             predicted = new_scale * jnp.sum(tensor_scale * signals.tensor_grad_update_dots)
             margin = margin._replace(
-                last_loss=loss,
+                last_loss=jnp.where(seen, loss, margin.last_loss),
                 predicted_change=jnp.where(hold, 0.0, predicted).astype(jnp.float32),
-                margin_skip=spike | hold,
+                margin_skip=spike | hold | ~seen,
             )
         new_state = GovernorState(
             observed=state.observed + 1,
+            steps_without_loss=(state.steps_without_loss + ~seen).astype(jnp.int32),
             loss_fast=loss_fast,
             loss_slow=loss_slow,
             loss_var=loss_var,
@@ -479,7 +506,41 @@ class GovernorPolicy(Policy):
         return decision, new_state
 
 
-def governor_policy(**overrides) -> GovernorPolicy:
+def governor_policy(
+    *,
+    min_scale: float = 0.1,
+    max_scale: float = 1.0,
+    warmup: int = 10,
+    fast_decay: float = 0.9,
+    slow_decay: float = 0.99,
+    spike_z: float = 4.0,
+    hold_z: float = 8.0,
+    hold_ratio: float = 10.0,
+    min_spike_rise: float = 0.05,
+    stress_trend: float = 0.02,
+    oscillation_trend: float = 0.1,
+    dwell: int = 5,
+    calm_steps: int = 20,
+    damping: float = 0.0,
+    spike_factor: float = 1.0,
+    release: float = 0.01,
+    max_holds: int = 2,
+    overshoot_cos: float | None = None,
+    alignment_decay: float = 0.9,
+    initial_scale: float = 1.0,
+    growth: float = 1.0,
+    pace_cut: float = 1.0,
+    pace_release: float = 0.01,
+    cooldown: int = 10,
+    max_update_ratio: float | None = 0.035,
+    param_floor: float = 0.02,
+    limit_anneal: float = 0.5,
+    margin_low: float | None = None,
+    margin_cut: float = 0.5,
+    margin_release: float = 0.02,
+    margin_decay: float = 0.9,
+    margin_warmup: int = 3,
+) -> GovernorPolicy:
     r"""Our governance policy: a per-tensor update limiter, regimes read from the loss and the
     gradients, holds on severe spikes.
 
@@ -499,7 +560,11 @@ def governor_policy(**overrides) -> GovernorPolicy:
     productive rate would.
 
     **Sense** (every step, on device): the loss :math:`\ell` (``value=``) and the global
-    gradient norm :math:`\|g\|`. Running statistics: fast and slow EMAs of :math:`\ell` and of
+    gradient norm :math:`\|g\|`. A step given no loss (a wrapper that does not forward
+    ``value=``, as ``flax.training.train_state.TrainState`` and ``optax.lookahead``) runs with
+    its loss cues off: no loss z-score, trend, spike or margin, and the loss statistics keep
+    their values (``steps_without_loss`` counts those steps); the limiter and the
+    gradient cues need no loss. Running statistics: fast and slow EMAs of :math:`\ell` and of
     :math:`\log\|g\|`, and slow exponentially weighted variances. Inputs to the statistics are
     winsorised at ``slow + spike_z·sd`` after warm-up, so an outlier moves them a bounded amount.
 
@@ -589,4 +654,5 @@ def governor_policy(**overrides) -> GovernorPolicy:
       >>> import optax, lbw_optax
       >>> tx = lbw_optax.guard(optax.adamw(1e-3), policy=lbw_optax.governor_policy(warmup=10))
     """
-    return GovernorPolicy(**overrides)
+    # Every argument is a field of the same name (tests/test_api.py checks the defaults).
+    return GovernorPolicy(**locals())

@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _adamw
+from lbw_optax import _adamw, _validate
 from lbw_optax import _common as _pu
 from lbw_optax._governor import governor_policy
 from lbw_optax._policy import Policy
 from lbw_optax._reference import reference_policy
 from lbw_optax._regime import Regime
+from lbw_optax._schedule_free import find_schedule_free_state
 from lbw_optax._sense import (
     Signals,
     empty_signals,
@@ -74,6 +75,18 @@ class GuardState(NamedTuple):
         "signals",
         "policy_state",
     )
+
+    # The inner schedule-free state's fields that optax.contrib.schedule_free_eval_params reads
+    # (None without one, which it reports), so that it works on a guard's state.
+    @property
+    def b1(self) -> Any:
+        found = find_schedule_free_state(self.inner_state)
+        return None if found is None else found.b1
+
+    @property
+    def z(self) -> Any:
+        found = find_schedule_free_state(self.inner_state)
+        return None if found is None else found.z
 
 
 def resolve_policy(policy: str | Policy) -> Policy:
@@ -157,14 +170,16 @@ def guard(
     policy: str | Policy = "governor",
     check_updates: bool | None = None,
     stacked: Any = None,
+    clip_threshold: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Governs any optax transformation with a bounded, recorded control loop.
 
-    Every step: **sense** the gradients (and the loss, ``value=``) into a few scalars in one
-    fused pass; let the **policy** interpret them into a :class:`~lbw_optax.Regime` and decide a
-    scale in its bounds (and whether to hold); run the inner transformation; **actuate**
-    (``update = scale · inner_update``, or zero on a held step with the inner state kept);
-    **record** the counters and signals in the state. No host synchronisation happens.
+    Every step: **sense** the gradients (and the loss, ``value=``, when given:
+    ``Signals.loss_seen``) into a few scalars in one fused pass; let the **policy** interpret
+    them into a :class:`~lbw_optax.Regime` and decide a scale in its bounds (and whether to
+    hold); run the inner transformation; **actuate** (``update = scale · inner_update``, or
+    zero on a held step with the inner state kept); **record** the counters and signals in
+    the state. No host synchronisation happens.
 
     Non-finite loss or gradients always hold the step: zero update, inner state and policy
     state unchanged, ``nonfinite_steps`` and ``skipped_steps`` counted, no NaN/Inf written to
@@ -190,6 +205,12 @@ def guard(
         ``params -> such a tree``. Each layer of a stacked leaf is then sensed, limited and
         reported as a tensor of its own, exactly as in the unrolled layout, with one reduction
         per stacked array. ``None``: every leaf is one tensor.
+      clip_threshold: clip the gradients to this global norm (> 0) for the inner
+        transformation with ``optax.clip_by_global_norm``, and sense them unclipped: a spike
+        stays visible to the policy, as in ``guard(optax.chain(clip, inner))``, and the
+        state is the inner transformation's own. ``None``: no clipping.
+        ``optax.chain(optax.clip_by_global_norm(c), guard(inner))`` instead hides spikes from
+        the guard: it senses gradients whose norm is at most ``c``.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
@@ -217,6 +238,10 @@ def guard(
             f"check_updates=False: the {type(policy).__name__} senses the update anyway "
             "(its per-tensor limiter), so the check costs nothing; leave it at None"
         )
+    clip = None
+    if clip_threshold is not None:
+        _validate.check_positive("clip_threshold", clip_threshold)
+        clip = optax.clip_by_global_norm(clip_threshold)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -251,7 +276,9 @@ def guard(
             )
         if value is not None:
             extra_args["value"] = value
-        inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        # The inner optimizer gets the clipped gradients; the guard senses the raw ones.
+        clipped = updates if clip is None else clip.update(updates, clip.init(updates))[0]
+        inner_updates, inner_state = inner.update(clipped, state.inner_state, params, **extra_args)
         if num_sensed_tensors(updates) == 0:
             # Nothing to govern (e.g. a multi_transform group with no parameters): identity.
             step = optax.safe_increment(state.step)
@@ -312,8 +339,10 @@ def lbw_adamw(
     nesterov: bool = False,
     policy: str | Policy = "governor",
     stacked: Any = None,
+    clip_threshold: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """AdamW governed by :func:`guard`: ``guard(optax.adamw(...), policy=policy)``.
+    """AdamW governed by :func:`guard`: ``guard(optax.adamw(...), policy=policy,
+    clip_threshold=clip_threshold)``.
 
     The scale multiplies AdamW's whole update, so it acts as ``learning_rate × scale`` on both
     the adaptive step and the decoupled weight decay, as in the published LBW-Guard.
@@ -323,6 +352,8 @@ def lbw_adamw(
       b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
       policy: ``"governor"``, ``"reference"`` or a policy instance (see :func:`guard`).
       stacked: the parameters whose leading axis stacks layers (see :func:`guard`).
+      clip_threshold: clip the gradients to this global norm after the guard has sensed them
+        (see :func:`guard`); ``None``: no clipping.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.
@@ -334,4 +365,4 @@ def lbw_adamw(
     adamw = _adamw.adamw(
         learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
     )
-    return guard(adamw, policy=policy, stacked=stacked)
+    return guard(adamw, policy=policy, stacked=stacked, clip_threshold=clip_threshold)

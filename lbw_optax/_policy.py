@@ -39,7 +39,9 @@ class Policy(abc.ABC):
     Subclasses are frozen dataclasses of validated hyperparameters that implement
     :meth:`init` and :meth:`decide`. Class attributes:
 
-    - ``needs_value``: the policy senses the loss, so the guard requires ``value=``.
+    - ``needs_value``: the policy cannot decide without the loss, so the guard requires
+      ``value=``. A policy that reads the loss only when it is given leaves it ``False`` and
+      checks ``Signals.loss_seen`` (the governor does).
     - ``needs_momentum``: the policy reads ``Signals.grad_momentum_cos``, so the guard senses
       the alignment of the gradients with the inner optimizer's first moment.
     - ``needs_tensor_norms``: the policy reads ``Signals.tensor_update_norms`` and

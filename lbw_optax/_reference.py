@@ -104,7 +104,16 @@ class ReferencePolicy(Policy):
         return decision, new_state
 
 
-def reference_policy(**overrides) -> ReferencePolicy:
+def reference_policy(
+    *,
+    stress_threshold: float = 1.1,
+    spike_threshold: float = 1.5,
+    min_scale: float = 0.1,
+    recovery: float = 0.01,
+    use_max: bool = True,
+    every: int = 10,
+    ema_decay: float = 0.85,
+) -> ReferencePolicy:
     r"""The published LBW-Guard control rule (the vendor package's behaviour).
 
     On step 1 and every ``every`` steps the rule collects telemetry and decides; in between the
@@ -125,7 +134,6 @@ def reference_policy(**overrides) -> ReferencePolicy:
     oscillation → ``OSCILLATION``, spike → ``SPIKE``. The rule does not read the loss.
 
     Args:
-      **overrides: any of the fields below; the others keep their defaults.
       stress_threshold: ratio above which the mode is oscillation (> 0).
       spike_threshold: ratio above which the mode is spike (>= ``stress_threshold``).
       min_scale: the floor of the scale, in (0, 1]; 1 pins the rule to the identity.
@@ -146,4 +154,5 @@ def reference_policy(**overrides) -> ReferencePolicy:
       Stress for Stability and Efficiency", arXiv 2605.19008, 2026; the ``lbw-guard`` 1.1.3
       package.
     """
-    return ReferencePolicy(**overrides)
+    # Every argument is a field of the same name (tests/test_api.py checks the defaults).
+    return ReferencePolicy(**locals())

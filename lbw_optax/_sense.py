@@ -11,7 +11,7 @@ class Signals(NamedTuple):
     """What the guard sensed at a step: float32 scalars, and two small per-tensor vectors.
 
     Attributes:
-      loss: the loss passed as ``value=`` (0 when no loss is given).
+      loss: the loss passed as ``value=`` (0 when no loss is given: see ``loss_seen``).
       grad_norm: global L2 norm of the gradients (pre-clip, as the optimizer received them).
       grad_ms_max: the largest per-tensor mean of g² (the published rule's sensor).
       grad_ms_mean: the mean over tensors of the per-tensor mean of g².
@@ -33,6 +33,9 @@ class Signals(NamedTuple):
       tensor_grad_update_dots: float32 ``[n]``, each tensor's ``g·u`` (gradient times inner
         update), when the policy asks for it: summed with the applied factors, the first-order
         change of the loss the step predicts; :class:`optax.MaskedNode` when not sensed.
+      loss_seen: bool, whether the step was given its loss (``value=``). A wrapper that does
+        not forward extra arguments (``flax.training.train_state.TrainState``,
+        ``optax.lookahead``) gives none; a policy then reads no loss cue from ``loss``.
     """
 
     loss: jax.Array
@@ -46,6 +49,7 @@ class Signals(NamedTuple):
     tensor_param_norms: jax.Array | optax.MaskedNode
     tensor_sizes: jax.Array | optax.MaskedNode
     tensor_grad_update_dots: jax.Array | optax.MaskedNode = optax.MaskedNode()
+    loss_seen: jax.Array | bool = True
 
 
 def empty_signals(num_tensors: int | None = None, *, dots: bool = False) -> Signals:
@@ -59,7 +63,8 @@ def empty_signals(num_tensors: int | None = None, *, dots: bool = False) -> Sign
     else:
         vector = jnp.zeros([max(num_tensors, 1)], jnp.float32)
     dot_vector = vector if dots else optax.MaskedNode()
-    return Signals(zero, zero, zero, zero, zero, zero, zero, vector, vector, vector, dot_vector)
+    signals = Signals(zero, zero, zero, zero, zero, zero, zero, vector, vector, vector, dot_vector)
+    return signals._replace(loss_seen=jnp.array(False))
 
 
 def stack_flags(tree: Any, stacked: Any = None) -> list[bool]:
@@ -109,6 +114,38 @@ def tensor_sizes(tree: Any, stacked: Any = None) -> list[int]:
         n = _slices(x, flag)
         sizes += [x.size // n] * n if n else []
     return sizes
+
+
+def tensor_names(params: Any, stacked: Any = None) -> list[str]:
+    """The name of each entry of the guard's per-tensor telemetry, in order.
+
+    The per-tensor signals (``tensor_update_norms``, ``tensor_param_norms``, ``tensor_sizes``,
+    ``tensor_grad_update_dots``) and the governor's per-tensor limits carry one entry per
+    sensed tensor, unnamed; entry ``i`` belongs to ``tensor_names(params)[i]``: the non-empty
+    leaves in leaf order, and each layer of a stacked leaf in a row (``path/0``, ``path/1``,
+    ...), the order every per-tensor vector uses.
+
+    Args:
+      params: the parameters as the guard sees them (for a guard in an
+        ``optax.multi_transform`` group, that group's parameters; for ``flax.nnx``, e.g.
+        ``nnx.state(model, nnx.Param)``).
+      stacked: the guard's ``stacked`` argument, if any.
+
+    Returns:
+      The key path of each sensed tensor, its keys joined by ``/``.
+
+    Example:
+      >>> import jax.numpy as jnp, lbw_optax
+      >>> lbw_optax.tensor_names({"b": jnp.zeros(3), "w": {"kernel": jnp.ones((2, 3))}})
+      ['b', 'w/kernel']
+    """
+    names = []
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, x), flag in zip(leaves, stack_flags(params, stacked), strict=True):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        n = _slices(x, flag)
+        names += [f"{name}/{i}" for i in range(n)] if flag else [name] * n
+    return names
 
 
 def first_moments(inner_state: Any) -> list[Any]:
@@ -273,6 +310,7 @@ def sense(
         tensor_update_norms=optax.MaskedNode(),
         tensor_param_norms=optax.MaskedNode(),
         tensor_sizes=optax.MaskedNode(),
+        loss_seen=jnp.asarray(value is not None),
     )
     updates_finite = jnp.array(True)
     if sums.u_sq is not None:

@@ -96,13 +96,17 @@ def telemetry(opt_state: Any) -> dict[str, jax.Array]:
 
     Raises:
       ValueError: if two states report a field of the same name (e.g. two guards in one
-        chain); read those with ``optax.tree.get(state, name, filtering=...)``.
+        chain); read those with ``optax.tree.get(state, name, filtering=...)``. Or if the state
+        holds no governance state but a plain mapping with the fields of one of lbw_optax's (a
+        checkpoint restored without a target): restore it into the optimizer's structure.
     """
     found = [
         node
         for node in jax.tree.leaves(opt_state, is_leaf=_is_telemetry_state)
         if _is_telemetry_state(node)
     ]
+    if not found:
+        _check_not_restored_without_target(opt_state)
     nested = [n for node in found for n in _inner_states(node)]
     out: dict[str, jax.Array] = {}
     for node in found + nested:
@@ -124,3 +128,29 @@ def _inner_states(node: Any) -> list[Any]:
         n for n in jax.tree.leaves(inner, is_leaf=_is_telemetry_state) if _is_telemetry_state(n)
     ]
     return found + [m for n in found for m in _inner_states(n)]
+
+
+def _state_types() -> list[type]:
+    """lbw_optax's states that report telemetry."""
+    import lbw_optax  # The package, loaded by now; its modules import this one.
+
+    exported = (getattr(lbw_optax, name) for name in lbw_optax.__all__)
+    return [t for t in exported if isinstance(t, type) and hasattr(t, "telemetry_fields")]
+
+
+def _check_not_restored_without_target(opt_state: Any) -> None:
+    """Raises if ``opt_state`` holds a mapping with every field of a governance state: what
+    Orbax gives back for a checkpoint restored without a target (nested dicts and lists)."""
+    fields = {t.__name__: set(t.telemetry_fields) for t in _state_types()}
+    is_restored = lambda node: (
+        isinstance(node, Mapping) and any(names <= set(node) for names in fields.values())
+    )
+    for node in jax.tree.leaves(opt_state, is_leaf=is_restored):
+        if is_restored(node):
+            name = next(n for n, names in fields.items() if names <= set(node))
+            raise ValueError(
+                f"the optimizer state holds a plain mapping with the fields of {name}, not a "
+                f"{name}: a checkpoint restored without a target? Restore it into the "
+                "structure of tx.init(params) (with Orbax: a StandardRestore of that state), "
+                "then read its telemetry"
+            )

@@ -160,11 +160,18 @@ def test_reference_policy_reproduces_the_published_rule():
         chex.assert_trees_all_close(got, jax.tree.map(lambda u, s=scale: u * s, base), rtol=1e-6)
 
 
-def test_reference_policy_works_without_value_and_governor_requires_it():
+class _NeedsTheLoss(lbw_optax.GovernorPolicy):
+    needs_value = True
+
+
+def test_both_policies_work_without_value_and_a_policy_that_needs_it_requires_it():
+    # Without value= the governor's loss cues are off (tests/test_composition.py).
     grads = scaled_grads(1.0)
-    tx = lbw_optax.lbw_adamw(1e-3, policy="reference")
-    tx.update(grads, tx.init(PARAMS), PARAMS)
-    tx = lbw_optax.lbw_adamw(1e-3)
+    for policy in ("reference", "governor"):
+        tx = lbw_optax.lbw_adamw(1e-3, policy=policy)
+        _, state = tx.update(grads, tx.init(PARAMS), PARAMS)
+        assert not bool(lbw_optax.telemetry(state)["loss_seen"])
+    tx = lbw_optax.lbw_adamw(1e-3, policy=_NeedsTheLoss())
     with pytest.raises(ValueError, match="value=loss"):
         tx.update(grads, tx.init(PARAMS), PARAMS)
 

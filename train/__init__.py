@@ -9,6 +9,9 @@ handles Ctrl-C, before JAX is imported.
 
 import importlib
 
+# First: on a base install (no [train] extra) it exits with one line saying what to install.
+from train import _extra  # noqa: F401
+
 # Public name -> the module that defines it.
 _EXPORTS = {
     "Batches": "train.data",

@@ -127,11 +127,7 @@ def mechanic(config: TrainConfig, learning_rate) -> optax.GradientTransformation
     return optax.contrib.mechanize(optax.adamw(learning_rate, **_adamw_args(config)), **args)
 
 
-def _schedule_free_eval(opt_state, params):
-    return optax.contrib.schedule_free_eval_params(opt_state, params)
-
-
-@register_optimizer("schedule-free-adamw", eval_params=_schedule_free_eval)
+@register_optimizer("schedule-free-adamw", eval_params=lbw_optax.schedule_free_eval_params)
 def schedule_free_adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
     """Schedule-free AdamW (Defazio et al. 2024): the run's peak learning rate, constant, with
     its own linear warm-up over ``warmup_steps`` (no decay: the averaging replaces it); it is
