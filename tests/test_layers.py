@@ -140,6 +140,8 @@ def test_stacked_leaves_are_one_tensor_per_layer_and_bad_masks_are_refused():
     assert num_sensed_tensors(params) == 2
     assert num_sensed_tensors(params, mask) == 5
     assert tensor_sizes(params, lambda p: mask) == [3, 6, 6, 6, 6]
+    names = lbw_optax.tensor_names(params, mask)
+    assert names == ["head", "layers/w/0", "layers/w/1", "layers/w/2", "layers/w/3"]
     with pytest.raises(ValueError, match="stacked must be a tree of bools"):
         num_sensed_tensors(params, {"other": True})
     with pytest.raises(ValueError, match="leading layer axis"):
