@@ -23,6 +23,8 @@ EVERY_FIELD = {
     "lora-alpha": 8.0,
     "lora-targets": ["q_proj", "v_proj"],
     "init-from": "base-model",
+    "scan-layers": True,
+    "remat": True,
     "optimizer": "lbw",
     "lr": 3e-4,
     "schedule": "constant",
