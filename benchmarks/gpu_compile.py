@@ -13,8 +13,8 @@ one by default), unrolled and scanned layouts:
 2. the whole train step (forward, backward, optimizer) on a batch of ``--batch`` sequences of
    ``--seq-len`` tokens, bf16 compute.
 
-Printed per program: kernels, reduction kernels, tiny kernels (every output at most 1,024
-elements), HLO bytes per parameter (each kernel's operands and outputs), and an estimated time:
+Printed per program: kernels, reduction kernels, scalar-only kernels (every output a single
+element), HLO bytes per parameter (each kernel's operands and outputs), and an estimated time:
 a roofline per kernel (bytes at the card's bandwidth, matrix flops at its bf16 peak) plus a fixed
 cost per kernel launch (``--kernel-us``; 10 µs fits what clipping and the governor added per
 kernel on the measured H200 run), each as a ratio to AdamW's. The estimate is a model, not a
@@ -178,7 +178,7 @@ def table(rows: list[Row], num_params: int, kernel_s: float) -> list[str]:
             lines += [
                 f"### {program}, {layout} layers",
                 "",
-                "| method | kernels | × adamw | reduction kernels | tiny kernels "
+                "| method | kernels | × adamw | reduction kernels | scalar-only kernels "
                 "| HLO bytes / param | × adamw | est. ms | × adamw | compile s |",
                 "|---|---|---|---|---|---|---|---|---|---|",
             ]
@@ -187,7 +187,7 @@ def table(rows: list[Row], num_params: int, kernel_s: float) -> list[str]:
                 est, base_est = c.estimated_s(kernel_s), base.estimated_s(kernel_s)
                 lines.append(
                     f"| {r.method} | {c.kernels:,} | {c.kernels / base.kernels:.2f} "
-                    f"| {c.reduction_kernels:,} | {c.tiny_kernels:,} "
+                    f"| {c.reduction_kernels:,} | {c.scalar_kernels:,} "
                     f"| {c.bytes / num_params:.1f} | {c.bytes / base.bytes:.3f} "
                     f"| {est * 1e3:.2f} | {est / base_est:.3f} | {r.compile_s:.0f} |"
                 )

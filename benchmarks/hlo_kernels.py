@@ -8,9 +8,8 @@ command buffer) launches what it calls; a ``conditional`` is counted by its chea
 
 Per kernel: the bytes it moves (its operands plus its outputs, as XLA's own cost model counts a
 memory-bound kernel), the flops of its matrix products (``dot`` instructions inside a fusion,
-cuBLAS ``gemm`` custom calls), whether it reduces (a ``reduce`` inside), and whether it is tiny
-(every output at most ``TINY_ELEMENTS`` elements: scalars or per-tensor vectors, all launch and
-no work).
+cuBLAS ``gemm`` custom calls), whether it reduces (a ``reduce`` inside), and whether it is
+scalar-only (every output a single element: all launch and no work).
 
 Only text is read, so the same code counts a CPU program and a GPU program compiled without a
 GPU (``benchmarks/gpu_compile.py``).
@@ -23,7 +22,7 @@ import json
 import math
 import re
 
-TINY_ELEMENTS = 1
+SCALAR_ELEMENTS = 1
 _FREE = frozenset(
     {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "after-all", "partition-id"}
 )
@@ -68,7 +67,7 @@ class Counts:
 
     kernels: int = 0
     reduction_kernels: int = 0
-    tiny_kernels: int = 0
+    scalar_kernels: int = 0
     bytes: float = 0.0
     flops: float = 0.0
     # Σ over kernels of max(bytes / bandwidth, flops / peak): the roofline time without launches.
@@ -260,7 +259,7 @@ def count(text: str, *, bandwidth: float, peak_flops: float) -> Counts:
             counts.reduction_kernels += opcode == "reduce" or any(
                 reduces(c) for c in _called(instruction)
             )
-            counts.tiny_kernels += all(math.prod(s) <= TINY_ELEMENTS for _, s in outputs)
+            counts.scalar_kernels += all(math.prod(s) <= SCALAR_ELEMENTS for _, s in outputs)
             counts.bytes += moved
             counts.flops += flops
             counts.roofline_s += max(moved / bandwidth, flops / peak_flops)
