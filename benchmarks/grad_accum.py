@@ -11,7 +11,7 @@ For each K, ``lbw-train``'s jitted step (``train.make_train_step``, the optimize
   one process (``--repeats`` rounds, each timing ``--updates`` updates per K, the order
   reversed every other round), after a compiling warm-up.
 
-    python benchmarks/grad_accum.py
+    python benchmarks/grad_accum.py            # --remat: the same with --remat
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4], help="values of K")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--updates", type=int, default=5)
+    parser.add_argument("--remat", action="store_true", help="recompute block activations")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -76,6 +77,7 @@ def main() -> None:
             batch_size=args.batch // k,
             grad_accum=k,
             seq_len=args.seq_len,
+            remat=args.remat,
         )
         model, optimizer, step = build(config)
         micro = [jnp.asarray(b) for b in np.split(tokens, k)]
@@ -88,7 +90,8 @@ def main() -> None:
             times.append(time_updates(step, model, optimizer, micro, args.updates))
 
     print(
-        f"{args.model}, {args.optimizer}, {args.batch} x {args.seq_len} tokens per update; "
+        f"{args.model}, {args.optimizer}, {args.batch} x {args.seq_len} tokens per update, "
+        f"remat {args.remat}; "
         f"{platform.machine()} {jax.default_backend()}, JAX {jax.__version__}\n"
     )
     header = ("K", "micro-batch", "XLA temp", "XLA args", "temp + args", "time per update")
