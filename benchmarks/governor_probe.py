@@ -23,16 +23,21 @@ import json
 import os
 import statistics
 
-from train.stress import QUICK_TRAIN
+from lbw.train.stress import QUICK_TRAIN
 
 
 def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
     import optax
 
     import lbw_optax
-    from train.config import TrainConfig
-    from train.loop import train
-    from train.optimizers import _adamw, available_optimizers, build_optimizer, register_optimizer
+    from lbw.train.config import TrainConfig
+    from lbw.train.loop import train
+    from lbw.train.optimizers import (
+        _adamw,
+        available_optimizers,
+        build_optimizer,
+        register_optimizer,
+    )
 
     optimizer = variant.get("optimizer", "governor")
     if optimizer == "governor":

@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-import models
 from benchmarks import hlo_kernels
-from train.config import TrainConfig
-from train.optimizers import build_optimizer
+from lbw import models
+from lbw.train.config import TrainConfig
+from lbw.train.optimizers import build_optimizer
 
 TARGET = Path(__file__).resolve().parent / "targets" / "h100.txtpb"
 H100_BF16_FLOPS = 989e12  # Dense bf16 tensor-core peak of an H100 SXM.

@@ -63,10 +63,10 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import lbw_optax  # noqa: E402
-import models  # noqa: E402
-from train import gpu_suite, stress  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.stress import report  # noqa: E402
+from lbw import models  # noqa: E402
+from lbw.train import gpu_suite, stress  # noqa: E402
+from lbw.train.config import TrainConfig  # noqa: E402
+from lbw.train.stress import report  # noqa: E402
 
 SGG_INTERVAL = 500  # sgg_adamw's default recluster_every, for the mean over an interval.
 SGG_TIMED_INTERVAL = 4  # The timed states: a re-clustering step's work does not depend on it.
@@ -221,7 +221,7 @@ def machine() -> dict[str, Any]:
 def code() -> dict[str, Any]:
     """The commit when this checkout is a git repository with git installed, else ``unknown``."""
     version = stress.code_version()
-    import train
+    from lbw import train
 
     version["code_dir"] = str(Path(train.__file__).resolve().parent.parent)
     return version
@@ -288,9 +288,9 @@ def loop_step(config: TrainConfig):
     process through its caches), its model, and one batch of the shipped data."""
     from flax import nnx
 
-    from train.data import Batches, load_text, tokenize
-    from train.loop import _optimizer_fields, _transform, build_model, make_train_step
-    from train.optimizers import set_peak_learning_rate
+    from lbw.train.data import Batches, load_text, tokenize
+    from lbw.train.loop import _optimizer_fields, _transform, build_model, make_train_step
+    from lbw.train.optimizers import set_peak_learning_rate
 
     tokenizer = models.load_tokenizer(None)
     model, wrt = build_model(config, tokenizer.vocab_size)
@@ -441,7 +441,7 @@ def train_step_bytes(config: TrainConfig, model) -> float:
     from flax import nnx
 
     from benchmarks import gpu_compile, hlo_kernels
-    from train.loop import _optimizer_fields, _transform
+    from lbw.train.loop import _optimizer_fields, _transform
 
     _, tx = _transform(*_optimizer_fields(config))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import models
-from train import TrainConfig, build_model, make_train_step
-from train.loop import _optimizer_fields, _transform
+from lbw import models
+from lbw.train import TrainConfig, build_model, make_train_step
+from lbw.train.loop import _optimizer_fields, _transform
 
 
 def build(config: TrainConfig):

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-import models
-from train import (
+from lbw import models
+from lbw.train import (
     Batches,
     TrainConfig,
     build_model,

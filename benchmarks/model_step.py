@@ -27,7 +27,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import models
+from lbw import models
 
 
 def make_step(wrt):

@@ -18,7 +18,7 @@ then reports every finished run under the whole suite's spec, listing each part'
 import argparse
 import dataclasses
 
-from train import stress
+from lbw.train import stress
 
 
 def main() -> None:

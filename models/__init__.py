@@ -7,7 +7,7 @@
 7615616512
 """
 
-from models.config import (
+from lbw.models.config import (
     PRESETS,
     TINY_PRESETS,
     ModelConfig,
@@ -23,10 +23,10 @@ from models.config import (
     tiny_tinyllama_1_1b,
     tinyllama_1_1b,
 )
-from models.decoder import MLP, Attention, Block, Decoder, RMSNorm, apply_rope, count_params
-from models.hf import config_from_hf, config_to_hf, load_pretrained, save_pretrained
-from models.layout import scan_layers, stacked_layers, unscan_layers
-from models.lora import (
+from lbw.models.decoder import MLP, Attention, Block, Decoder, RMSNorm, apply_rope, count_params
+from lbw.models.hf import config_from_hf, config_to_hf, load_pretrained, save_pretrained
+from lbw.models.layout import scan_layers, stacked_layers, unscan_layers
+from lbw.models.lora import (
     ALL_TARGETS,
     ATTENTION_TARGETS,
     BASE_PARAMS,
@@ -37,8 +37,8 @@ from models.lora import (
     has_lora,
     merge_lora,
 )
-from models.loss import cross_entropy_loss
-from models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from lbw.models.loss import cross_entropy_loss
+from lbw.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "ALL_TARGETS",

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
+from lbw.models.config import ModelConfig
 
 # Hugging Face initializes every linear and embedding weight with N(0, initializer_range²).
 INITIALIZER_RANGE = 0.02

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import layout
-from models.config import ModelConfig
-from models.decoder import Decoder
-from models.lora import has_lora, merge_lora
+from lbw.models import layout
+from lbw.models.config import ModelConfig
+from lbw.models.decoder import Decoder
+from lbw.models.lora import has_lora, merge_lora
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.decoder import Decoder
+from lbw.models.decoder import Decoder
 
 
 def _key(entry: Any) -> str:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import jax
 
+from lbw.train import train
 from tests.train_helpers import read_jsonl, tiny_config
-from train import train
 
 STEPS = 20
 RESUME_STEP = 10
@@ -50,7 +50,7 @@ def transform_telemetry(mesh: str, steps: int = TRANSFORM_STEPS) -> dict:
     from flax import nnx
 
     import lbw_optax
-    from train import build_model, build_optimizer, learning_rate_schedule, sharding
+    from lbw.train import build_model, build_optimizer, learning_rate_schedule, sharding
 
     cfg = config("unused", mesh, steps=steps)
     model, wrt = build_model(cfg, 259)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from lbw.train import stress
+from lbw.train.checkpoint import Checkpointer
+from lbw.train.cli import main
+from lbw.train.data import DataStream
 from tests.train_helpers import TINY_FLAGS, read_jsonl
-from train import stress
-from train.checkpoint import Checkpointer
-from train.cli import main
-from train.data import DataStream
 
 FLAGS = [
     "--seq-len=32",

@@ -9,9 +9,9 @@ import json
 import pytest
 import yaml
 
+from lbw.train import TrainConfig
+from lbw.train.cli import build_parser, field_flags, main, parse_config
 from tests.train_helpers import TINY_FLAGS, train_losses
-from train import TrainConfig
-from train.cli import build_parser, field_flags, main, parse_config
 
 # One value per field of TrainConfig (and FaultConfig), by the flag's name, each unlike the
 # default where the config allows it.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from train import gpu_suite, stress
-from train.config import TrainConfig
+from lbw.train import gpu_suite, stress
+from lbw.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,7 +125,7 @@ def _micro_config(tmp_path, name, **changes):
 
 
 def test_peak_lr_in_state_gives_the_same_run_and_shares_the_optimizer(tmp_path):
-    from train import loop
+    from lbw.train import loop
 
     plain = _micro_config(tmp_path, "plain", learning_rate=3e-3)
     state = _micro_config(tmp_path, "state", learning_rate=3e-3, peak_lr_in_state=True)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models
-from train import TrainConfig, build_model
-from train.cli import main
+from lbw import models
+from lbw.train import TrainConfig, build_model
+from lbw.train.cli import main
 
 FLAGS = ["--batch-size=4", "--eval-batches=2", "--log-every=1", "--quiet", "--steps=1"]
 SHAPE = dict(

@@ -43,7 +43,7 @@ DRIVER = textwrap.dedent(
     if phase == "import":
         sys.meta_path.insert(0, PauseOnImport())
     else:
-        import models
+        from lbw import models
         if phase == "build":
             init = models.Decoder.__init__
             def paused_init(self, *args, **kwargs):
@@ -59,7 +59,7 @@ DRIVER = textwrap.dedent(
                 return loss(*args, **kwargs)
             models.cross_entropy_loss = paused_loss
 
-    from train.cli import main
+    from lbw.train.cli import main
     sys.exit(main(argv))
     """
 )

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import lbw_optax
-import models
+from lbw import models
 from lbw_optax._sense import num_sensed_tensors, tensor_sizes
 
 CONFIG = dataclasses.replace(models.tiny_qwen2_5_3b(), num_layers=3)

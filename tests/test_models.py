@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-import models
+from lbw import models
 
 PUBLISHED_COUNTS = {
     "qwen2_5_0_5b": 494_032_768,

@@ -27,7 +27,7 @@ sys.exit(main())
 
 
 @pytest.mark.parametrize(
-    ("prog", "module"), [("lbw-train", "train.cli"), ("lbw-stress", "train.stress")]
+    ("prog", "module"), [("lbw-train", "lbw.train.cli"), ("lbw-stress", "lbw.train.stress")]
 )
 @pytest.mark.parametrize("blocked", [("orbax",), ("flax",), ("orbax", "flax")])
 def test_console_scripts_without_the_train_extra_say_which_extra_to_install(prog, module, blocked):
@@ -83,12 +83,37 @@ def test_the_wheel_carries_the_license_the_type_marker_and_the_metadata(tmp_path
         (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
         license_text = archive.read(license_file).decode()
     assert "lbw_optax/py.typed" in names
+    # Nothing generic in site-packages: our models and training tools live under `lbw`.
+    top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top == {"lbw_optax", "lbw"}, top
+    assert "lbw/train/cli.py" in names and "lbw/models/decoder.py" in names
+    assert any(n.startswith("lbw/train/data/wikitext-2/") and n.endswith(".gz") for n in names)
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     assert meta["License-Expression"] == "Apache-2.0"
     assert "Typing :: Typed" in meta.get_all("Classifier")
     urls = dict(url.split(", ", 1) for url in meta.get_all("Project-URL"))
     assert {"Homepage", "Source", "Issues", "Documentation"} <= set(urls)
     assert all(url.startswith("https://") for url in urls.values())
+
+
+SHADOWING = """
+import train, models  # the user's own modules, beside the script
+from lbw import models as lbw_models
+from lbw.train import TrainConfig
+assert train.MINE == "train" and models.MINE == "models"
+assert lbw_models.Decoder is not None and TrainConfig().steps > 0
+print("ok")
+"""
+
+
+def test_a_users_own_train_and_models_modules_shadow_nothing_of_ours(tmp_path):
+    for name in ("train", "models"):
+        (tmp_path / f"{name}.py").write_text(f"MINE = {name!r}\n")
+    done = subprocess.run(
+        [sys.executable, "-c", SHADOWING], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
 
 
 def test_the_declared_floors_are_the_tested_ones():

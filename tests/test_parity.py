@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-import models
+from lbw import models
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

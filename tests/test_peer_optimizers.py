@@ -12,10 +12,10 @@ import optax
 import pytest
 
 import lbw_optax
+from lbw.train import TrainConfig, build_optimizer, learning_rate_schedule, train
+from lbw.train.optimizers import available_optimizers
 from lbw_optax import testing
 from tests.train_helpers import read_jsonl, tiny_config
-from train import TrainConfig, build_optimizer, learning_rate_schedule, train
-from train.optimizers import available_optimizers
 
 NEW_PEERS = (
     "stable-adamw",
@@ -120,14 +120,14 @@ def test_optimizer_args_reach_the_peer_factory():
 
 
 def test_schedule_free_is_evaluated_at_its_averaged_parameters(tmp_path):
-    from train.loop import _raw
+    from lbw.train.loop import _raw
 
     summary = train(tiny_config(tmp_path, optimizer="schedule-free-adamw", steps=6, eval_every=6))
     assert summary["status"] == "completed" and math.isfinite(summary["eval_loss"])
     # The evaluation point differs from the trained (y) parameters and leaves them in place.
     from flax import nnx
 
-    from train.loop import build_model, evaluate, evaluate_optimizer_point
+    from lbw.train.loop import build_model, evaluate, evaluate_optimizer_point
 
     config = tiny_config(tmp_path / "b", optimizer="schedule-free-adamw", steps=2)
     model, wrt = build_model(config, 256)

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
+from lbw.train.cli import build_parser, main
+from lbw.train.optimizers import available_optimizers
+from lbw.train.progress import Throttle, describe, format_duration
+from lbw.train.stress.runner import _Progress, running_runs, suite_line
 from tests.train_helpers import TINY_FLAGS
-from train.cli import build_parser, main
-from train.optimizers import available_optimizers
-from train.progress import Throttle, describe, format_duration
-from train.stress.runner import _Progress, running_runs, suite_line
 
 FLAGS = ["--seq-len=32", "--batch-size=4", "--eval-batches=2", "--log-every=1", *TINY_FLAGS]
 

@@ -33,9 +33,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from lbw.train.cli import main
+from lbw.train.sharding import leaf_spec, make_mesh, param_sharding, parse_mesh
 from tests.train_helpers import PYTHON, ROOT, TINY_FLAGS, cli_env, train_losses
-from train.cli import main
-from train.sharding import leaf_spec, make_mesh, param_sharding, parse_mesh
 
 STRICT = 1e-5
 COSINES = ("grad_momentum_cos", "alignment")
@@ -200,7 +200,7 @@ def test_two_processes_match_one_process(tmp_path):
         "--optimizer=adamw",
         "--quiet",
     ]
-    cli = [PYTHON, "-m", "train.cli", *flags]
+    cli = [PYTHON, "-m", "lbw.train.cli", *flags]
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(

@@ -11,8 +11,8 @@ import optax
 import pytest
 from PIL import Image
 
-from train import archive, peers, stress
-from train.stress import Method, Setting, SuiteSpec, report
+from lbw.train import archive, peers, stress
+from lbw.train.stress import Method, Setting, SuiteSpec, report
 
 MICRO_MODEL = {
     "num_layers": 1,
@@ -585,7 +585,7 @@ def test_stress_modules_import_only_those_above_them():
         tree = ast.parse((package / f"{name}.py").read_text())
         used = set()
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "train.stress":
+            if isinstance(node, ast.ImportFrom) and node.module == "lbw.train.stress":
                 used |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
                 "train.stress."

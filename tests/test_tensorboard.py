@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from lbw.train import train
+from lbw.train.tensorboard import EventWriter, eval_scalars, telemetry_histograms, train_scalars
 from tests.train_helpers import read_jsonl, tiny_config
-from train import train
-from train.tensorboard import EventWriter, eval_scalars, telemetry_histograms, train_scalars
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

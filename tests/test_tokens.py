@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-import models
+from lbw import models
+from lbw.train import DataError, TrainConfig
+from lbw.train.cli import main
+from lbw.train.data import load_tokens, read_token_files
 from tests.train_helpers import TINY_FLAGS, train_losses
-from train import DataError, TrainConfig
-from train.cli import main
-from train.data import load_tokens, read_token_files
 
 FLAGS = ["--seq-len=32", "--batch-size=4", "--eval-batches=2", "--log-every=1", "--quiet"]
 TEXT = "Il était une fois un café où l'on parlait de tokens.\n" * 60

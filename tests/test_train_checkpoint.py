@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import checkpoint
-from train.checkpoint import block_checksum, checksums
+from lbw.train import checkpoint
+from lbw.train.checkpoint import block_checksum, checksums
 
 
 def _array(dtype) -> np.ndarray:

@@ -16,9 +16,8 @@ import optax
 import pytest
 
 import lbw_optax
-import models
-from tests.train_helpers import PYTHON, ROOT, cli_env
-from train import (
+from lbw import models
+from lbw.train import (
     Batches,
     DataError,
     DataPosition,
@@ -33,9 +32,10 @@ from train import (
     register_optimizer,
     tokenize,
 )
-from train.cli import build_parser, config_from_args
-from train.data import SHIPPED_DIR
-from train.faults import loss_factor, perturb_grads
+from lbw.train.cli import build_parser, config_from_args
+from lbw.train.data import SHIPPED_DIR
+from lbw.train.faults import loss_factor, perturb_grads
+from tests.train_helpers import PYTHON, ROOT, cli_env
 
 BYTES = models.ByteTokenizer()
 

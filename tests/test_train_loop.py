@@ -13,9 +13,8 @@ import pytest
 from flax import nnx
 
 import lbw_optax
-import models
-from tests.train_helpers import TINY, load_checkpoint, read_jsonl, tiny_config, train_losses
-from train import (
+from lbw import models
+from lbw.train import (
     FaultConfig,
     NonFiniteError,
     build_model,
@@ -24,7 +23,8 @@ from train import (
     make_train_step,
     train,
 )
-from train.cli import main
+from lbw.train.cli import main
+from tests.train_helpers import TINY, load_checkpoint, read_jsonl, tiny_config, train_losses
 
 BASE = dict(steps=50, learning_rate=3e-3, warmup_steps=5, schedule="constant", eval_every=25)
 

@@ -13,6 +13,7 @@ import chex
 import numpy as np
 import pytest
 
+from lbw.train import CheckpointError, train
 from tests.train_helpers import (
     PYTHON,
     ROOT,
@@ -23,7 +24,6 @@ from tests.train_helpers import (
     tiny_config,
     train_losses,
 )
-from train import CheckpointError, train
 
 STEPS = 60
 FLAGS = [
@@ -43,7 +43,7 @@ FLAGS = [
 
 
 def _cli(out_dir, *extra) -> list[str]:
-    return [PYTHON, "-m", "train.cli", *FLAGS, f"--out-dir={out_dir}", *extra]
+    return [PYTHON, "-m", "lbw.train.cli", *FLAGS, f"--out-dir={out_dir}", *extra]
 
 
 def _run(args, env):

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from train import TrainConfig
+from lbw.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def train_losses(path) -> dict[int, float]:
 
 
 def cli_env(cache_dir) -> dict[str, str]:
-    """Environment of ``python -m train.cli`` subprocesses: the repository on the path and a
+    """Environment of ``python -m lbw.train.cli`` subprocesses: the repository on the path and a
     persistent compilation cache shared by the test's subprocesses."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -65,7 +65,7 @@ def load_checkpoint(config: TrainConfig, step: int):
     """The ``(state, meta)`` saved at ``step`` by the run of ``config``."""
     from flax import nnx
 
-    from train import Checkpointer, build_model, build_optimizer, learning_rate_schedule
+    from lbw.train import Checkpointer, build_model, build_optimizer, learning_rate_schedule
 
     model, wrt = build_model(config, 259)
     tx = build_optimizer(config, learning_rate_schedule(config))

@@ -10,33 +10,33 @@ handles Ctrl-C, before JAX is imported.
 import importlib
 
 # First: on a base install (no [train] extra) it exits with one line saying what to install.
-from train import _extra  # noqa: F401
+from lbw.train import _extra  # noqa: F401
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "Batches": "train.data",
-    "CheckpointError": "train.checkpoint",
-    "Checkpointer": "train.checkpoint",
-    "DataError": "train.data",
-    "DataPosition": "train.data",
-    "DataStream": "train.data",
-    "FaultConfig": "train.config",
-    "Interrupted": "train.loop",
-    "NonFiniteError": "train.loop",
-    "TrainConfig": "train.config",
-    "UserError": "train.config",
-    "available_optimizers": "train.optimizers",
-    "build_model": "train.loop",
-    "build_optimizer": "train.optimizers",
-    "eval_set": "train.data",
-    "evaluate": "train.loop",
-    "is_guarded": "train.optimizers",
-    "learning_rate_schedule": "train.optimizers",
-    "load_text": "train.data",
-    "make_train_step": "train.loop",
-    "register_optimizer": "train.optimizers",
-    "tokenize": "train.data",
-    "train": "train.loop",
+    "Batches": "lbw.train.data",
+    "CheckpointError": "lbw.train.checkpoint",
+    "Checkpointer": "lbw.train.checkpoint",
+    "DataError": "lbw.train.data",
+    "DataPosition": "lbw.train.data",
+    "DataStream": "lbw.train.data",
+    "FaultConfig": "lbw.train.config",
+    "Interrupted": "lbw.train.loop",
+    "NonFiniteError": "lbw.train.loop",
+    "TrainConfig": "lbw.train.config",
+    "UserError": "lbw.train.config",
+    "available_optimizers": "lbw.train.optimizers",
+    "build_model": "lbw.train.loop",
+    "build_optimizer": "lbw.train.optimizers",
+    "eval_set": "lbw.train.data",
+    "evaluate": "lbw.train.loop",
+    "is_guarded": "lbw.train.optimizers",
+    "learning_rate_schedule": "lbw.train.optimizers",
+    "load_text": "lbw.train.data",
+    "make_train_step": "lbw.train.loop",
+    "register_optimizer": "lbw.train.optimizers",
+    "tokenize": "lbw.train.data",
+    "train": "lbw.train.loop",
 }
 
 __all__ = sorted(_EXPORTS)

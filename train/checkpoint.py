@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from train.config import UserError
+from lbw.train.config import UserError
 
 
 class CheckpointError(UserError, RuntimeError):

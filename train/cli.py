@@ -1,4 +1,4 @@
-"""``lbw-train``: train a decoder from the command line (``python -m train.cli`` works too)."""
+"""``lbw-train``: train a decoder from the command line (``python -m lbw.train.cli`` works too)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from train.config import TrainConfig, UserError
-from train.interrupts import Sigint, handling_sigint
+from lbw.train.config import TrainConfig, UserError
+from lbw.train.interrupts import Sigint, handling_sigint
 
 # The only flags not named after their field (the first name is the one ``--help`` shows).
 ALIASES = {
@@ -204,7 +204,7 @@ def build_parser(config: type = TrainConfig) -> argparse.ArgumentParser:
     :class:`~train.config.TrainConfig`; nested dataclasses such as ``faults`` flattened), with
     the help text of the field's docstring entry and the type, choices and default of its
     annotation; plus the flags of a multi-process launch."""
-    from train.optimizers import available_optimizers
+    from lbw.train.optimizers import available_optimizers
 
     p = ArgumentParser(
         prog="lbw-train",
@@ -384,7 +384,7 @@ def tokenize_main(argv: list[str]) -> int:
         "--overwrite", action="store_true", help="replace the token files of an existing OUT"
     )
     args = p.parse_args(argv)
-    from train.data import META_NAME, TOKEN_FILES, write_token_files
+    from lbw.train.data import META_NAME, TOKEN_FILES, write_token_files
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -392,7 +392,7 @@ def tokenize_main(argv: list[str]) -> int:
     there = [n for n in (*TOKEN_FILES.values(), META_NAME) if (out / n).exists()]
     if there and not args.overwrite:
         p.error(f"{args.out!r} already holds {', '.join(there)}; pass --overwrite to replace them")
-    from models import load_tokenizer
+    from lbw.models import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -431,14 +431,14 @@ def _train_main(argv: list[str], sigint: Sigint) -> int:
     parser, args, config = parse_config(argv)
     sigint.check()  # JAX is imported.
 
-    from train.loop import check_config
+    from lbw.train.loop import check_config
 
     try:
         check_config(config)
     except UserError as e:
         parser.error(str(e))
 
-    from train.sharding import initialize_distributed
+    from lbw.train.sharding import initialize_distributed
 
     try:  # Before JAX touches a device.
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -446,8 +446,8 @@ def _train_main(argv: list[str], sigint: Sigint) -> int:
         parser.error(str(e))
     sigint.check()
 
-    from train.checkpoint import has_checkpoints
-    from train.loop import Interrupted, NonFiniteError, train
+    from lbw.train.checkpoint import has_checkpoints
+    from lbw.train.loop import Interrupted, NonFiniteError, train
 
     def fail(message: Any, status: int) -> int:
         print(f"lbw-train: error: {one_line(message)}", file=sys.stderr)

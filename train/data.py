@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from train.config import FaultConfig, TrainConfig, UserError
+from lbw.train.config import FaultConfig, TrainConfig, UserError
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "data" / "wikitext-2"
 WIKITEXT103 = ("Salesforce/wikitext", "wikitext-103-raw-v1")
@@ -384,7 +384,7 @@ def tokenize(text: str, tokenizer: Any, *, what: str = "text") -> np.ndarray:
     if not text.strip():
         raise DataError(f"The {what} is empty.")
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-    from models import ByteTokenizer
+    from lbw.models import ByteTokenizer
 
     if isinstance(tokenizer, ByteTokenizer):
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(dtype)

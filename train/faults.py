@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train.config import FaultConfig
+from lbw.train.config import FaultConfig
 
 
 def _at(step: jax.Array, steps: tuple[int, ...]) -> jax.Array:

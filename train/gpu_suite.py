@@ -30,10 +30,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from train.config import TrainConfig
-from train.stress.expand import expand
-from train.stress.records import read_jsonl
-from train.stress.spec import Method, Run, Setting, SuiteSpec
+from lbw.train.config import TrainConfig
+from lbw.train.stress.expand import expand
+from lbw.train.stress.records import read_jsonl
+from lbw.train.stress.spec import Method, Run, Setting, SuiteSpec
 
 DEFAULT_BUDGET_S = 360.0  # Six minutes of one GPU, probe and compilation included.
 CALM_LR = 1e-4  # The paper's calm learning rate; ×10 and ×30 are its stress rates.
@@ -250,7 +250,7 @@ def measure_probe(scale: Scale, out_dir: str | Path) -> Probe:
     the first one's compiled steps."""
     import shutil
 
-    from train.loop import train
+    from lbw.train.loop import train
 
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)

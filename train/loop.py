@@ -42,14 +42,14 @@ import optax
 from flax import nnx
 
 import lbw_optax
-import models
-from train import sharding
-from train.checkpoint import Checkpointer, CheckpointError, has_checkpoints
-from train.config import FaultConfig, TrainConfig, UserError
-from train.data import Batches, DataStream, eval_set, load_tokens
-from train.faults import loss_factor, perturb_grads
-from train.interrupts import Sigint, handling_sigint
-from train.optimizers import (
+from lbw import models
+from lbw.train import sharding
+from lbw.train.checkpoint import Checkpointer, CheckpointError, has_checkpoints
+from lbw.train.config import FaultConfig, TrainConfig, UserError
+from lbw.train.data import Batches, DataStream, eval_set, load_tokens
+from lbw.train.faults import loss_factor, perturb_grads
+from lbw.train.interrupts import Sigint, handling_sigint
+from lbw.train.optimizers import (
     PEAK_INSIDE,
     applied_schedule,
     build_optimizer,
@@ -60,8 +60,8 @@ from train.optimizers import (
     scale_by_peak_learning_rate,
     set_peak_learning_rate,
 )
-from train.progress import Throttle, describe
-from train.tensorboard import EventWriter, remove_event_files
+from lbw.train.progress import Throttle, describe
+from lbw.train.tensorboard import EventWriter, remove_event_files
 
 # Config fields that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = frozenset(

@@ -37,8 +37,8 @@ import optax
 import optax.contrib
 
 import lbw_optax
-import models
-from train.config import TrainConfig
+from lbw import models
+from lbw.train.config import TrainConfig
 
 Factory = Callable[[TrainConfig, optax.Schedule], optax.GradientTransformation]
 _REGISTRY: dict[str, Factory] = {}
@@ -266,7 +266,7 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     shock in ``config.faults`` multiplies the result on its steps (see
     :func:`train.faults.shock_schedule`).
     """
-    from train.faults import shock_schedule
+    from lbw.train.faults import shock_schedule
 
     peak = config.learning_rate
     warmup = min(config.warmup_steps, config.steps)
@@ -337,4 +337,4 @@ def set_peak_learning_rate(opt_state: Any, value: float) -> None:
 
 
 # The peers register themselves when imported (train.peers imports this module's registry).
-from train import peers  # noqa: E402, F401
+from lbw.train import peers  # noqa: E402, F401

@@ -34,8 +34,8 @@ import optax
 import optax.contrib
 
 import lbw_optax
-from train.config import TrainConfig
-from train.optimizers import _REGISTRY, register_optimizer
+from lbw.train.config import TrainConfig
+from lbw.train.optimizers import _REGISTRY, register_optimizer
 
 REPLAY_PREFIX = "replay-"
 

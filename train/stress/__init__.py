@@ -45,9 +45,9 @@ dataclasses and the roles the report reads), :mod:`~train.stress.expand`,
 
 from __future__ import annotations
 
-from train.stress import report
-from train.stress.cli import machine, main
-from train.stress.expand import (
+from lbw.train.stress import report
+from lbw.train.stress.cli import machine, main
+from lbw.train.stress.expand import (
     PRETRAIN,
     expand,
     expand_pretrain,
@@ -56,7 +56,7 @@ from train.stress.expand import (
     run_id,
     time_constants,
 )
-from train.stress.records import (
+from lbw.train.stress.records import (
     FINISHED,
     add_targets,
     collect,
@@ -67,8 +67,8 @@ from train.stress.records import (
     run_record,
     scale_trace,
 )
-from train.stress.runner import BASE_MODEL, choose_base_lr, code_version, run_suite
-from train.stress.spec import (
+from lbw.train.stress.runner import BASE_MODEL, choose_base_lr, code_version, run_suite
+from lbw.train.stress.spec import (
     BASELINE,
     CONTROLS,
     SPIKE_FACTOR,
@@ -79,7 +79,7 @@ from train.stress.spec import (
     Setting,
     SuiteSpec,
 )
-from train.stress.suites import (
+from lbw.train.stress.suites import (
     FULL_FAULTS,
     FULL_TRAIN,
     GOVERNOR,

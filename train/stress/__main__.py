@@ -1,7 +1,7 @@
-"""``python -m train.stress``: the ``lbw-stress`` CLI."""
+"""``python -m lbw.train.stress``: the ``lbw-stress`` CLI."""
 
 import sys
 
-from train.stress.cli import main
+from lbw.train.stress.cli import main
 
 sys.exit(main())

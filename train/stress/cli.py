@@ -7,11 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from train.config import UserError
-from train.stress import report
-from train.stress.records import read_jsonl
-from train.stress.runner import run_suite
-from train.stress.suites import SUITES
+from lbw.train.config import UserError
+from lbw.train.stress import report
+from lbw.train.stress.records import read_jsonl
+from lbw.train.stress.runner import run_suite
+from lbw.train.stress.suites import SUITES
 
 
 def machine() -> str:
@@ -28,7 +28,7 @@ def machine() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``lbw-stress [quick|full|paper|gpu] [--out results] [--workers N] [--seeds ...] [--quiet]
     [--budget-s S] [--steps N]``, or ``lbw-stress report DIR``."""
-    from train.cli import ArgumentParser, one_line
+    from lbw.train.cli import ArgumentParser, one_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = SUITES[args.suite]()
     plan = None
     if args.suite == "gpu" and not args.collect:
-        from train import gpu_suite
+        from lbw.train import gpu_suite
 
         try:
             budget = gpu_suite.DEFAULT_BUDGET_S if args.budget_s is None else args.budget_s
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     if plan is not None:
-        from train import gpu_suite
+        from lbw.train import gpu_suite
 
         gpu_suite.record_plan(suite_dir, plan)
     print(report.headline(suite_dir))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from train.config import TrainConfig
-from train.stress.spec import BASELINE, Method, Run, Setting, SuiteSpec
+from lbw.train.config import TrainConfig
+from lbw.train.stress.spec import BASELINE, Method, Run, Setting, SuiteSpec
 
 PRETRAIN = "base-pretrain"
 

@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from train.config import TrainConfig
-from train.stress.spec import BASELINE, SPIKE_FACTOR, TARGET_FACTOR, Run, SuiteSpec
+from lbw.train.config import TrainConfig
+from lbw.train.stress.spec import BASELINE, SPIKE_FACTOR, TARGET_FACTOR, Run, SuiteSpec
 
 FINISHED = ("completed", "nonfinite")
 

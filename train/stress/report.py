@@ -16,9 +16,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from train import archive
-from train.stress.records import read_jsonl
-from train.stress.spec import SPIKE_FACTOR, TARGET_FACTOR, Roles
+from lbw.train import archive
+from lbw.train.stress.records import read_jsonl
+from lbw.train.stress.spec import SPIKE_FACTOR, TARGET_FACTOR, Roles
 
 
 def _finite(x: Any) -> bool:

@@ -21,12 +21,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from train import archive, peers  # peers registers the peers and the replay control.
-from train.config import TrainConfig, UserError
-from train.progress import describe, format_duration
-from train.stress import report
-from train.stress.expand import expand, expand_pretrain, expand_sweep, run_id, time_constants
-from train.stress.records import (
+from lbw.train import archive, peers  # peers registers the peers and the replay control.
+from lbw.train.config import TrainConfig, UserError
+from lbw.train.progress import describe, format_duration
+from lbw.train.stress import report
+from lbw.train.stress.expand import expand, expand_pretrain, expand_sweep, run_id, time_constants
+from lbw.train.stress.records import (
     _finite,
     collect,
     mean_scale,
@@ -36,7 +36,7 @@ from train.stress.records import (
     write_json,
     write_jsonl,
 )
-from train.stress.spec import BASELINE, SPIKE_FACTOR, TARGET_FACTOR, Run, SuiteSpec
+from lbw.train.stress.spec import BASELINE, SPIKE_FACTOR, TARGET_FACTOR, Run, SuiteSpec
 
 BASE_MODEL = "model"  # The exported weights of a base pre-training run, in its run folder.
 
@@ -78,7 +78,7 @@ def _resolve(run: Run, runs_dir: Path) -> dict[str, Any]:
 
 def _execute(runs: Sequence[Run], runs_dir: str) -> list[str]:
     """Runs ``runs`` in this process (a worker's task); returns their ids."""
-    from train.loop import NonFiniteError, train
+    from lbw.train.loop import NonFiniteError, train
 
     done = []
     for run in runs:
@@ -274,8 +274,10 @@ def _git(*args: str) -> str | None:
 
 
 def code_version() -> dict[str, Any]:
-    """The git commit of the code and the tracked library/training files changed since it."""
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "lbw_optax", "train")
+    """The git commit of the code and the tracked files of every package of ours (the library,
+    the models, the training tools) changed since it."""
+    packages = ("lbw_optax", "models", "train")
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", *packages)
     return {
         "git_commit": (_git("rev-parse", "HEAD") or "unknown").strip(),
         "uncommitted": sorted(line[3:] for line in (dirty or "").splitlines()),

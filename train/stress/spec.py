@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from train.config import FaultConfig
+from lbw.train.config import FaultConfig
 
 SPIKE_FACTOR = 1.5
 TARGET_FACTOR = 1.10

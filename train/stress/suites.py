@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from train.stress.spec import BASELINE, Method, Setting, SuiteSpec
+from lbw.train.stress.spec import BASELINE, Method, Setting, SuiteSpec
 
 # The shipped data, a tiny Qwen2.5-style model, a short cosine run: a ~10-minute CPU suite.
 QUICK_TRAIN = dict(
@@ -292,7 +292,7 @@ def paper() -> SuiteSpec:
 
 def gpu() -> SuiteSpec:
     """For one GPU, within a budget (:mod:`train.gpu_suite`; its step count is set by a plan)."""
-    from train import gpu_suite
+    from lbw.train import gpu_suite
 
     return gpu_suite.gpu()
 
