@@ -23,7 +23,7 @@ DRIVER = textwrap.dedent(
     """
     import importlib.abc, sys, time
 
-    phase, swallow, argv = sys.argv[1], sys.argv[2] == "swallow", sys.argv[3:]
+    prog, phase, swallow, argv = sys.argv[1], sys.argv[2], sys.argv[3] == "swallow", sys.argv[4:]
 
     def pause():
         print(f"paused: {phase}", file=sys.stderr, flush=True)
@@ -59,21 +59,25 @@ DRIVER = textwrap.dedent(
                 return loss(*args, **kwargs)
             models.cross_entropy_loss = paused_loss
 
-    from lbw.train.cli import main
-    sys.exit(main(argv))
+    from lbw.train import cli
+    sys.exit((cli.main if prog == "lbw-train" else cli.stress_main)(argv))
     """
 )
 
 FLAGS = ["--seq-len=32", "--batch-size=4", "--eval-batches=2", "--log-every=1", "--quiet"]
 
 
-def _interrupt(tmp_path, phase: str, swallow: bool = False) -> tuple[int, list[str]]:
-    """Runs the driver paused at ``phase``, sends SIGINT there; returns the exit status and the
-    stderr lines after the pause's line."""
+def _interrupt(
+    tmp_path, phase: str, swallow: bool = False, prog: str = "lbw-train"
+) -> tuple[int, list[str]]:
+    """Runs ``prog`` through the driver paused at ``phase``, sends SIGINT there; returns the
+    exit status and the stderr lines after the pause's line."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     args = [*FLAGS, *TINY_FLAGS, "--steps=50", f"--out-dir={tmp_path / 'run'}"]
-    command = [PYTHON, str(driver), phase, "swallow" if swallow else "raise", *args]
+    if prog == "lbw-stress":
+        args = ["quick", f"--out={tmp_path / 'suite'}", "--quiet"]
+    command = [PYTHON, str(driver), prog, phase, "swallow" if swallow else "raise", *args]
     env = cli_env(tmp_path / "jax-cache")
     with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env) as process:
         try:
@@ -94,6 +98,12 @@ def test_ctrl_c_during_start_up_exits_130_with_one_line(tmp_path, phase):
     status, lines = _interrupt(tmp_path, phase)
     assert status == 130, lines
     assert lines == ["lbw-train: interrupted"], lines
+
+
+def test_ctrl_c_while_lbw_stress_imports_exits_130_with_one_line(tmp_path):
+    status, lines = _interrupt(tmp_path, "import", prog="lbw-stress")
+    assert status == 130, lines
+    assert lines == ["lbw-stress: interrupted"], lines
 
 
 @pytest.mark.parametrize(

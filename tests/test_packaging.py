@@ -21,17 +21,19 @@ import sys
 for name in {blocked!r}:
     sys.modules[name] = None  # "import name" raises ModuleNotFoundError
 sys.argv = [{prog!r}, "--help"]
-from {module} import main
+from {module} import {entry} as main
 sys.exit(main())
 """
 
 
 @pytest.mark.parametrize(
-    ("prog", "module"), [("lbw-train", "lbw.train.cli"), ("lbw-stress", "lbw.train.stress")]
+    ("prog", "module"),
+    [("lbw-train", "lbw.train.cli:main"), ("lbw-stress", "lbw.train.cli:stress_main")],
 )
 @pytest.mark.parametrize("blocked", [("orbax",), ("flax",), ("orbax", "flax")])
 def test_console_scripts_without_the_train_extra_say_which_extra_to_install(prog, module, blocked):
-    code = ENTRY.format(blocked=blocked, prog=prog, module=module)
+    module, entry = module.split(":")
+    code = ENTRY.format(blocked=blocked, prog=prog, module=module, entry=entry)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT

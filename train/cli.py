@@ -426,6 +426,22 @@ def main(argv: list[str] | None = None) -> int:
             return 130
 
 
+def stress_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lbw-stress``; returns the exit status.
+
+    The stress package imports JAX, Flax and Matplotlib when it loads, so the entry point is
+    here, in a module that imports none of them: a Ctrl-C while they import ends it with status
+    130 and one line, as for ``lbw-train``."""
+    with handling_sigint():
+        try:
+            from lbw.train.stress.cli import main as stress
+
+            return stress(argv)
+        except KeyboardInterrupt:
+            print("lbw-stress: interrupted", file=sys.stderr)
+            return 130
+
+
 def _train_main(argv: list[str], sigint: Sigint) -> int:
     """``lbw-train`` with the flags ``argv``; a Ctrl-C during training says how to resume."""
     parser, args, config = parse_config(argv)

@@ -2,6 +2,6 @@
 
 import sys
 
-from lbw.train.stress.cli import main
+from lbw.train.cli import stress_main
 
-sys.exit(main())
+sys.exit(stress_main())
