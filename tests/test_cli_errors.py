@@ -196,6 +196,7 @@ def _interrupt_at(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(DataStream, "batch", interrupted)
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(capsys, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = [*FLAGS, "--steps=6", "--checkpoint-every=4", f"--out-dir={out}"]

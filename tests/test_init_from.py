@@ -72,6 +72,7 @@ def test_init_from_takes_the_model_from_config_json(tmp_path, capsys, layout):
     assert not out.exists()
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_a_run_from_a_checkpoint_without_model(tmp_path, capsys):
     folder = _hf_folder(tmp_path, "qwen2")
     out = tmp_path / "run"

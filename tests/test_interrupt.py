@@ -93,7 +93,9 @@ def _interrupt(
     return status, after
 
 
-@pytest.mark.parametrize("phase", ["import", "build", "compile"])
+@pytest.mark.parametrize(
+    "phase", ["import", "build", pytest.param("compile", marks=pytest.mark.slow)]
+)
 def test_ctrl_c_during_start_up_exits_130_with_one_line(tmp_path, phase):
     status, lines = _interrupt(tmp_path, phase)
     assert status == 130, lines

@@ -37,6 +37,7 @@ def test_scanned_model_has_the_unrolled_logits_and_parameter_count():
     np.testing.assert_array_equal(models.unscan_layers(scanned)(tokens), unrolled(tokens))
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_remat_changes_neither_logits_nor_gradients():
     _, scanned = _pair()  # Remat inside the scan: the layout where it matters most.
     tokens = _tokens(shape=(2, 8))
@@ -105,6 +106,7 @@ def _stacked(tree):
     return tree
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_governor_on_stacked_layers_gives_the_unrolled_updates():
     # The same gradients and losses, in the two layouts: a learning rate at which the
     # per-tensor limit binds on some layers but not all.

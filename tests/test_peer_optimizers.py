@@ -119,6 +119,7 @@ def test_optimizer_args_reach_the_peer_factory():
         build_optimizer(_config(optimizer="zclip", optimizer_args={"bogus": 1}), 1e-3)
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_schedule_free_is_evaluated_at_its_averaged_parameters(tmp_path):
     from lbw.train.loop import _raw
 

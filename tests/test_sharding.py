@@ -181,6 +181,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_two_processes_match_one_process(tmp_path):
     """Two processes (one CPU device each, gloo collectives) joined by ``jax.distributed``
     on 127.0.0.1 train 10 steps on mesh data=2; each feeds its half of every batch. Plain

@@ -179,6 +179,7 @@ def test_per_setting_methods_multipliers_and_fault_methods():
         Setting(name="c", model="m", base_lr=1.0, pretrain={})
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_lora_setting_runs_on_its_cached_base(tmp_path):
     spec = micro(
         settings=(

@@ -86,6 +86,7 @@ def test_a_resumed_session_replaces_the_later_steps(tmp_path):
     assert _scalars(_read(tmp_path), "train/loss") == {1: 1.0, 2: 2.0, 3: 30.0, 4: 40.0, 5: 50.0}
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_a_governed_run_writes_its_telemetry(tmp_path):
     config = tiny_config(tmp_path, optimizer="lbw", steps=4, eval_every=2)
     train(config)

@@ -27,6 +27,7 @@ def _run(capsys, args) -> tuple[int, str, list[str]]:
     return status, out, err.splitlines()
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_tokenize_then_train_on_the_token_files(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text(TEXT, encoding="utf-8")

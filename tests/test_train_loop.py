@@ -221,6 +221,7 @@ def test_cli_exit_status_and_message_for_nonfinite_loss(tmp_path, capsys):
     assert "lbw-train: error: Step 2: the loss or gradients are NaN/Inf" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_lbw_sgg_lines_log_per_tensor_cluster_fields(tmp_path):
     """Every telemetry field is logged, SGG's per-tensor ones by parameter path."""
     train(tiny_config(tmp_path, optimizer="lbw+sgg", steps=2))
@@ -237,6 +238,7 @@ def test_lbw_sgg_lines_log_per_tensor_cluster_fields(tmp_path):
     assert not any("layernorm" in k for k in tel["cluster_scales"])  # Skipped: no empty lists.
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_grad_accum_is_one_batch_of_k_times_the_size(tmp_path):
     """K=2 micro-batches of 2 sequences make the same updates as one batch of 4 (AdamW)."""
     common = dict(steps=3, schedule="constant", learning_rate=3e-3)
@@ -262,6 +264,7 @@ def test_grad_accum_is_one_batch_of_k_times_the_size(tmp_path):
     assert k2["telemetry"] == {}
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_grad_accum_guard_reads_each_update_mean_loss_and_holds_a_nan(tmp_path):
     faults = FaultConfig(nan_loss_steps=(2,))
     train(tiny_config(tmp_path, optimizer="lbw", grad_accum=2, steps=4, faults=faults))

@@ -57,6 +57,7 @@ def _without_timing(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in timing}
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     env = cli_env(tmp_path / "jax-cache")
     _run(_cli(tmp_path / "ref"), env)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,6 +99,23 @@ def telemetry_histograms(telemetry: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
+def _summary_writer_class():
+    """``tensorboardX.SummaryWriter``, imported without PyTorch unless PyTorch is loaded.
+
+    tensorboardX imports PyTorch when it is installed, only to accept its tensors, which takes
+    seconds at every start of a run; the writer here is given NumPy values only."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # "import torch" fails at once.
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class EventWriter:
     """Writes a run's telemetry lines and evaluations as TensorBoard summaries into
     ``log_dir``, through ``tensorboardX.SummaryWriter``.
@@ -109,8 +127,7 @@ class EventWriter:
     """
 
     def __init__(self, log_dir: str | os.PathLike, purge_step: int | None = None):
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         # Event files are named by the second they were opened in: a nanosecond suffix keeps
         # two sessions of one second apart, in order.
         suffix = f".{time.time_ns()}"
