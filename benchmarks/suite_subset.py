@@ -47,6 +47,9 @@ def main() -> None:
         methods=tuple(m for m in spec.methods if m.name in names),
         faults=faults,
         fault_methods=tuple(m for m in spec.fault_methods if m in names),
+        multiplier_methods={
+            m: tuple(n for n in kept if n in names) for m, kept in spec.multiplier_methods.items()
+        },
     )
     stress.run_suite(
         subset,

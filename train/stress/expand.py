@@ -1,5 +1,6 @@
 """Expansion of a :class:`~train.stress.spec.SuiteSpec` into runs: the base pre-trainings,
-the base learning-rate sweep, then every method × setting × multiplier × fault × seed."""
+the base learning-rate sweep, then every method × setting × multiplier × fault × seed (a
+multiplier of ``multiplier_methods`` only for the methods it names)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,15 @@ def run_id(setting: str, method: str, learning_rate: float, fault: str, seed: in
     return _slug(f"{setting}__{method}__lr{learning_rate:.3e}__{fault}__s{seed}")
 
 
-def _config(spec: SuiteSpec, setting: Setting, method: Method, lr: float, fault: str, seed: int):
+def _config(
+    spec: SuiteSpec,
+    setting: Setting,
+    method: Method,
+    lr: float,
+    fault: str,
+    seed: int,
+    mult: float | None = None,
+):
     values = dict(spec.train)
     values.update(setting.train)
     values.update(
@@ -40,14 +49,17 @@ def _config(spec: SuiteSpec, setting: Setting, method: Method, lr: float, fault:
         args = dict(values.get("optimizer_args") or {})
         args.update(method.resolved_time_constants(steps))
         values["optimizer_args"] = args
-    if _replayed(spec, setting, method, fault):
+    if _replayed(spec, setting, method, fault, mult):
         values["log_every"] = 1  # The replay control needs this run's per-step scale.
     return values
 
 
-def _replayed(spec: SuiteSpec, setting: Setting, method: Method, fault: str) -> bool:
-    """Whether a replay control reads ``method``'s runs in ``setting`` under ``fault``."""
-    names = spec.methods_of(setting)
+def _replayed(
+    spec: SuiteSpec, setting: Setting, method: Method, fault: str, mult: float | None
+) -> bool:
+    """Whether a replay control reads ``method``'s runs in ``setting`` under ``fault`` at
+    multiplier ``mult`` (``None``: a sweep run, read at whichever multiplier gives its LR)."""
+    names = spec.methods_of(setting) if mult is None else spec.methods_at(setting, mult)
     return any(
         m.control == "replay"
         and m.source == method.name
@@ -144,7 +156,6 @@ def expand(spec: SuiteSpec, base_lrs: Mapping[str, float] | None = None) -> list
         base = setting.base_lr if setting.base_lr is not None else base_lrs.get(setting.name)
         if base is None:
             raise ValueError(f"setting {setting.name!r} has no base learning rate yet.")
-        names = spec.methods_of(setting)
         for fault in spec.faults:
             if fault != "none" and spec.fault_settings and setting.name not in spec.fault_settings:
                 continue
@@ -155,6 +166,7 @@ def expand(spec: SuiteSpec, base_lrs: Mapping[str, float] | None = None) -> list
                     and mult not in spec.fault_multipliers
                 ):
                     continue
+                names = spec.methods_at(setting, mult)
                 for method in spec.methods:
                     if method.name not in names or (
                         fault != "none"
@@ -173,7 +185,7 @@ def expand(spec: SuiteSpec, base_lrs: Mapping[str, float] | None = None) -> list
                             learning_rate=lr,
                             fault=fault,
                             seed=seed,
-                            config=_config(spec, setting, method, lr, fault, seed),
+                            config=_config(spec, setting, method, lr, fault, seed, mult),
                             depends_on=run_id(setting.name, method.source, lr, fault, seed)
                             if method.source
                             else None,

@@ -113,6 +113,10 @@ class SuiteSpec:
       fault_settings: settings that run the faults other than ``"none"`` (empty: all).
       fault_multipliers: multipliers at which the faults run (empty: all).
       fault_methods: methods that run the faults other than ``"none"`` (empty: all).
+      multiplier_methods: multiplier → the only methods that run it, in every setting that
+        has it (its other methods skip it; an empty tuple: none do); a multiplier not listed
+        runs every method of the setting. E.g. low learning rates for a few methods only:
+        ``lr_multipliers=(0.1, 1.0, 10.0), multiplier_methods={0.1: ("adamw", "governor")}``.
       seeds: the seeds.
       train: :class:`TrainConfig` fields shared by every run (steps, data, sizes, …).
       device: the kind of machine the suite is meant for (for the report).
@@ -129,6 +133,7 @@ class SuiteSpec:
     fault_settings: tuple[str, ...] = ()
     fault_multipliers: tuple[float, ...] = ()
     fault_methods: tuple[str, ...] = ()
+    multiplier_methods: Mapping[float, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     seeds: tuple[int, ...] = (0,)
     train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     device: str = "CPU"
@@ -159,6 +164,24 @@ class SuiteSpec:
             source = self.method(name).source
             if source is not None and source not in self.fault_methods:
                 raise ValueError(f"fault_methods has control {name!r} without {source!r}.")
+        known = {*self.lr_multipliers, *(m for s in self.settings for m in s.lr_multipliers)}
+        for mult, listed in self.multiplier_methods.items():
+            if mult not in known:
+                raise ValueError(
+                    f"multiplier_methods names ×{mult:g}, not a multiplier of the suite or of a "
+                    f"setting ({sorted(known)})."
+                )
+            unknown = sorted(set(listed) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"multiplier_methods at ×{mult:g} names unknown methods {unknown}."
+                )
+            for name in listed:
+                source = self.method(name).source
+                if source is not None and source not in listed:
+                    raise ValueError(
+                        f"multiplier_methods at ×{mult:g} has control {name!r} without {source!r}."
+                    )
         if "none" not in self.faults:
             raise ValueError("faults must include 'none'.")
         for fault in self.faults.values():
@@ -173,6 +196,13 @@ class SuiteSpec:
     def methods_of(self, setting: Setting) -> list[str]:
         """The names of the methods ``setting`` runs, in the suite's order."""
         return [m.name for m in self.methods if not setting.methods or m.name in setting.methods]
+
+    def methods_at(self, setting: Setting, mult: float) -> list[str]:
+        """The names of the methods ``setting`` runs at multiplier ``mult``, in order."""
+        names = self.methods_of(setting)
+        if mult in self.multiplier_methods:
+            return [n for n in names if n in self.multiplier_methods[mult]]
+        return names
 
     def replaced(self, **changes) -> SuiteSpec:
         return dataclasses.replace(self, **changes)
