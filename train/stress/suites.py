@@ -87,6 +87,24 @@ def _core_methods(clips: Sequence[float]) -> list[Method]:
 # The guard over another inner optimizer, beside that optimizer alone.
 OTHER_INNER = ("lion", "governor(lion)")
 
+# The product default, the governor over clipped AdamW, and its effective-LR control: AdamW at
+# the learning rate × that run's mean applied scale. (``effective-lr`` reads the governor
+# alone, as the committed results do.)
+DEFAULT_CONTROL = Method(
+    name="effective-lr(governor+clip)",
+    optimizer="adamw",
+    control="effective-lr",
+    source="governor+clip",
+)
+
+# Learning rates below the base, ×0.1 and ×0.3, that a user might pick: run only by some
+# methods (``SuiteSpec.multiplier_methods``).
+LOW_MULTIPLIERS = (0.1, 0.3)
+
+# A setting of the suite's own model without learning-rate warm-up (its own AdamW sweep): the
+# clipping baselines and the product default with its control, at ×1 and ×10.
+WARMUP0 = dict(train={"warmup_steps": 0}, lr_multipliers=(1.0, 10.0))
+
 
 def quick() -> SuiteSpec:
     """The default suite: CPU, about ten minutes on two quiet cores."""
@@ -94,18 +112,25 @@ def quick() -> SuiteSpec:
         *_core_methods([1.0]),
         *(m for m in LR_FREE if m.name in ("stable-adamw", "reduce-on-plateau")),
         Method(name="effective-lr", optimizer="adamw", control="effective-lr", source="governor"),
+        DEFAULT_CONTROL,
         Method(name="lion", optimizer="lion"),
         Method(name="governor(lion)", optimizer="lbw", overrides={**GOVERNOR, "inner": "lion"}),
     )
+    default = ("adamw", "adamw+clip", "governor+clip", DEFAULT_CONTROL.name)
     return SuiteSpec(
         name="quick",
         description=(
             "CPU suite: the shipped WikiText-2 sample, a 2-layer cut of the tiny Qwen2.5-3B-style "
-            "preset (byte-level), full-parameter training, 200 steps of 8×64 tokens; twelve "
-            "methods (the governor over clipping, StableAdamW, reduce-on-plateau and the "
-            "effective-LR control included) at the sweep's base learning rate and two stress "
-            "multipliers, two seeds; and Lion alone and governed at ×1 and ×10 of 1e-4. The "
-            "peers' time constants are fractions of the run (see Time constants)."
+            "preset (byte-level), full-parameter training, 200 steps of 8×64 tokens, cosine "
+            "schedule. `tiny_qwen2_5_3b` (20 warm-up steps): thirteen methods (the governor over "
+            "clipping, StableAdamW, reduce-on-plateau and the effective-LR controls of the "
+            "governor and of the governor over clipping included) at the sweep's base learning "
+            "rate and two stress multipliers (×1, ×3, ×10), and AdamW, clipping, the governor "
+            "over clipping and its effective-LR control also at ×0.1 and ×0.3. "
+            "`tiny_qwen2_5_3b+warmup0` (the same model without warm-up, its own AdamW sweep): "
+            "those four at ×1 and ×10. `tiny_qwen2_5_3b+lion` (20 warm-up steps): Lion alone and "
+            "governed at ×1 and ×10 of 1e-4. Two seeds. The peers' time constants are fractions "
+            "of the run (see Time constants)."
         ),
         settings=(
             Setting(
@@ -114,6 +139,14 @@ def quick() -> SuiteSpec:
                 model_overrides={"num_layers": 2},
                 lr_grid=(3e-4, 1e-3, 3e-3),
                 methods=tuple(m.name for m in quick_methods if m.name not in OTHER_INNER),
+            ),
+            Setting(
+                name="tiny_qwen2_5_3b+warmup0",
+                model="tiny_qwen2_5_3b",
+                model_overrides={"num_layers": 2},
+                lr_grid=(3e-4, 1e-3, 3e-3),
+                methods=default,
+                **WARMUP0,
             ),
             Setting(
                 name="tiny_qwen2_5_3b+lion",
@@ -126,7 +159,8 @@ def quick() -> SuiteSpec:
             ),
         ),
         methods=quick_methods,
-        lr_multipliers=(1.0, 3.0, 10.0),
+        lr_multipliers=(*LOW_MULTIPLIERS, 1.0, 3.0, 10.0),
+        multiplier_methods=dict.fromkeys(LOW_MULTIPLIERS, default),
         seeds=(0, 1),
         train=QUICK_TRAIN,
     )
@@ -146,6 +180,21 @@ FULL_FAULTS = {
 
 # What the size ladder, TinyLlama and LoRA settings run: the baselines, both rules, the control.
 LADDER_METHODS = ("adamw", "adamw+clip1", "reference", "governor", "effective-lr")
+
+# What the full suite runs at ×0.1 and ×0.3 of tiny_qwen2_5_3b's base: the baselines, the
+# governor alone and over clipping, the latter's control and the learning-rate-free peers.
+FULL_LOW_METHODS = (
+    "adamw",
+    "adamw+clip1",
+    "adamw+clip0.5",
+    "governor",
+    "governor+clip",
+    DEFAULT_CONTROL.name,
+    "prodigy",
+    "dadapt-adamw",
+    "mechanic",
+    "schedule-free-adamw",
+)
 
 
 def full() -> SuiteSpec:
@@ -173,6 +222,13 @@ def full() -> SuiteSpec:
             train={"steps": 2000, "warmup_steps": 200, "eval_every": 250},
             seeds=(0, 1),
         ),
+        Setting(
+            name="tiny_qwen2_5_3b+warmup0",
+            model="tiny_qwen2_5_3b",
+            lr_grid=qwen_grid,
+            methods=("adamw", "adamw+clip1", "governor+clip", DEFAULT_CONTROL.name),
+            **WARMUP0,
+        ),
         Setting(name="tiny_tinyllama_1_1b", model="tiny_tinyllama_1_1b", **ladder),
         Setting(name="tiny_qwen2_5_7b", model="tiny_qwen2_5_7b", **ladder),
         Setting(name="tiny_qwen2_5_14b", model="tiny_qwen2_5_14b", **ladder),
@@ -189,26 +245,35 @@ def full() -> SuiteSpec:
             control="effective-lr",
             source="reference",
         ),
+        DEFAULT_CONTROL,
         Method(name="replay", optimizer="adamw", control="replay", source="governor"),
     )
     return SuiteSpec(
         name="full",
         description=(
-            "CPU suite (about four hours on two cores, so run in parts): 300 steps of 8×64 "
-            "byte-level tokens of the shipped WikiText-2 sample. The tiny Qwen2.5-3B-style "
-            "preset (4 layers, full "
-            "parameters) runs every method and control at ×1/×3/×10/×30 of its AdamW-swept base "
-            "learning rate, clipping at 1.0 and 0.5, and each fault type (at ×1, the baselines, "
-            "both rules and the peers), and the learning-rate-robust methods (StableAdamW, "
-            "Prodigy and D-Adaptation at ×1-×30 of their own base 1.0, Mechanic, schedule-free "
-            "AdamW, reduce-on-plateau, apply-if-finite). LoRA (rank 8, on a base pre-trained "
-            "by AdamW for 300 steps), the TinyLlama-style preset (full parameters) and the "
-            "size ladder (tiny Qwen2.5 7B/14B-style presets) run AdamW, clipping at 1.0, both "
-            "rules and the effective-LR control at ×1 and ×10. Three seeds."
+            "CPU suite (about five hours on two cores, so run in parts): 300 steps of 8×64 "
+            "byte-level tokens of the shipped WikiText-2 sample, cosine schedule, 30 warm-up "
+            "steps unless stated. The tiny Qwen2.5-3B-style preset (4 layers, full parameters) "
+            "runs every method and control at ×1/×3/×10/×30 of its AdamW-swept base learning "
+            "rate, clipping at 1.0 and 0.5, and each fault type (at ×1, the baselines, both rules "
+            "and the peers), and the learning-rate-robust methods (StableAdamW, Prodigy and "
+            "D-Adaptation at ×1-×30 of their own base 1.0, Mechanic, schedule-free AdamW, "
+            "reduce-on-plateau, apply-if-finite); at ×0.1 and ×0.3 it runs AdamW, both clippings, "
+            "the governor, the governor over clipping and its effective-LR control, Prodigy, "
+            "D-Adaptation, Mechanic and schedule-free AdamW. `tiny_qwen2_5_3b+warmup0` (the same "
+            "preset with no warm-up, its own AdamW sweep) runs AdamW, clipping at 1.0, the "
+            "governor over clipping and its effective-LR control at ×1 and ×10. LoRA (rank 8, "
+            "on a base pre-trained by AdamW for 300 steps), the TinyLlama-style preset (full "
+            "parameters) and the size ladder (tiny Qwen2.5 7B/14B-style presets) run AdamW, "
+            "clipping at 1.0, both rules and the effective-LR control at ×1 and ×10 (30 warm-up "
+            "steps). `tiny_qwen2_5_3b+2000-steps` (200 warm-up steps): AdamW, clipping at 1.0, "
+            "the governor and its effective-LR control at ×1 and ×10, two seeds. Three seeds "
+            "elsewhere."
         ),
         settings=settings,
         methods=methods,
-        lr_multipliers=(1.0, 3.0, 10.0, 30.0),
+        lr_multipliers=(*LOW_MULTIPLIERS, 1.0, 3.0, 10.0, 30.0),
+        multiplier_methods=dict.fromkeys(LOW_MULTIPLIERS, FULL_LOW_METHODS),
         faults=FULL_FAULTS,
         fault_settings=("tiny_qwen2_5_3b",),
         fault_multipliers=(1.0,),

@@ -1,0 +1,221 @@
+"""The suites' grids: multipliers that only some methods run, the product default's control, the
+warm-up-0 setting, and the committed ``results/full`` staying resumable under the new grid."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lbw.train import stress
+from lbw.train.stress import Method, Setting, SuiteSpec
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+METHODS = (
+    Method(name="adamw", optimizer="adamw"),
+    Method(name="governor", optimizer="lbw", overrides={"policy": "governor"}),
+    Method(name="effective-lr", optimizer="adamw", control="effective-lr", source="governor"),
+    Method(name="replay", optimizer="adamw", control="replay", source="governor"),
+)
+
+
+def spec(**changes) -> SuiteSpec:
+    values = dict(
+        name="s",
+        description="",
+        settings=(
+            Setting(name="a", model="tiny_qwen2_5_3b", base_lr=1e-3),
+            Setting(name="b", model="tiny_qwen2_5_3b", base_lr=1e-3, lr_multipliers=(1.0, 10.0)),
+        ),
+        methods=METHODS,
+        lr_multipliers=(0.1, 1.0, 10.0),
+        multiplier_methods={0.1: ("adamw", "governor", "effective-lr")},
+        faults={"none": {}, "spike": {"grad_spike_steps": (3,)}},
+        fault_multipliers=(0.1, 1.0),
+        seeds=(0, 1),
+        train={"log_every": 5},
+    )
+    values.update(changes)
+    return SuiteSpec(**values)
+
+
+def cells(runs) -> set[tuple[str, str, float, str]]:
+    return {(r.setting, r.method, r.lr_multiplier, r.fault) for r in runs}
+
+
+def test_a_multiplier_runs_only_the_methods_it_names():
+    runs = stress.expand(spec())
+    got = cells(runs)
+    for method in ("adamw", "governor", "effective-lr"):
+        assert ("a", method, 0.1, "none") in got and ("a", method, 0.1, "spike") in got
+    assert ("a", "replay", 0.1, "none") not in got and ("a", "replay", 0.1, "spike") not in got
+    for method in ("adamw", "governor", "effective-lr", "replay"):  # Unlisted: every method.
+        assert {("a", method, m, "none") for m in (1.0, 10.0)} <= got
+        assert ("b", method, 1.0, "none") in got
+    assert not any(m == 0.1 for s, _, m, _ in got if s == "b")  # b's own multipliers.
+    # Seeds × cells: a at ×0.1 (3 methods), ×1, ×10, the spike at ×0.1 and ×1; b at ×1, ×10
+    # and the spike at ×1.
+    assert len(runs) == 2 * (3 + 4 + 4 + 3 + 4 + 4 + 4 + 4)
+    by_id = {r.run_id: r for r in runs}
+    low = [r for r in runs if r.lr_multiplier == 0.1]
+    assert {r.learning_rate for r in low} == {1e-4}
+    for r in low:
+        if r.depends_on:  # The control reads the governor's run at the same ×0.1.
+            assert by_id[r.depends_on].method == "governor"
+            assert by_id[r.depends_on].lr_multiplier == 0.1
+    # The governor logs every step only where the replay reads it: not at ×0.1.
+    logs = {(r.lr_multiplier, r.config["log_every"]) for r in runs if r.method == "governor"}
+    assert logs == {(0.1, 5), (1.0, 1), (10.0, 1)}
+    # The same spec without the field runs every method at ×0.1, and the ids of the runs both
+    # have are the same.
+    every = stress.expand(spec(multiplier_methods={}))
+    assert {r.run_id for r in runs} < {r.run_id for r in every}
+    assert cells(every) - got == {("a", "replay", 0.1, "none"), ("a", "replay", 0.1, "spike")}
+
+
+def test_an_empty_list_runs_no_method_at_that_multiplier():
+    runs = stress.expand(spec(multiplier_methods={0.1: ()}))
+    assert {r.lr_multiplier for r in runs if r.setting == "a"} == {1.0, 10.0}
+
+
+def test_multiplier_methods_are_validated():
+    with pytest.raises(ValueError, match=r"unknown methods \['nope'\]"):
+        spec(multiplier_methods={0.1: ("adamw", "nope")})
+    with pytest.raises(ValueError, match=r"×0\.3, not a multiplier of the suite or of a setting"):
+        spec(multiplier_methods={0.3: ("adamw",)})
+    with pytest.raises(ValueError, match="control 'effective-lr' without 'governor'"):
+        spec(multiplier_methods={0.1: ("adamw", "effective-lr")})
+    # A setting's own multipliers are known; and a suite cut down to settings with their own
+    # multipliers (benchmarks/suite_subset.py) keeps its field.
+    own = Setting(name="c", model="tiny_qwen2_5_3b", base_lr=1e-3, lr_multipliers=(3.0,))
+    mine = spec(settings=(own,), multiplier_methods={3.0: ("adamw",)})
+    assert {r.method for r in stress.expand(mine)} == {"adamw"}
+    assert {r.lr_multiplier for r in stress.expand(spec(settings=(own,)))} == {3.0}
+    data = spec().to_dict()  # suite.json keeps it (JSON keys are strings).
+    assert data["multiplier_methods"] == {"0.1": ["adamw", "governor", "effective-lr"]}
+
+
+DEFAULT = ("adamw", "governor+clip", "effective-lr(governor+clip)")
+
+
+@pytest.mark.parametrize("name", ["quick", "full"])
+def test_the_default_has_its_effective_lr_control(name):
+    suite = stress.SUITES[name]()
+    control = suite.method("effective-lr(governor+clip)")
+    assert (control.optimizer, control.control, control.source) == (
+        "adamw",
+        "effective-lr",
+        "governor+clip",
+    )
+    assert suite.method("governor+clip").optimizer == "lbw+clip"
+    old = suite.method("effective-lr")  # The committed results' control is unchanged.
+    assert (old.control, old.source) == ("effective-lr", "governor")
+    assert suite.roles().subject == "governor"  # The report's subject is unchanged too.
+    base = {s.name: 1e-3 for s in suite.settings}
+    runs = stress.expand(suite, base)
+    main = suite.settings[0].name
+    by_id = {r.run_id: r for r in runs}
+    mults = {r.lr_multiplier for r in runs if r.setting == main and r.method == control.name}
+    assert mults == set(suite.lr_multipliers)  # Every multiplier of the main setting.
+    for r in runs:
+        if r.method == control.name:
+            source = by_id[r.depends_on]
+            assert (source.method, source.learning_rate, source.seed, source.fault) == (
+                "governor+clip",
+                r.learning_rate,
+                r.seed,
+                r.fault,
+            )
+
+
+def _main_cells(suite: SuiteSpec, mult: float) -> set[str]:
+    runs = stress.expand(suite, {s.name: 1e-3 for s in suite.settings})
+    main = suite.settings[0].name
+    return {r.method for r in runs if r.setting == main and r.lr_multiplier == mult}
+
+
+def test_quick_grid():
+    quick = stress.quick()
+    low = {"adamw", "adamw+clip", "governor+clip", "effective-lr(governor+clip)"}
+    assert _main_cells(quick, 0.1) == _main_cells(quick, 0.3) == low
+    assert len(_main_cells(quick, 1.0)) == 13
+    warm0 = quick.setting("tiny_qwen2_5_3b+warmup0")
+    every = stress.expand(quick, {s.name: 1e-3 for s in quick.settings})
+    runs = [r for r in every if r.setting == warm0.name]
+    assert {r.method for r in runs} == low and {r.lr_multiplier for r in runs} == {1.0, 10.0}
+    assert {r.config["warmup_steps"] for r in runs} == {0}
+    assert {r.config["model_overrides"]["num_layers"] for r in runs} == {2}
+    assert [r.learning_rate for r in stress.expand_sweep(quick) if r.setting == warm0.name] == [
+        3e-4,
+        1e-3,
+        3e-3,
+    ]
+    assert "without warm-up" in quick.description and "20 warm-up steps" in quick.description
+    # The Lion setting keeps its own multipliers.
+    assert {r.lr_multiplier for r in every if r.setting == "tiny_qwen2_5_3b+lion"} == {1.0, 10.0}
+
+
+def test_full_grid():
+    full = stress.full()
+    low = {
+        "adamw",
+        "adamw+clip1",
+        "adamw+clip0.5",
+        "governor",
+        "governor+clip",
+        "effective-lr(governor+clip)",
+        "prodigy",
+        "dadapt-adamw",
+        "mechanic",
+        "schedule-free-adamw",
+    }
+    assert _main_cells(full, 0.1) == _main_cells(full, 0.3) == low
+    runs = stress.expand(full, {s.name: 3e-3 for s in full.settings})
+    warm0 = [r for r in runs if r.setting == "tiny_qwen2_5_3b+warmup0"]
+    assert {r.method for r in warm0} == {
+        "adamw",
+        "adamw+clip1",
+        "governor+clip",
+        "effective-lr(governor+clip)",
+    }
+    assert {r.lr_multiplier for r in warm0} == {1.0, 10.0} and {r.fault for r in warm0} == {"none"}
+    assert {r.config["warmup_steps"] for r in warm0} == {0} and {r.seed for r in warm0} == {0, 1, 2}
+    sweep = [r.learning_rate for r in stress.expand_sweep(full) if r.setting == warm0[0].setting]
+    assert sweep == [3e-4, 1e-3, 3e-3, 1e-2]
+    # Faults stay at ×1 and Prodigy's ×0.1 is of its own base 1.0.
+    assert {r.lr_multiplier for r in runs if r.fault != "none"} == {1.0}
+    assert {r.learning_rate for r in runs if r.method == "prodigy" and r.lr_multiplier < 1} == {
+        0.1,
+        0.3,
+    }
+
+
+def test_full_stays_resumable_and_plans_only_the_new_cells():
+    """``lbw-stress full --out results`` reruns none of the committed runs: their ids are all
+    still planned, and every planned run not committed is one of the new cells."""
+    meta = json.loads((RESULTS / "full" / "suite.json").read_text())
+    committed = {r["run_id"] for r in stress.read_jsonl(RESULTS / "full" / "runs.jsonl")}
+    full = stress.full()
+    base = {k: v["base_lr"] for k, v in meta["base_lr"].items()}
+    # The new setting's sweep has not run: any of its grid's rates may become its base.
+    for guess in full.setting("tiny_qwen2_5_3b+warmup0").lr_grid:
+        runs = stress.expand(full, {**base, "tiny_qwen2_5_3b+warmup0": guess})
+        planned = {r.run_id: r for r in stress.expand_sweep(full)} | {r.run_id: r for r in runs}
+        assert committed <= set(planned)
+        new = [r for rid, r in planned.items() if rid not in committed]
+        for r in new:
+            assert (
+                r.setting == "tiny_qwen2_5_3b+warmup0"
+                or r.method == "effective-lr(governor+clip)"
+                or r.lr_multiplier in (0.1, 0.3)
+            ), r.run_id
+        if guess == base["tiny_qwen2_5_3b"] and len(committed) == 531:
+            # The committed suite as of this grid's change: what it then plans on top.
+            count = Counter((r.setting, r.method) for r in new)
+            assert sum(count.values()) == 98
+            assert count["tiny_qwen2_5_3b", "effective-lr(governor+clip)"] == 4 * 3 + 2 * 3
+            assert count["tiny_qwen2_5_3b", "adamw"] == 5  # ×0.1 seed 0 is the sweep's 3e-4.
+            assert sum(v for (s, _), v in count.items() if s.endswith("+warmup0")) == 27
