@@ -576,11 +576,11 @@ def test_report_reads_a_renamed_subject(tmp_path):
 
 
 def test_stress_modules_import_only_those_above_them():
-    """No import cycle: spec < expand < records < report < runner < suites < cli."""
+    """No import cycle: spec < check < expand < records < report < runner < suites < cli."""
     import ast
     from pathlib import Path
 
-    order = ["spec", "expand", "records", "report", "runner", "suites", "cli"]
+    order = ["spec", "check", "expand", "records", "report", "runner", "suites", "cli"]
     package = Path(stress.__file__).parent
     for i, name in enumerate(order):
         tree = ast.parse((package / f"{name}.py").read_text())

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lbw.train.config import UserError
-from lbw.train.stress import report
+from lbw.train.stress import check, report
 from lbw.train.stress.records import read_jsonl
 from lbw.train.stress.runner import run_suite
 from lbw.train.stress.suites import SUITES
@@ -27,7 +27,7 @@ def machine() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``lbw-stress [quick|full|paper|gpu] [--out results] [--workers N] [--seeds ...] [--quiet]
-    [--budget-s S] [--steps N]``, or ``lbw-stress report DIR``."""
+    [--budget-s S] [--steps N] [--check DIR]``, or ``lbw-stress report DIR``."""
     from lbw.train.cli import ArgumentParser, one_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -102,8 +102,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="gpu suite: steps per run (default: the most that fit the budget)",
     )
+    p.add_argument(
+        "--check",
+        metavar="DIR",
+        help="rerun the suite into --out as usual (never into DIR), then compare it with DIR's "
+        "runs.jsonl cell by cell (setting × fault × method × learning rate, fault-free and "
+        "faults): print the cells whose mean final perplexity over seeds moved by more than "
+        "their spread, and the cells only one side has; exit status 1 if any cell moved, else "
+        "0. Spread: the larger of the two sides' seed standard deviations (the ± of the "
+        "reports' tables; not the range, which grows with the number of seeds), at least 0.1%% "
+        "of the old mean (below the tables' two decimals); a cell whose diverged seeds differ "
+        "moved too. Runs already finished under OUT/SUITE are not redone: give a fresh --out",
+    )
     args = p.parse_args(argv)
     spec = SUITES[args.suite]()
+    reference = None
+    if args.check is not None:
+        reference = Path(args.check)
+        if not read_jsonl(reference / "runs.jsonl"):
+            p.error(
+                f"--check {str(reference)!r}: no runs.jsonl with finished runs there; give the "
+                "folder of a suite run (e.g. results/quick)"
+            )
+        if (Path(args.out) / spec.name).resolve() == reference.resolve():
+            p.error(
+                f"--check {str(reference)!r} is where --out {args.out!r} would write; the check "
+                "reruns into another folder: give another --out (e.g. the default, runs)"
+            )
+        rerun = Path(args.out) / spec.name
+        if (rerun / "runs.jsonl").is_file() or any(rerun.glob("runs/*/summary.json")):
+            print(
+                f"lbw-stress: {str(rerun)!r} already holds runs: those finished are not rerun, "
+                "so the check compares them as they are (give a fresh --out to rerun every run)",
+                file=sys.stderr,
+            )
     plan = None
     if args.suite == "gpu" and not args.collect:
         from lbw.train import gpu_suite
@@ -151,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpu_suite.record_plan(suite_dir, plan)
     print(report.headline(suite_dir))
     print(f"\nreport: {suite_dir / 'summary.md'}")
+    if reference is not None:
+        rows = check.compare(
+            read_jsonl(reference / "runs.jsonl"), read_jsonl(suite_dir / "runs.jsonl")
+        )
+        print("\n" + "\n".join(check.report(rows, str(reference), str(suite_dir))))
+        return 1 if any(r.moved for r in rows) else 0
     return 0
 
 
