@@ -219,3 +219,57 @@ def test_full_stays_resumable_and_plans_only_the_new_cells():
             assert count["tiny_qwen2_5_3b", "effective-lr(governor+clip)"] == 4 * 3 + 2 * 3
             assert count["tiny_qwen2_5_3b", "adamw"] == 5  # ×0.1 seed 0 is the sweep's 3e-4.
             assert sum(v for (s, _), v in count.items() if s.endswith("+warmup0")) == 27
+
+
+def test_the_report_shows_a_multiplier_that_only_some_methods_ran(tmp_path):
+    """report.py reads the multipliers from runs.jsonl: a ×0.1 column appears, with "–" for
+    the methods that do not run it."""
+    from lbw.train.stress import report
+
+    ran = {"adamw": (0.1, 1.0, 10.0), "governor+clip": (0.1, 1.0, 10.0), "governor": (1.0, 10.0)}
+    records = []
+    for method, mults in ran.items():
+        for mult in mults:
+            for seed in (0, 1):
+                ppl = {0.1: 20.0, 1.0: 8.0, 10.0: 12.0}[mult] + seed
+                lr = 1e-3 * mult
+                records.append(
+                    {
+                        "run_id": f"m__{method}__{lr:.3e}__s{seed}",
+                        "stage": "method",
+                        "setting": "m",
+                        "model": "tiny",
+                        "lora_rank": 0,
+                        "method": method,
+                        "optimizer": {"adamw": "adamw", "governor": "lbw"}.get(method, "lbw+clip"),
+                        "control": None,
+                        "depends_on": None,
+                        "lr_multiplier": mult,
+                        "base_learning_rate": lr,
+                        "learning_rate": lr,
+                        "fault": "none",
+                        "seed": seed,
+                        "status": "completed",
+                        "steps": 10,
+                        "final_eval_ppl": ppl,
+                        "best_eval_ppl": ppl,
+                        "final_loss": 2.0,
+                        "wall_time_s": 1.0,
+                        "tokens_per_s": 100.0,
+                        "compile_s": 0.1,
+                        "loss_spikes": 0,
+                        "evals": [[10, ppl, 1.0]],
+                        "telemetry": {},
+                    }
+                )
+    stress.add_targets(records)
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "suite.json").write_text(json.dumps({"spec": {"name": "s"}}))
+    suite = report.Suite(tmp_path)
+    table = report.ppl_table(suite, "m", "none")
+    assert table[0] == "| method | ×0.1 (1e-04) | ×1 (1e-03) | ×10 (1e-02) |"
+    assert "| governor | – | 8.50 ± 0.71 | 12.50 ± 0.71 |" in table
+    assert "| governor+clip | 20.50 ± 0.71 | 8.50 ± 0.71 | 12.50 ± 0.71 |" in table
+    text = report.write_report(tmp_path).read_text()
+    assert "| governor | – | 8.50 ± 0.71 | 12.50 ± 0.71 |" in text
+    assert "| governor | ×0.1 |" not in text  # No empty speed or telemetry rows.
