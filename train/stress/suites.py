@@ -251,7 +251,7 @@ def full() -> SuiteSpec:
     return SuiteSpec(
         name="full",
         description=(
-            "CPU suite (about five hours on two cores, so run in parts): 300 steps of 8×64 "
+            "CPU suite (about 4.5 hours on two cores, so run in parts): 300 steps of 8×64 "
             "byte-level tokens of the shipped WikiText-2 sample, cosine schedule, 30 warm-up "
             "steps unless stated. The tiny Qwen2.5-3B-style preset (4 layers, full parameters) "
             "runs every method and control at ×1/×3/×10/×30 of its AdamW-swept base learning "
