@@ -179,15 +179,15 @@ def table(rows: list[Row], num_params: int, kernel_s: float) -> list[str]:
                 f"### {program}, {layout} layers",
                 "",
                 "| method | kernels | × adamw | reduction kernels | scalar-only kernels "
-                "| HLO bytes / param | × adamw | est. ms | × adamw | compile s |",
-                "|---|---|---|---|---|---|---|---|---|---|",
+                "| copy kernels | HLO bytes / param | × adamw | est. ms | × adamw | compile s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in group:
                 c = r.counts
                 est, base_est = c.estimated_s(kernel_s), base.estimated_s(kernel_s)
                 lines.append(
                     f"| {r.method} | {c.kernels:,} | {c.kernels / base.kernels:.2f} "
-                    f"| {c.reduction_kernels:,} | {c.scalar_kernels:,} "
+                    f"| {c.reduction_kernels:,} | {c.scalar_kernels:,} | {c.copy_kernels:,} "
                     f"| {c.bytes / num_params:.1f} | {c.bytes / base.bytes:.3f} "
                     f"| {est * 1e3:.2f} | {est / base_est:.3f} | {r.compile_s:.0f} |"
                 )

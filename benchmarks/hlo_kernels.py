@@ -68,6 +68,8 @@ class Counts:
     kernels: int = 0
     reduction_kernels: int = 0
     scalar_kernels: int = 0
+    # Kernels that only copy a buffer (e.g. the state that passes through a conditional).
+    copy_kernels: int = 0
     bytes: float = 0.0
     flops: float = 0.0
     # Σ over kernels of max(bytes / bandwidth, flops / peak): the roofline time without launches.
@@ -260,6 +262,7 @@ def count(text: str, *, bandwidth: float, peak_flops: float) -> Counts:
                 reduces(c) for c in _called(instruction)
             )
             counts.scalar_kernels += all(math.prod(s) <= SCALAR_ELEMENTS for _, s in outputs)
+            counts.copy_kernels += opcode == "copy"
             counts.bytes += moved
             counts.flops += flops
             counts.roofline_s += max(moved / bandwidth, flops / peak_flops)

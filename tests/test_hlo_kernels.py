@@ -65,3 +65,15 @@ def test_shapes_and_the_entry_are_read():
         peak_flops=PEAK,
     )
     assert (counts.kernels, counts.bytes) == (1, 32)
+
+
+def test_copies_are_counted_as_such():
+    text = (
+        "HloModule m\n\nENTRY %main (p: f32[4]) -> (f32[4], f32[4]) {\n"
+        "  %p = f32[4]{0} parameter(0)\n"
+        "  %c = f32[4]{0} copy(%p)\n"
+        "  %n = f32[4]{0} negate(%p)\n"
+        "  ROOT %t = (f32[4]{0}, f32[4]{0}) tuple(%c, %n)\n}\n"
+    )
+    counts = hlo_kernels.count(text, bandwidth=BANDWIDTH, peak_flops=PEAK)
+    assert (counts.kernels, counts.copy_kernels) == (2, 1)
