@@ -3,7 +3,7 @@
 from lbw_optax._accumulate import AccumulateGradientsState, accumulate_gradients
 from lbw_optax._adagc import AdaGCState, adagc, adagc_adamw
 from lbw_optax._common import donatable
-from lbw_optax._governor import GovernorPolicy, GovernorState, MarginState, governor_policy
+from lbw_optax._governor import GovernorPolicy, GovernorState, governor_policy
 from lbw_optax._guard import GuardState, guard, lbw_adamw
 from lbw_optax._policy import Decision, Policy
 from lbw_optax._reference import ReferencePolicy, ReferenceState, reference_policy
@@ -31,7 +31,6 @@ __all__ = [
     "GovernorPolicy",
     "GovernorState",
     "GuardState",
-    "MarginState",
     "Policy",
     "ReferencePolicy",
     "ReferenceState",
