@@ -178,28 +178,14 @@ class GovernorPolicy(Policy):
 
         # Interpret: z-scores against the statistics *before* this step, then the statistics,
         # winsorised once warm (during warm-up they learn the signals' real spread).
-        spikes = rules.classify(
-            loss,
-            log_norm,
-            old_loss,
-            old_norm,
-            first=first,
-            loss_first=loss_first,
-            seen=seen,
-            warm=warm,
-            loss_warm=loss_warm,
-            spike_z=self.spike_z,
-            hold_z=self.hold_z,
-            hold_ratio=self.hold_ratio,
-            min_spike_rise=self.min_spike_rise,
-        )
+        progress = rules.Progress(first, warm, seen, loss_first, loss_warm)
+        spikes = rules.classify(loss, log_norm, old_loss, old_norm, progress, self)
         loss_sd, norm_sd = rules.spreads(old_loss, old_norm)
-        stats = dict(spike_z=self.spike_z, fast_decay=self.fast_decay, slow_decay=self.slow_decay)
         new_loss = rules.update_stats(
-            old_loss, loss, first=loss_first, seen=seen, warm=loss_warm, sd=loss_sd, **stats
+            old_loss, loss, first=loss_first, seen=seen, warm=loss_warm, sd=loss_sd, knobs=self
         )
         new_norm = rules.update_stats(
-            old_norm, log_norm, first=first, seen=True, warm=warm, sd=norm_sd, **stats
+            old_norm, log_norm, first=first, seen=True, warm=warm, sd=norm_sd, knobs=self
         )
         # 0 until a loss is seen (its statistics are still 0, not a falling loss).
         loss_trend = jnp.where(
@@ -223,21 +209,10 @@ class GovernorPolicy(Policy):
             pressure=pressure,
             pressure_steps=state.pressure_steps,
             calm_streak=state.calm_streak,
-            dwell=self.dwell,
-            calm_steps=self.calm_steps,
-            max_scale=self.max_scale,
+            knobs=self,
         )
         new_scale = rules.control_scale(
-            state.own_scale,
-            spike=spikes.spike,
-            stressed=stressed,
-            engaged=step_regime.engaged,
-            sticky=step_regime.sticky,
-            spike_factor=self.spike_factor,
-            damping=self.damping,
-            release=self.release,
-            min_scale=self.min_scale,
-            max_scale=self.max_scale,
+            state.own_scale, spikes.spike, stressed, step_regime, self
         ).astype(jnp.float32)
         limits, peak_update_norm = self._limit(signals, state, new_scale, spikes.spike)
 

@@ -8,9 +8,12 @@ Each stage is testable alone (``tests/test_governor_rules.py`` restates each in 
 - :func:`next_regime`: the regime, with hysteresis (``dwell`` to engage, ``calm_steps`` to let go);
 - :func:`control_scale`: the bounded, slew-limited global scale;
 - :func:`limit_tensors`: the per-tensor update limiter (trust-ratio style).
+
+The thresholds come from ``knobs``, a :class:`~lbw_optax.GovernorPolicy` (any object with its
+fields), so that each stage is a function of arrays and a config.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,14 +54,14 @@ def update_stats(
     seen: jax.Array | bool,
     warm: jax.Array,
     sd: jax.Array,
-    spike_z: float,
-    fast_decay: float,
-    slow_decay: float,
+    knobs: Any,
 ) -> Stats:
     """The statistics after ``x``: seeded with it on the ``first`` value, kept unchanged when
     not ``seen``; once ``warm`` the input is winsorised at ``slow + spike_z·sd`` so that one
-    outlier moves them a bounded amount."""
-    x_in = jnp.where(warm, jnp.minimum(x, stats.slow + spike_z * sd), x)
+    outlier moves them a bounded amount (``knobs``: ``spike_z``, ``fast_decay``,
+    ``slow_decay``)."""
+    fast_decay, slow_decay = knobs.fast_decay, knobs.slow_decay
+    x_in = jnp.where(warm, jnp.minimum(x, stats.slow + knobs.spike_z * sd), x)
     seeded = lambda old, decay: jnp.where(first, x_in, ema(old, x_in, decay))
     return Stats(
         fast=jnp.where(seen, seeded(stats.fast, fast_decay), stats.fast),
@@ -78,6 +81,16 @@ def spreads(loss: Stats, log_norm: Stats) -> tuple[jax.Array, jax.Array]:
     return loss_sd, norm_sd
 
 
+class Progress(NamedTuple):
+    """How far the statistics are (bool scalars)."""
+
+    first: jax.Array  # no step observed yet.
+    warm: jax.Array  # `warmup` steps observed.
+    seen: jax.Array  # this step has its loss.
+    loss_first: jax.Array  # no loss observed yet.
+    loss_warm: jax.Array  # this step has its loss, and `warmup` losses were observed.
+
+
 class Spikes(NamedTuple):
     """What :func:`classify` reads from one step."""
 
@@ -92,16 +105,8 @@ def classify(
     log_norm: jax.Array,
     loss_stats: Stats,
     norm_stats: Stats,
-    *,
-    first: jax.Array,
-    loss_first: jax.Array,
-    seen: jax.Array,
-    warm: jax.Array,
-    loss_warm: jax.Array,
-    spike_z: float,
-    hold_z: float,
-    hold_ratio: float,
-    min_spike_rise: float,
+    progress: Progress,
+    knobs: Any,
 ) -> Spikes:
     """Z-scores of the loss and log ‖g‖ against the statistics *before* the step.
 
@@ -110,13 +115,15 @@ def classify(
     ``hold_ratio`` times its running geometric mean whatever the variance says (early training
     inflates the variance, and such a step would poison Adam's moments for hundreds of steps).
     """
+    first, warm, seen, loss_first, loss_warm = progress
+    spike_z, hold_z, min_spike_rise = knobs.spike_z, knobs.hold_z, knobs.min_spike_rise
     loss_sd, norm_sd = spreads(loss_stats, norm_stats)
     loss_z = jnp.where(loss_first | ~seen, 0.0, (loss - loss_stats.slow) / loss_sd)
     grad_z = jnp.where(first, 0.0, (log_norm - norm_stats.slow) / norm_sd)
     loss_rise = jnp.where(loss_first, 0.0, loss / (jnp.abs(loss_stats.slow) + TINY) - 1.0)
     loss_outlier = lambda z: loss_warm & (loss_z > z) & (loss_rise > min_spike_rise)
     norm_jump = jnp.where(first, 0.0, log_norm - norm_stats.slow)
-    huge = norm_jump > jnp.log(hold_ratio)
+    huge = norm_jump > jnp.log(knobs.hold_ratio)
     severe = loss_outlier(hold_z) | (warm & ((grad_z > hold_z) | huge))
     spike = loss_outlier(spike_z) | (warm & ((grad_z > spike_z) | huge))
     return Spikes(loss_z=loss_z, grad_z=grad_z, spike=spike, severe=severe)
@@ -141,9 +148,7 @@ def next_regime(
     pressure: jax.Array,
     pressure_steps: jax.Array,
     calm_streak: jax.Array,
-    dwell: int,
-    calm_steps: int,
-    max_scale: float,
+    knobs: Any,
 ) -> RegimeStep:
     """The regime with hysteresis: ``SPIKE`` at once; ``STRESSED`` (``OSCILLATION`` when only
     the norm cue is on) once a cue (``pressure``) has held ``dwell`` steps; a damping regime is
@@ -151,11 +156,11 @@ def next_regime(
     ``scale`` is below ``max_scale``, then ``STABLE``."""
     pressure_steps = jnp.where(pressure, pressure_steps + 1, 0)
     calm_streak = jnp.where(pressure | spike, 0, calm_streak + 1)
-    engaged = pressure_steps >= dwell
+    engaged = pressure_steps >= knobs.dwell
     was_damping = jnp.isin(regime, jnp.array(DAMPING_REGIMES))
-    unsettled = was_damping & ~(calm_streak >= calm_steps)
+    unsettled = was_damping & ~(calm_streak >= knobs.calm_steps)
     new_regime = jnp.select(
-        [spike, engaged & stressed, engaged, unsettled, scale < max_scale],
+        [spike, engaged & stressed, engaged, unsettled, scale < knobs.max_scale],
         [Regime.SPIKE, Regime.STRESSED, Regime.OSCILLATION, regime, Regime.RECOVERY],
         Regime.STABLE,
     ).astype(jnp.int32)
@@ -169,25 +174,17 @@ def next_regime(
 
 
 def control_scale(
-    scale: jax.Array,
-    *,
-    spike: jax.Array,
-    stressed: jax.Array,
-    engaged: jax.Array,
-    sticky: jax.Array,
-    spike_factor: float,
-    damping: float,
-    release: float,
-    min_scale: float,
-    max_scale: float,
+    scale: jax.Array, spike: jax.Array, stressed: jax.Array, step: RegimeStep, knobs: Any
 ) -> jax.Array:
     """The next scale: ``× spike_factor`` on a spike, ``× (1 - damping)`` engaged and stressed,
-    ``× (1 - damping/2)`` engaged otherwise, kept while ``sticky``, else ``+ release``; clipped to
-    ``[min_scale, max_scale]``."""
-    cuts = [spike_factor, 1.0 - damping, 1.0 - 0.5 * damping]
+    ``× (1 - damping/2)`` engaged otherwise, kept while ``step.sticky``, else ``+ release``;
+    clipped to ``[min_scale, max_scale]``."""
+    damping, engaged = knobs.damping, step.engaged
+    cuts = [knobs.spike_factor, 1.0 - damping, 1.0 - 0.5 * damping]
     cut = jnp.select([spike, engaged & stressed, engaged], cuts, 1.0)
-    new_scale = jnp.where(spike | engaged, scale * cut, jnp.where(sticky, scale, scale + release))
-    return jnp.clip(new_scale, min_scale, max_scale)
+    kept = jnp.where(step.sticky, scale, scale + knobs.release)
+    new_scale = jnp.where(spike | engaged, scale * cut, kept)
+    return jnp.clip(new_scale, knobs.min_scale, knobs.max_scale)
 
 
 class Limits(NamedTuple):

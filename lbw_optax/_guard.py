@@ -194,8 +194,8 @@ def guard(
         gradients, ``params`` and every extra argument, ``value`` included.
       policy: ``"governor"`` (:func:`~lbw_optax.governor_policy` defaults), ``"reference"``
         (:func:`~lbw_optax.reference_policy` defaults) or a policy instance.
-      check_updates: sense the inner update (one more pass over it: about 2 % of a whole train
-        step in ``benchmarks/overhead.py``) so that a non-finite one is held. ``None``: when
+      check_updates: sense the inner update (one more pass over it; ``benchmarks/overhead.py``
+        measures what it costs) so that a non-finite one is held. ``None``: when
         the policy senses the update anyway (a per-tensor limiter, as the governor's), where
         the check is free.
       stacked: which parameters stack layers on their leading axis (the scanned layout of

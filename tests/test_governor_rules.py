@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lbw_optax import Regime
+from lbw_optax import Regime, governor_policy
 from lbw_optax import _governor_rules as rules
 
 N = 400
@@ -55,7 +55,8 @@ def test_update_stats_matches_numpy(rng):
     first, seen, warm = (rng.random(N) < p for p in (0.2, 0.8, 0.5))
     sd = np_spreads(stats, stats)[0].astype(np.float32)
     knobs = dict(spike_z=4.0, fast_decay=0.9, slow_decay=0.99)
-    got = rules.update_stats(stats, x, first=first, seen=seen, warm=warm, sd=sd, **knobs)
+    policy = governor_policy(**knobs)
+    got = rules.update_stats(stats, x, first=first, seen=seen, warm=warm, sd=sd, knobs=policy)
     want = np_update_stats(stats, x, first, seen, warm, sd, **knobs)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6, atol=1e-9)
@@ -87,9 +88,10 @@ def test_classify_matches_numpy_and_takes_every_branch(rng):
     seen, warm = rng.random(N) < 0.8, rng.random(N) < 0.7
     loss_warm = seen & (rng.random(N) < 0.7)
     knobs = dict(spike_z=4.0, hold_z=8.0, hold_ratio=10.0, min_spike_rise=0.05)
-    flags = dict(first=first, loss_first=loss_first, seen=seen, warm=warm, loss_warm=loss_warm)
-    got = rules.classify(loss, log_norm, ls, ns, **flags, **knobs)
-    want = np_classify(loss, log_norm, ls, ns, *flags.values(), knobs)
+    progress = rules.Progress(first, warm, seen, loss_first, loss_warm)
+    got = rules.classify(loss, log_norm, ls, ns, progress, governor_policy(**knobs))
+    flags = (first, loss_first, seen, warm, loss_warm)
+    want = np_classify(loss, log_norm, ls, ns, *flags, knobs)
     np.testing.assert_allclose(np.asarray(got.loss_z), want[0], rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(got.grad_z), want[1], rtol=2e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(got.spike), want[2])
@@ -133,7 +135,7 @@ def test_next_regime_matches_numpy(rng):
         pressure=pressure,
         pressure_steps=jnp.asarray(pressure_steps, jnp.int32),
         calm_streak=jnp.asarray(calm, jnp.int32),
-        **knobs,
+        knobs=governor_policy(**knobs),
     )
     want = np_next_regime(regime, scale, spike, stressed, pressure, pressure_steps, calm, knobs)
     for g, w in zip(got, want, strict=True):
@@ -146,9 +148,8 @@ def test_control_scale_matches_numpy(rng):
     spike, stressed = rng.random(N) < 0.2, rng.random(N) < 0.5
     engaged, sticky = rng.random(N) < 0.3, rng.random(N) < 0.3
     knobs = dict(spike_factor=0.5, damping=0.2, release=0.01, min_scale=0.1, max_scale=1.0)
-    got = rules.control_scale(
-        scale, spike=spike, stressed=stressed, engaged=engaged, sticky=sticky, **knobs
-    )
+    step = rules.RegimeStep(None, None, None, engaged=engaged, sticky=sticky)
+    got = rules.control_scale(scale, spike, stressed, step, governor_policy(**knobs))
     cut = np.where(spike, 0.5, np.where(engaged & stressed, 0.8, np.where(engaged, 0.9, 1.0)))
     new = np.where(spike | engaged, scale * cut, np.where(sticky, scale, scale + 0.01))
     np.testing.assert_allclose(np.asarray(got), np.clip(new, 0.1, 1.0), rtol=1e-6)
