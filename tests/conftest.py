@@ -6,9 +6,9 @@ deadline (the first example of a test includes XLA's compilation) and 25 example
 
 Many tests compile the same program (the same transformation on the same small tree); with a
 persistent cache in a fresh session directory each is compiled once per session instead of
-once per test and worker (measured: the default run's CPU time 466 s -> 428 s on 2 cores). The
-directory starts empty, so no result depends on an earlier session, and is removed at the end.
-A ``JAX_COMPILATION_CACHE_DIR`` set by the user is left as it is.
+once per test and worker. The directory starts empty, so no result depends on an earlier
+session, and is removed at the end. A ``JAX_COMPILATION_CACHE_DIR`` set by the user is left as
+it is.
 """
 
 import os
