@@ -8,7 +8,7 @@ import optax
 
 
 class Signals(NamedTuple):
-    """What the guard sensed at a step: float32 scalars, and two small per-tensor vectors.
+    """What the guard sensed at a step: float32 scalars, and small per-tensor vectors.
 
     Attributes:
       loss: the loss passed as ``value=`` (0 when no loss is given: see ``loss_seen``).

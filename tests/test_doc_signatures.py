@@ -1,9 +1,9 @@
-"""The signatures docs/guard.md shows in its reference table are the code's.
+"""The signatures docs/guard.md (and docs/peers.md) show in their reference tables are the code's.
 
 Each row of the table that starts with a call, ``name(a, b=1, *, c=None)``, is parsed and
-compared with ``inspect.signature`` of ``lbw_optax.name``: the same parameters in the same order,
-the same keyword-only ones, the same defaults. A row that ends with ``...`` shows the first
-parameters only.
+compared with ``inspect.signature`` of ``lbw_optax.name`` (``lbw_optax.peers.name`` for the
+peers' page): the same parameters in the same order, the same keyword-only ones, the same
+defaults. A call that ends with ``...`` shows its first parameters only.
 """
 
 import ast
@@ -16,24 +16,25 @@ import pytest
 import lbw_optax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-GUARD = ROOT / "docs" / "guard.md"
+PAGES = {"guard.md": lbw_optax, "peers.md": lbw_optax.peers}
 CALL = re.compile(r"`(\w+)\(([^`()]*)\)")
 METHODS = {"decide": lbw_optax.Policy.decide}
 
 
-def documented_calls(page: pathlib.Path) -> list[tuple[str, str]]:
+def documented_calls(page: str) -> list[tuple[str, str, str]]:
     """``(name, arguments)`` of each call shown in the first column of the reference table
     (the table before the first heading) for a name the package defines, and anywhere in it
-    for a method of ``METHODS``."""
-    table = page.read_text().split("\n## ", 1)[0]
+    for a method of ``METHODS``: ``(page, name, arguments)``."""
+    namespace = PAGES[page]
+    table = (ROOT / "docs" / page).read_text().split("\n## ", 1)[0]
     calls = []
     for row in table.splitlines():
         if not row.startswith("| `"):
             continue
         first_column = row.split(" | ")[0]
         for name, args in CALL.findall(row):
-            if name in METHODS or (hasattr(lbw_optax, name) and f"`{name}(" in first_column):
-                calls.append((name, args))
+            if name in METHODS or (hasattr(namespace, name) and f"`{name}(" in first_column):
+                calls.append((page, name, args))
     return calls
 
 
@@ -66,18 +67,21 @@ def actual(function) -> list[tuple[str, str, object]]:
     return out
 
 
-CALLS = documented_calls(GUARD)
+CALLS = [call for page in PAGES for call in documented_calls(page)]
 
 
-def test_the_table_shows_the_public_calls():
-    names = {name for name, _ in CALLS}
+def test_the_tables_show_the_public_calls():
+    names = {name for _, name, _ in CALLS}
     assert {"guard", "lbw_adamw", "governor_policy", "reference_policy", "telemetry"} <= names
+    assert {"zclip", "adagc", "skip_step", "scale_by_spam", "stable_adamw"} <= names
 
 
-@pytest.mark.parametrize(("name", "args"), CALLS, ids=[name for name, _ in CALLS])
-def test_documented_signature_matches_the_code(name, args):
+@pytest.mark.parametrize(
+    ("page", "name", "args"), CALLS, ids=[f"{page}:{name}" for page, name, _ in CALLS]
+)
+def test_documented_signature_matches_the_code(page, name, args):
     documented, partial = parse(args)
-    code = actual(METHODS.get(name) or getattr(lbw_optax, name))
+    code = actual(METHODS.get(name) or getattr(PAGES[page], name))
     if partial:
         code = code[: len(documented)]
-    assert documented == code, f"docs/guard.md shows {name}({args}); the code has {code}"
+    assert documented == code, f"docs/{page} shows {name}({args}); the code has {code}"
