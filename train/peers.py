@@ -59,9 +59,11 @@ def zclip(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
 def skip_step(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
     """AdamW that skips loss or gradient-norm spikes (> mean + 6σ over 128 steps) and NaN/Inf."""
     args = dict(config.optimizer_args)
-    clip = optax.clip_by_global_norm(args.pop("max_grad_norm", 1.0))
-    adamw = optax.adamw(learning_rate, **_adamw_args(config))
-    return lbw_optax.peers.skip_step(optax.chain(clip, adamw), **args)
+    max_grad_norm = args.pop("max_grad_norm", 1.0)  # None: no clipping.
+    inner = optax.adamw(learning_rate, **_adamw_args(config))
+    if max_grad_norm is not None:
+        inner = optax.chain(optax.clip_by_global_norm(max_grad_norm), inner)
+    return lbw_optax.peers.skip_step(inner, **args)
 
 
 @register_optimizer("adagc")
