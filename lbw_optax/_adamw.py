@@ -1,8 +1,8 @@
-"""What the ``*_adamw`` wrappers share: their AdamW argument checks and the AdamW they build.
+"""What the ``*_adamw`` optimizers share: their AdamW argument checks and the AdamW they build.
 
-Each wrapper (:func:`lbw_optax.lbw_adamw`, :func:`lbw_optax.zclip_adamw`, ...) takes AdamW's
-arguments as :func:`optax.adamw` names them and hands them here unchanged, so a wrapper is its
-own method plus one call.
+Each (:func:`lbw_optax.lbw_adamw`, :func:`lbw_optax.sgg_adamw`,
+:func:`lbw_optax.peers.spam_adamw`, ...) takes AdamW's arguments as :func:`optax.adamw` names
+them and hands them here unchanged.
 """
 
 from typing import Any

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _adamw, _validate
-from lbw_optax import _common as _pu
+from lbw_optax import _adamw, _common, _validate
 from lbw_optax._governor import governor_policy
 from lbw_optax._policy import Policy
 from lbw_optax._reference import reference_policy
@@ -153,11 +152,11 @@ def record(
         scale=scale,
         held=hold,
         effective_scale=applied,
-        control_active_steps=_pu.count_if(state.control_active_steps, hold | (applied != 1.0)),
-        regime_switches=_pu.count_if(state.regime_switches, regime != state.regime),
+        control_active_steps=_common.count_if(state.control_active_steps, hold | (applied != 1.0)),
+        regime_switches=_common.count_if(state.regime_switches, regime != state.regime),
         control_energy=state.control_energy + jnp.abs(1.0 - applied),
-        skipped_steps=_pu.count_if(state.skipped_steps, hold),
-        nonfinite_steps=_pu.count_if(state.nonfinite_steps, ~finite),
+        skipped_steps=_common.count_if(state.skipped_steps, hold),
+        nonfinite_steps=_common.count_if(state.nonfinite_steps, ~finite),
         signals=signals,
         policy_state=policy_state,
         inner_state=inner_state,
@@ -195,8 +194,8 @@ def guard(
         gradients, ``params`` and every extra argument, ``value`` included.
       policy: ``"governor"`` (:func:`~lbw_optax.governor_policy` defaults), ``"reference"``
         (:func:`~lbw_optax.reference_policy` defaults) or a policy instance.
-      check_updates: sense the inner update (one more pass over it: about 2 % of a whole train
-        step in ``benchmarks/overhead.py``) so that a non-finite one is held. ``None``: when
+      check_updates: sense the inner update (one more pass over it; ``benchmarks/overhead.py``
+        measures what it costs) so that a non-finite one is held. ``None``: when
         the policy senses the update anyway (a per-tensor limiter, as the governor's), where
         the check is free.
       stacked: which parameters stack layers on their leading axis (the scanned layout of
@@ -257,11 +256,11 @@ def guard(
             control_energy=jnp.zeros([], jnp.float32),
             skipped_steps=jnp.zeros([], jnp.int32),
             nonfinite_steps=jnp.zeros([], jnp.int32),
-            signals=empty_signals(tensors, dots=policy.needs_grad_update_dots),
+            signals=empty_signals(tensors),
             policy_state=policy.init(),
             inner_state=inner.init(params),
         )
-        return _pu.distinct_buffers(state)
+        return _common.distinct_buffers(state)
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         if value is None and policy.needs_value:
@@ -295,7 +294,6 @@ def guard(
             momentum,
             updates=inner_updates if check_updates else None,
             params=params if policy.needs_tensor_norms else None,
-            dots=policy.needs_grad_update_dots,
             stacked=stacked,
         )
         finite = grads_finite & updates_finite
@@ -313,13 +311,15 @@ def guard(
             applied=jnp.where(hold, 0.0, applied).astype(jnp.float32),
             hold=hold,
             finite=finite,
-            signals=_pu.keep_if(finite, signals, state.signals),
-            policy_state=_pu.keep_if(finite, policy_state, state.policy_state),
+            signals=_common.keep_if(finite, signals, state.signals),
+            policy_state=_common.keep_if(finite, policy_state, state.policy_state),
             # The inner state is kept on non-finite gradients and on a policy's hold. A NaN that
             # the inner optimizer makes itself from finite gradients is never applied, but its
             # state advances: keeping it would cost another pass over the moments, and the
             # moments that made the NaN would make it again.
-            inner_state=_pu.keep_if(grads_finite & ~decision.hold, inner_state, state.inner_state),
+            inner_state=_common.keep_if(
+                grads_finite & ~decision.hold, inner_state, state.inner_state
+            ),
         )
         return new_updates, new_state
 

@@ -46,14 +46,11 @@ class Policy(abc.ABC):
       the alignment of the gradients with the inner optimizer's first moment.
     - ``needs_tensor_norms``: the policy reads ``Signals.tensor_update_norms`` and
       ``tensor_param_norms``, so the guard senses them (it needs ``params``).
-    - ``needs_grad_update_dots``: the policy also reads ``Signals.tensor_grad_update_dots``
-      (each tensor's ``g·u``; with ``needs_tensor_norms``).
     """
 
     needs_value = False
     needs_momentum = False
     needs_tensor_norms = False
-    needs_grad_update_dots = False
 
     @property
     @abc.abstractmethod

@@ -8,7 +8,7 @@ import optax
 
 
 class Signals(NamedTuple):
-    """What the guard sensed at a step: float32 scalars, and two small per-tensor vectors.
+    """What the guard sensed at a step: float32 scalars, and small per-tensor vectors.
 
     Attributes:
       loss: the loss passed as ``value=`` (0 when no loss is given: see ``loss_seen``).
@@ -30,9 +30,6 @@ class Signals(NamedTuple):
       tensor_sizes: float32 ``[n]``, the element count of each sensed tensor (a constant), so
         that a policy can turn norms into root-mean-squares; :class:`optax.MaskedNode` when
         not sensed.
-      tensor_grad_update_dots: float32 ``[n]``, each tensor's ``g·u`` (gradient times inner
-        update), when the policy asks for it: summed with the applied factors, the first-order
-        change of the loss the step predicts; :class:`optax.MaskedNode` when not sensed.
       loss_seen: bool, whether the step was given its loss (``value=``). A wrapper that does
         not forward extra arguments (``flax.training.train_state.TrainState``,
         ``optax.lookahead``) gives none; a policy then reads no loss cue from ``loss``.
@@ -48,23 +45,19 @@ class Signals(NamedTuple):
     tensor_update_norms: jax.Array | optax.MaskedNode
     tensor_param_norms: jax.Array | optax.MaskedNode
     tensor_sizes: jax.Array | optax.MaskedNode
-    tensor_grad_update_dots: jax.Array | optax.MaskedNode = optax.MaskedNode()
     loss_seen: jax.Array | bool = True
 
 
-def empty_signals(num_tensors: int | None = None, *, dots: bool = False) -> Signals:
+def empty_signals(num_tensors: int | None = None) -> Signals:
     """Zero signals: per-tensor vectors of ``num_tensors`` zeros (at least one, so that no
     zero-size array enters a state, which Orbax cannot save, and the state's structure does not
-    depend on the parameters' count), or :class:`optax.MaskedNode` when ``None`` (not sensed);
-    the ``g·u`` vector too when ``dots``."""
+    depend on the parameters' count), or :class:`optax.MaskedNode` when ``None`` (not sensed)."""
     zero = jnp.zeros([], jnp.float32)
     if num_tensors is None:
         vector = optax.MaskedNode()
     else:
         vector = jnp.zeros([max(num_tensors, 1)], jnp.float32)
-    dot_vector = vector if dots else optax.MaskedNode()
-    signals = Signals(zero, zero, zero, zero, zero, zero, zero, vector, vector, vector, dot_vector)
-    return signals._replace(loss_seen=jnp.array(False))
+    return Signals(*[zero] * 7, vector, vector, vector, loss_seen=jnp.array(False))
 
 
 def stack_flags(tree: Any, stacked: Any = None) -> list[bool]:
@@ -119,8 +112,8 @@ def tensor_sizes(tree: Any, stacked: Any = None) -> list[int]:
 def tensor_names(params: Any, stacked: Any = None) -> list[str]:
     """The name of each entry of the guard's per-tensor telemetry, in order.
 
-    The per-tensor signals (``tensor_update_norms``, ``tensor_param_norms``, ``tensor_sizes``,
-    ``tensor_grad_update_dots``) and the governor's per-tensor limits carry one entry per
+    The per-tensor signals (``tensor_update_norms``, ``tensor_param_norms``, ``tensor_sizes``)
+    and the governor's per-tensor limits carry one entry per
     sensed tensor, unnamed; entry ``i`` belongs to ``tensor_names(params)[i]``: the non-empty
     leaves in leaf order, and each layer of a stacked leaf in a row (``path/0``, ``path/1``,
     ...), the order every per-tensor vector uses.
@@ -193,7 +186,6 @@ class _Sums(NamedTuple):
     m_sq: jax.Array | None
     u_sq: jax.Array | None
     p_sq: jax.Array | None
-    g_u: jax.Array | None
 
 
 def _leaf_sums(terms: list[jax.Array], update_terms: list[jax.Array], stacked: bool):
@@ -209,7 +201,7 @@ def _leaf_sums(terms: list[jax.Array], update_terms: list[jax.Array], stacked: b
     return jax.lax.platform_dependent(terms, update_terms, cpu=two_passes, default=one_pass)
 
 
-def _per_tensor_sums(grads, momentum, updates, params, dots: bool, flags) -> _Sums:
+def _per_tensor_sums(grads, momentum, updates, params, flags) -> _Sums:
     """One variadic reduction per leaf reads the gradients (and the momentum, the update and
     the parameters when given) once; the per-leaf results are concatenated into vectors, so
     everything after is a handful of vector operations, whatever the number of tensors."""
@@ -234,8 +226,6 @@ def _per_tensor_sums(grads, momentum, updates, params, dots: bool, flags) -> _Su
             update_terms += [u * u]
             if p is not None:
                 update_terms += [p * p]
-                if dots:
-                    update_terms += [g * u]
         columns.append(list(_leaf_sums(terms, update_terms, flag)))
     if not columns:
         raise ValueError("the gradient tree has no non-empty arrays to sense")
@@ -244,7 +234,6 @@ def _per_tensor_sums(grads, momentum, updates, params, dots: bool, flags) -> _Su
     names += ["g_m", "m_sq"] if momentum is not None else []
     if updates is not None:
         names += ["u_sq"] + (["p_sq"] if params is not None else [])
-        names += ["g_u"] if params is not None and dots else []
     found = dict(zip(names, vectors, strict=True))
     return _Sums(**{name: found.get(name) for name in _Sums._fields})
 
@@ -256,7 +245,6 @@ def sense(
     *,
     updates: Any | None = None,
     params: Any | None = None,
-    dots: bool = False,
     stacked: Any = None,
 ) -> tuple[Signals, jax.Array, jax.Array]:
     """Reduces the gradients, the loss and (when given) the inner update to a few signals.
@@ -277,7 +265,6 @@ def sense(
         ``None``.
       params: the parameters before the step, to sense the per-tensor norms a trust-ratio
         limiter needs (with ``updates``), or ``None``.
-      dots: also sense each tensor's ``g·u`` (with ``updates`` and ``params``).
       stacked: which leaves stack layers on their leading axis (see :func:`stack_flags`);
         each layer is then a tensor of its own in the per-tensor vectors.
 
@@ -286,7 +273,7 @@ def sense(
       loss and the gradients, ``updates_finite`` the update (true when not sensed).
     """
     flags = stack_flags(grads, stacked)
-    sums = _per_tensor_sums(grads, momentum, updates, params, dots, flags)
+    sums = _per_tensor_sums(grads, momentum, updates, params, flags)
     size_list = tensor_sizes(grads, stacked)
     sizes = jnp.asarray(size_list, jnp.float32)
     total, total_sq = jnp.sum(sums.g), jnp.sum(sums.g_sq)
@@ -323,6 +310,4 @@ def sense(
             tensor_param_norms=jnp.sqrt(sums.p_sq),
             tensor_sizes=sizes,
         )
-    if sums.g_u is not None:
-        signals = signals._replace(tensor_grad_update_dots=sums.g_u)
     return signals, grads_finite, updates_finite

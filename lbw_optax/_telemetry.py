@@ -1,28 +1,10 @@
 """Read the governance record out of any optimizer state, however deeply it is nested."""
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import optax
-
-
-def register_telemetry_state(state_type: type) -> type:
-    """Deprecated: declare ``telemetry_fields`` on the state class instead.
-
-    Sets ``state_type.telemetry_fields`` to all its fields but ``inner_state``, which is what
-    registering meant.
-    """
-    warnings.warn(
-        "register_telemetry_state is deprecated: give the NamedTuple state a class attribute "
-        "telemetry_fields = (<field names>) instead",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    if not hasattr(state_type, "telemetry_fields"):
-        state_type.telemetry_fields = tuple(f for f in state_type._fields if f != "inner_state")
-    return state_type
 
 
 def _is_telemetry_state(node: Any) -> bool:
@@ -131,10 +113,11 @@ def _inner_states(node: Any) -> list[Any]:
 
 
 def _state_types() -> list[type]:
-    """lbw_optax's states that report telemetry."""
+    """lbw_optax's states that report telemetry, the peers' included."""
     import lbw_optax  # The package, loaded by now; its modules import this one.
 
-    exported = (getattr(lbw_optax, name) for name in lbw_optax.__all__)
+    exported = [getattr(lbw_optax, name) for name in lbw_optax.__all__]
+    exported += [getattr(lbw_optax.peers, name) for name in lbw_optax.peers.__all__]
     return [t for t in exported if isinstance(t, type) and hasattr(t, "telemetry_fields")]
 
 

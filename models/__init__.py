@@ -1,7 +1,7 @@
 """Qwen2.5- and TinyLlama-style decoders in Flax NNX, with LoRA and Hugging Face weights.
 
 >>> from flax import nnx
->>> import models
+>>> from lbw import models
 >>> model = models.Decoder(models.tiny_qwen2_5_3b(), rngs=nnx.Rngs(0))
 >>> models.count_params(models.qwen2_5_7b())
 7615616512

@@ -131,7 +131,7 @@ class Decoder(nnx.Module):
     Example:
       >>> from flax import nnx
       >>> import jax.numpy as jnp
-      >>> import models
+      >>> from lbw import models
       >>> model = models.Decoder(models.tiny_qwen2_5_3b(), rngs=nnx.Rngs(0))
       >>> model(jnp.zeros((2, 8), jnp.int32)).shape
       (2, 8, 320)

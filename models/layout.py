@@ -34,7 +34,8 @@ def stacked_layers(params: Any) -> Any:
     blocks (everything under ``layers``). Pass it as ``lbw_optax.guard(..., stacked=...)``.
 
     Example:
-      >>> import dataclasses, lbw_optax, models
+      >>> import dataclasses, lbw_optax
+      >>> from lbw import models
       >>> config = dataclasses.replace(models.tiny_qwen2_5_3b(), scan_layers=True)
       >>> tx = lbw_optax.lbw_adamw(1e-3, stacked=models.stacked_layers)
     """

@@ -115,7 +115,7 @@ def add_lora(
     Example:
       >>> import jax
       >>> from flax import nnx
-      >>> import models
+      >>> from lbw import models
       >>> model = models.Decoder(models.tiny_qwen2_5_3b(), rngs=nnx.Rngs(0))
       >>> model = models.add_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
       >>> sum(x.size for x in jax.tree.leaves(nnx.state(model, models.LORA_PARAMS)))

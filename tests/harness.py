@@ -48,12 +48,25 @@ CASES: list[Case] = [
     ),
     # Peers. Paper defaults where 100 steps exercise them; AdaGC leaves warm-up at step 10 and
     # SPAM resets every 20 steps, so the 100-step tests cover the adaptive and reset paths.
-    Case("zclip_adamw", lbw_optax.zclip_adamw),
-    Case("skip_step_adamw", lbw_optax.skip_step_adamw),
-    Case("adagc_adamw", functools.partial(lbw_optax.adagc_adamw, warmup_steps=10)),
+    Case(
+        "zclip",
+        lambda learning_rate: optax.chain(lbw_optax.peers.zclip(), optax.adamw(learning_rate)),
+    ),
+    Case(
+        "skip_step",
+        lambda learning_rate: lbw_optax.peers.skip_step(
+            optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate))
+        ),
+    ),
+    Case(
+        "adagc",
+        lambda learning_rate: optax.chain(
+            lbw_optax.peers.adagc(warmup_steps=10), optax.adamw(learning_rate)
+        ),
+    ),
     Case(
         "spam_adamw",
-        functools.partial(lbw_optax.spam_adamw, reset_interval=20, warmup_steps=5),
+        functools.partial(lbw_optax.peers.spam_adamw, reset_interval=20, warmup_steps=5),
     ),
-    Case("stable_adamw", lbw_optax.stable_adamw),
+    Case("stable_adamw", lbw_optax.peers.stable_adamw),
 ]

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import lbw_optax
-from lbw_optax import testing
+from lbw_optax import _testing_inputs, testing
 from tests.harness import CASES
 
 cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -241,9 +241,9 @@ def test_sequence_checks_compile_once_and_detect_nonfinite_and_non_identity():
     updates, _, final = testing.run_sequence(tx, params, grads, apply_updates=True)
     np.testing.assert_allclose(updates["bias"][:, 0], [-1e-3, -2e-3, -3e-3], rtol=1e-6)
     np.testing.assert_allclose(final["bias"], params["bias"] * (1 - 6e-2), rtol=1e-6)
-    compiled = testing._scanner(tx, False, True)._cache_size()
+    compiled = _testing_inputs._scanner(tx, False, True)._cache_size()
     testing.run_sequence(tx, params, testing.scaled(params, [5.0, -1.0, 0.0]), apply_updates=True)
-    assert testing._scanner(tx, False, True)._cache_size() == compiled == 1
+    assert _testing_inputs._scanner(tx, False, True)._cache_size() == compiled == 1
     with pytest.raises(AssertionError, match="non-finite"):
         testing.assert_finite_under(tx, params, testing.scaled(params, [1.0, np.nan, 1.0]))
     testing.assert_identity_when_pinned(tx, optax.sgd(1e-2), params, grads)

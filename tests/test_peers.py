@@ -1,6 +1,6 @@
 """Defining behaviour of the peers (ZClip, skip-step, AdaGC, SPAM), checked against NumPy."""
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import chex
 import jax
@@ -62,7 +62,7 @@ def test_zclip_clips_to_reciprocal_threshold_after_warmup(max_grad_norm):
     norms = [1.0, 1.2, 0.9, 1.1, 0.95, 1.05, 4.0, 1.0, 0.98, 12.0, 1.1, 3.0, 1.0]
     kwargs = dict(alpha=0.9, z_threshold=2.0, warmup_steps=5, max_grad_norm=max_grad_norm)
     expected, mean, var = zclip_reference(norms, **kwargs)
-    tx = lbw_optax.zclip(**kwargs)
+    tx = lbw_optax.peers.zclip(**kwargs)
     state = tx.init(params_like())
     step = jax.jit(tx.update)
     got = []
@@ -84,7 +84,7 @@ def test_zclip_clips_to_reciprocal_threshold_after_warmup(max_grad_norm):
 
 
 def test_zclip_z_score_rule_never_clips_during_warmup():
-    tx = lbw_optax.zclip(warmup_steps=25, max_grad_norm=None)
+    tx = lbw_optax.peers.zclip(warmup_steps=25, max_grad_norm=None)
     state = tx.init(params_like())
     for i in range(25):
         n = 1e4 if i == 20 else 1.0 + 0.01 * i
@@ -95,7 +95,7 @@ def test_zclip_z_score_rule_never_clips_during_warmup():
 
 def test_zclip_fixed_cap_applies_in_warmup_and_statistics_see_the_raw_norms():
     norms = [0.5, 3.0, 2.0]
-    tx = lbw_optax.zclip(warmup_steps=3)  # max_grad_norm=1.0, the reference default.
+    tx = lbw_optax.peers.zclip(warmup_steps=3)  # max_grad_norm=1.0, the reference default.
     state = tx.init(params_like())
     got = []
     for n in norms:
@@ -107,7 +107,7 @@ def test_zclip_fixed_cap_applies_in_warmup_and_statistics_see_the_raw_norms():
 
 
 def test_zclip_constant_norms_have_zero_std_and_clip_to_the_mean():
-    tx = lbw_optax.zclip(warmup_steps=3, max_grad_norm=None)
+    tx = lbw_optax.peers.zclip(warmup_steps=3, max_grad_norm=None)
     state = tx.init(params_like())
     for _ in range(3):
         _, state = tx.update(grads_of_norm(2.0), state)
@@ -118,7 +118,7 @@ def test_zclip_constant_norms_have_zero_std_and_clip_to_the_mean():
 
 
 def test_zclip_leaves_nonfinite_gradients_and_statistics_alone():
-    tx = lbw_optax.zclip(warmup_steps=2, max_grad_norm=None)
+    tx = lbw_optax.peers.zclip(warmup_steps=2, max_grad_norm=None)
     state = tx.init(params_like())
     for n in (1.0, 1.5, 1.2):
         _, state = tx.update(grads_of_norm(n), state)
@@ -140,7 +140,7 @@ def run_skip_step(losses, norms, **kwargs):
     """Runs skip_step(adam) over scripted losses and gradient norms; returns each step.
     ``min_history`` is 20 unless given (short scripts; the default is tested apart)."""
     kwargs.setdefault("min_history", 20)
-    tx = lbw_optax.skip_step(optax.adam(1e-2), **kwargs)
+    tx = lbw_optax.peers.skip_step(optax.adam(1e-2), **kwargs)
     state = tx.init(params_like())
     step = jax.jit(tx.update)
     history = []
@@ -231,7 +231,12 @@ def test_skip_step_default_history_is_olmo_cores_half_window():
     assert bool(after.skipstep_skipped)  # window 8: 3 values suffice.
 
 
-def test_skip_step_adamw_clips_then_skips_on_the_pre_clip_norm():
+def _clipped_skip_step(inner, **kwargs):
+    """Skip-step as OLMo-core runs it: over global-norm clipping at 1.0."""
+    return lbw_optax.peers.skip_step(optax.chain(optax.clip_by_global_norm(1.0), inner), **kwargs)
+
+
+def test_skip_step_over_clipping_skips_on_the_pre_clip_norm():
     """NumPy transcription: AdamW on the gradients clipped to norm 1; a step whose pre-clip
     norm is a 6σ outlier of the window is skipped (zero update) although its clipped norm is
     1 like its neighbours'."""
@@ -239,7 +244,7 @@ def test_skip_step_adamw_clips_then_skips_on_the_pre_clip_norm():
     norms = [*(3.0 + 0.1 * rng.standard_normal(8)), 30.0, 3.0]
     losses = [2.0] * len(norms)
     lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-8
-    tx = lbw_optax.skip_step_adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=0.0, window=8)
+    tx = _clipped_skip_step(optax.adam(lr, b1=b1, b2=b2, eps=eps), window=8)
     params = params_like()
     state = tx.init(params)
     m = {k: np.zeros(v.shape) for k, v in DIRECTION.items()}
@@ -272,7 +277,7 @@ def test_skip_step_window_is_a_ring_of_the_latest_values():
 
 
 def test_skip_step_requires_the_loss():
-    tx = lbw_optax.skip_step_adamw(1e-3)
+    tx = _clipped_skip_step(optax.adamw(1e-3))
     state = tx.init(params_like())
     with pytest.raises(ValueError, match="value=loss"):
         tx.update(grads_of_norm(1.0), state, params_like())
@@ -312,7 +317,7 @@ def test_adagc_per_tensor_clip_coefficients_match_numpy():
         steps.append({"a": a, "b": b})
     kwargs = dict(beta=0.9, lambda_rel=1.05, warmup_steps=4, warmup_clip=1.5)
     expected, gamma = adagc_reference(steps, **kwargs)
-    tx = lbw_optax.adagc(**kwargs)
+    tx = lbw_optax.peers.adagc(**kwargs)
     state = tx.init(params_like())
     step = jax.jit(tx.update)
     for grads, coef in zip(steps, expected, strict=True):
@@ -341,7 +346,7 @@ def test_adagc_defaults_are_the_authors_code():
     expected, gamma = adagc_reference(
         steps, beta=0.99, lambda_rel=1.04, warmup_steps=2, warmup_clip=1.0
     )
-    tx = lbw_optax.adagc(warmup_steps=2)
+    tx = lbw_optax.peers.adagc(warmup_steps=2)
     state = tx.init(params_like())
     for grads, coef in zip(steps, expected, strict=True):
         _, state = tx.update({k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}, state)
@@ -353,7 +358,7 @@ def test_adagc_defaults_are_the_authors_code():
 
 
 def test_adagc_tensor_with_zero_gradient_in_warmup_is_not_frozen():
-    tx = lbw_optax.adagc(warmup_steps=1)
+    tx = lbw_optax.peers.adagc(warmup_steps=1)
     state = tx.init(params_like())
     zero_b = {"a": jnp.ones(3), "b": jnp.zeros((2, 2))}
     _, state = tx.update(zero_b, state)
@@ -364,7 +369,7 @@ def test_adagc_tensor_with_zero_gradient_in_warmup_is_not_frozen():
 
 
 def test_adagc_leaves_nonfinite_gradients_and_gamma_alone():
-    tx = lbw_optax.adagc(warmup_steps=1)
+    tx = lbw_optax.peers.adagc(warmup_steps=1)
     state = tx.init(params_like())
     _, state = tx.update(grads_of_norm(1.0), state)
     bad = {"a": jnp.array([jnp.inf, 1.0, 1.0]), "b": jnp.ones((2, 2))}
@@ -416,7 +421,7 @@ def test_spam_clips_spiked_elements_and_resets_moments_like_numpy():
         b1=0.9, b2=0.99, eps=1e-8, theta=50.0, reset_interval=8, warmup_steps=3, clip_delay=2
     )
     expected, clips = spam_reference(grads, **kwargs)
-    tx = lbw_optax.scale_by_spam(**kwargs)
+    tx = lbw_optax.peers.scale_by_spam(**kwargs)
     state = tx.init({"w": jnp.zeros(6)})
     step = jax.jit(tx.update)
     for t, (g, want, n_clipped) in enumerate(zip(grads, expected, clips, strict=True), start=1):
@@ -439,7 +444,7 @@ def test_spam_clips_nothing_in_the_first_steps_nor_after_a_reset():
     )
     expected, clips = spam_reference(grads, **kwargs)
     assert [t for t, c in enumerate(clips, start=1) if c] == [5, 13]
-    tx = lbw_optax.scale_by_spam(**kwargs)
+    tx = lbw_optax.peers.scale_by_spam(**kwargs)
     state = tx.init({"w": jnp.zeros(6)})
     step = jax.jit(tx.update)
     for t, (g, want, n_clipped) in enumerate(zip(grads, expected, clips, strict=True), start=1):
@@ -451,7 +456,7 @@ def test_spam_clips_nothing_in_the_first_steps_nor_after_a_reset():
 def test_spam_default_window_is_the_references_20_steps():
     # A constant gradient: g²/v = 1/(1 - 0.999^k) > θ = 2 at every step, so every step where
     # clipping is allowed clips.
-    tx = lbw_optax.scale_by_spam(theta=2.0, reset_interval=30)
+    tx = lbw_optax.peers.scale_by_spam(theta=2.0, reset_interval=30)
     state = tx.init({"w": jnp.zeros(2)})
     clipped = []
     for t in range(1, 45):
@@ -462,7 +467,7 @@ def test_spam_default_window_is_the_references_20_steps():
 
 
 def test_spam_reset_step_zeroes_moments_keeps_bias_step_and_starts_the_warmup():
-    tx = lbw_optax.scale_by_spam(reset_interval=10, warmup_steps=4)
+    tx = lbw_optax.peers.scale_by_spam(reset_interval=10, warmup_steps=4)
     state = tx.init({"w": jnp.zeros(3)})
     g = {"w": jnp.array([0.5, -1.0, 2.0])}
     scales = []
@@ -481,7 +486,7 @@ def test_spam_reset_step_zeroes_moments_keeps_bias_step_and_starts_the_warmup():
 
 
 def test_spam_adamw_warmup_scales_the_adam_step_not_the_weight_decay():
-    tx = lbw_optax.spam_adamw(1.0, weight_decay=0.5, reset_interval=2, warmup_steps=5)
+    tx = lbw_optax.peers.spam_adamw(1.0, weight_decay=0.5, reset_interval=2, warmup_steps=5)
     params = {"w": jnp.ones(2)}
     state = tx.init(params)
     zero = {"w": jnp.zeros(2)}
@@ -520,7 +525,7 @@ def test_stable_adamw_matches_the_papers_algorithm():
     kwargs = dict(lr=1e-2, b1=0.9, b2=0.99, eps=1e-6, weight_decay=0.1)
     params0 = rng.standard_normal(8)
     expected, factors = stable_adamw_reference(grads, params0, **kwargs)
-    tx = lbw_optax.stable_adamw(
+    tx = lbw_optax.peers.stable_adamw(
         kwargs["lr"], kwargs["b1"], kwargs["b2"], kwargs["eps"], kwargs["weight_decay"]
     )
     params = {"w": jnp.asarray(params0, jnp.float32)}
@@ -542,32 +547,28 @@ def test_stable_adamw_matches_the_papers_algorithm():
 @pytest.mark.parametrize(
     ("factory", "name", "value"),
     [
-        (lbw_optax.zclip, "alpha", 1.0),
-        (lbw_optax.zclip, "z_threshold", 0.0),
-        (lbw_optax.zclip, "warmup_steps", 0),
-        (lbw_optax.zclip, "eps", -1e-6),
-        (lbw_optax.zclip, "max_grad_norm", 0.0),
-        (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "window", 1),
-        (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "sigma_factor", -6.0),
-        (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "min_history", 1),
-        (lambda **kw: lbw_optax.skip_step(optax.sgd(0.1), **kw), "min_history", 200),
-        (lbw_optax.adagc, "beta", 1.0),
-        (lbw_optax.adagc, "lambda_rel", 0.0),
-        (lbw_optax.adagc, "warmup_steps", -1),
-        (lbw_optax.adagc, "warmup_clip", float("nan")),
-        (lbw_optax.scale_by_spam, "theta", 0.0),
-        (lbw_optax.scale_by_spam, "reset_interval", 0),
-        (lbw_optax.scale_by_spam, "warmup_steps", 1.5),
-        (lbw_optax.scale_by_spam, "b2", 1.0),
-        (lbw_optax.scale_by_spam, "clip_delay", -1),
-        (lambda **kw: lbw_optax.spam_adamw(1e-3, **kw), "weight_decay", -0.1),
-        (lambda **kw: lbw_optax.zclip_adamw(1e-3, **kw), "alpha", 0.0),
-        (lambda **kw: lbw_optax.adagc_adamw(1e-3, **kw), "beta", -0.5),
-        (lambda **kw: lbw_optax.skip_step_adamw(1e-3, **kw), "window", 0),
-        (lambda **kw: lbw_optax.skip_step_adamw(1e-3, **kw), "max_grad_norm", -1.0),
-        (lbw_optax.scale_by_stable_adam, "b2", 1.0),
-        (lbw_optax.scale_by_stable_adam, "eps", -1.0),
-        (lambda **kw: lbw_optax.stable_adamw(1e-3, **kw), "weight_decay", -0.1),
+        (lbw_optax.peers.zclip, "alpha", 1.0),
+        (lbw_optax.peers.zclip, "z_threshold", 0.0),
+        (lbw_optax.peers.zclip, "warmup_steps", 0),
+        (lbw_optax.peers.zclip, "eps", -1e-6),
+        (lbw_optax.peers.zclip, "max_grad_norm", 0.0),
+        (lambda **kw: lbw_optax.peers.skip_step(optax.sgd(0.1), **kw), "window", 1),
+        (lambda **kw: lbw_optax.peers.skip_step(optax.sgd(0.1), **kw), "sigma_factor", -6.0),
+        (lambda **kw: lbw_optax.peers.skip_step(optax.sgd(0.1), **kw), "min_history", 1),
+        (lambda **kw: lbw_optax.peers.skip_step(optax.sgd(0.1), **kw), "min_history", 200),
+        (lbw_optax.peers.adagc, "beta", 1.0),
+        (lbw_optax.peers.adagc, "lambda_rel", 0.0),
+        (lbw_optax.peers.adagc, "warmup_steps", -1),
+        (lbw_optax.peers.adagc, "warmup_clip", float("nan")),
+        (lbw_optax.peers.scale_by_spam, "theta", 0.0),
+        (lbw_optax.peers.scale_by_spam, "reset_interval", 0),
+        (lbw_optax.peers.scale_by_spam, "warmup_steps", 1.5),
+        (lbw_optax.peers.scale_by_spam, "b2", 1.0),
+        (lbw_optax.peers.scale_by_spam, "clip_delay", -1),
+        (lambda **kw: lbw_optax.peers.spam_adamw(1e-3, **kw), "weight_decay", -0.1),
+        (lbw_optax.peers.scale_by_stable_adam, "b2", 1.0),
+        (lbw_optax.peers.scale_by_stable_adam, "eps", -1.0),
+        (lambda **kw: lbw_optax.peers.stable_adamw(1e-3, **kw), "weight_decay", -0.1),
     ],
 )
 def test_invalid_hyperparameters_raise_naming_argument_and_value(factory, name, value):
@@ -577,11 +578,17 @@ def test_invalid_hyperparameters_raise_naming_argument_and_value(factory, name, 
 
 
 PEERS = {
-    "zclip_adamw": (lambda: lbw_optax.zclip_adamw(1e-3, warmup_steps=2), "zclip_count"),
-    "skip_step_adamw": (lambda: lbw_optax.skip_step_adamw(1e-3), "skipstep_count"),
-    "adagc_adamw": (lambda: lbw_optax.adagc_adamw(1e-3, warmup_steps=2), "adagc_count"),
-    "spam_adamw": (lambda: lbw_optax.spam_adamw(1e-3), "spam_count"),
-    "stable_adamw": (lambda: lbw_optax.stable_adamw(1e-3), "stable_count"),
+    "zclip": (
+        lambda: optax.chain(lbw_optax.peers.zclip(warmup_steps=2), optax.adamw(1e-3)),
+        "zclip_count",
+    ),
+    "skip_step": (lambda: _clipped_skip_step(optax.adamw(1e-3)), "skipstep_count"),
+    "adagc": (
+        lambda: optax.chain(lbw_optax.peers.adagc(warmup_steps=2), optax.adamw(1e-3)),
+        "adagc_count",
+    ),
+    "spam_adamw": (lambda: lbw_optax.peers.spam_adamw(1e-3), "spam_count"),
+    "stable_adamw": (lambda: lbw_optax.peers.stable_adamw(1e-3), "stable_count"),
 }
 
 
@@ -606,9 +613,9 @@ def test_telemetry_reads_a_peer_alone_and_under_the_guard(name, with_guard):
 
 def test_peers_compose_in_one_chain_with_distinct_fields():
     tx = optax.chain(
-        lbw_optax.zclip(warmup_steps=2),
-        lbw_optax.adagc(warmup_steps=2),
-        lbw_optax.skip_step(lbw_optax.spam_adamw(1e-3)),
+        lbw_optax.peers.zclip(warmup_steps=2),
+        lbw_optax.peers.adagc(warmup_steps=2),
+        lbw_optax.peers.skip_step(lbw_optax.peers.spam_adamw(1e-3)),
     )
     params = params_like()
     state = tx.init(params)
@@ -626,9 +633,6 @@ def test_peers_compose_in_one_chain_with_distinct_fields():
     "wrapper",
     [
         lbw_optax.lbw_adamw,
-        lbw_optax.zclip_adamw,
-        lbw_optax.adagc_adamw,
-        lbw_optax.skip_step_adamw,
         lbw_optax.sgg_adamw,
     ],
     ids=lambda w: w.__name__,
@@ -661,15 +665,3 @@ def test_a_state_takes_part_in_telemetry_by_declaring_its_fields():
 
     state = (optax.EmptyState(), MyState(jnp.int32(3), jnp.zeros(4)))
     assert lbw_optax.telemetry(state) == {"my_count": 3}
-
-
-def test_register_telemetry_state_is_a_deprecated_alias():
-    class OldState(NamedTuple):
-        old_count: jax.Array
-        inner_state: Any
-
-    with pytest.warns(DeprecationWarning):
-        lbw_optax.register_telemetry_state(OldState)
-    state = OldState(jnp.int32(2), lbw_optax.zclip().init({}))
-    got = lbw_optax.telemetry(state)
-    assert got["old_count"] == 2 and "zclip_count" in got

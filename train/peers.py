@@ -2,12 +2,16 @@
 
 Importing this module registers:
 
-* ``zclip``: :func:`lbw_optax.zclip_adamw` (z-score clipping of the global gradient norm).
-* ``skip-step``: :func:`lbw_optax.skip_step_adamw`; registered as guarded, because it holds
+* ``zclip``: :func:`lbw_optax.peers.zclip`, then AdamW (z-score clipping of the global
+  gradient norm).
+* ``skip-step``: :func:`lbw_optax.peers.skip_step` over global-norm clipping at
+  ``max_grad_norm`` (1.0) and AdamW; registered as guarded, because it holds
   non-finite steps itself (zero update, moments kept), so the loop trains through them.
-* ``adagc``: :func:`lbw_optax.adagc_adamw` (per-tensor adaptive clipping).
-* ``spam``: :func:`lbw_optax.spam_adamw` (spike-aware clipping with periodic moment resets).
-* ``stable-adamw``: :func:`lbw_optax.stable_adamw` (AdamW with per-tensor update clipping).
+* ``adagc``: :func:`lbw_optax.peers.adagc`, then AdamW (per-tensor adaptive clipping).
+* ``spam``: :func:`lbw_optax.peers.spam_adamw` (spike-aware clipping with periodic moment
+  resets).
+* ``stable-adamw``: :func:`lbw_optax.peers.stable_adamw` (AdamW with per-tensor update
+  clipping).
 * ``prodigy``, ``dadapt-adamw``: ``optax.contrib.prodigy`` / ``dadapt_adamw``; the learning
   rate is their multiplier of the estimated step size (1.0 is the authors' setting).
 * ``mechanic``: ``optax.contrib.mechanize`` over AdamW.
@@ -46,33 +50,40 @@ def _adamw_args(config: TrainConfig) -> dict:
 
 @register_optimizer("zclip")
 def zclip(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
-    """ZClip, then AdamW (``lbw_optax.zclip_adamw`` with its defaults)."""
-    return lbw_optax.zclip_adamw(learning_rate, **_adamw_args(config), **config.optimizer_args)
+    """ZClip, then AdamW (``lbw_optax.peers.zclip`` with its defaults)."""
+    adamw = optax.adamw(learning_rate, **_adamw_args(config))
+    return optax.chain(lbw_optax.peers.zclip(**config.optimizer_args), adamw)
 
 
 @register_optimizer("skip-step", guarded=True)
 def skip_step(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
     """AdamW that skips loss or gradient-norm spikes (> mean + 6σ over 128 steps) and NaN/Inf."""
-    return lbw_optax.skip_step_adamw(learning_rate, **_adamw_args(config), **config.optimizer_args)
+    args = dict(config.optimizer_args)
+    max_grad_norm = args.pop("max_grad_norm", 1.0)  # None: no clipping.
+    inner = optax.adamw(learning_rate, **_adamw_args(config))
+    if max_grad_norm is not None:
+        inner = optax.chain(optax.clip_by_global_norm(max_grad_norm), inner)
+    return lbw_optax.peers.skip_step(inner, **args)
 
 
 @register_optimizer("adagc")
 def adagc(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
     """AdaGC per-tensor adaptive clipping, then AdamW."""
-    return lbw_optax.adagc_adamw(learning_rate, **_adamw_args(config), **config.optimizer_args)
+    adamw = optax.adamw(learning_rate, **_adamw_args(config))
+    return optax.chain(lbw_optax.peers.adagc(**config.optimizer_args), adamw)
 
 
 @register_optimizer("spam")
 def spam(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
     """SPAM: AdamW with spike-aware clipping and momentum resets."""
-    return lbw_optax.spam_adamw(learning_rate, **_adamw_args(config), **config.optimizer_args)
+    return lbw_optax.peers.spam_adamw(learning_rate, **_adamw_args(config), **config.optimizer_args)
 
 
 @register_optimizer("stable-adamw")
 def stable_adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
     """StableAdamW with the paper's β2 = 0.99 and ε = 1e-6; β1 and weight decay from the config."""
     args = dict(b1=config.b1, weight_decay=config.weight_decay, **config.optimizer_args)
-    return lbw_optax.stable_adamw(learning_rate, **args)
+    return lbw_optax.peers.stable_adamw(learning_rate, **args)
 
 
 def _multiplier(config: TrainConfig, learning_rate) -> optax.Schedule:

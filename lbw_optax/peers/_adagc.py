@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _adamw
-from lbw_optax import _common as _pu
+from lbw_optax import _common
 from lbw_optax._validate import check_in_range, check_non_negative_int, check_positive
 
 
@@ -87,7 +86,7 @@ def adagc(
 
     Example:
       >>> import jax.numpy as jnp, optax, lbw_optax
-      >>> tx = lbw_optax.adagc(warmup_steps=1)
+      >>> tx = lbw_optax.peers.adagc(warmup_steps=1)
       >>> state = tx.init({"a": jnp.ones(2), "b": jnp.ones(2)})
       >>> _, state = tx.update({"a": jnp.full(2, 0.1), "b": jnp.full(2, 0.1)}, state)
       >>> clipped, state = tx.update({"a": jnp.full(2, 1.0), "b": jnp.full(2, 0.1)}, state)
@@ -105,10 +104,10 @@ def adagc(
       Wang et al., `AdaGC: Improving Training Stability for Large Language Model Pretraining
       <https://arxiv.org/abs/2502.11034>`_, 2025.
     """
-    _pu.check(check_in_range, "beta", beta, 0.0, 1.0, closed="neither")
-    _pu.check(check_positive, "lambda_rel", lambda_rel)
-    _pu.check(check_non_negative_int, "warmup_steps", warmup_steps)
-    _pu.check(check_positive, "warmup_clip", warmup_clip)
+    _common.check(check_in_range, "beta", beta, 0.0, 1.0, closed="neither")
+    _common.check(check_positive, "lambda_rel", lambda_rel)
+    _common.check(check_non_negative_int, "warmup_steps", warmup_steps)
+    _common.check(check_positive, "warmup_clip", warmup_clip)
 
     def init_fn(params):
         scalar = lambda _: jnp.zeros([], jnp.float32)
@@ -123,7 +122,7 @@ def adagc(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        norms = jax.tree.map(_pu.tensor_norm, updates)
+        norms = jax.tree.map(_common.tensor_norm, updates)
         total = jnp.sqrt(sum(n * n for n in jax.tree.leaves(norms)))
         finite = jnp.isfinite(total)
         warming = state.adagc_observed < warmup_steps
@@ -152,60 +151,12 @@ def adagc(
         )
         new_state = AdaGCState(
             adagc_count=optax.safe_increment(state.adagc_count),
-            adagc_observed=_pu.count_if(state.adagc_observed, finite),
+            adagc_observed=_common.count_if(state.adagc_observed, finite),
             adagc_gamma=gammas,
             adagc_clip_coef=coefs,
             adagc_clipped_tensors=clipped_tensors,
-            adagc_nonfinite_steps=_pu.count_if(state.adagc_nonfinite_steps, ~finite),
+            adagc_nonfinite_steps=_common.count_if(state.adagc_nonfinite_steps, ~finite),
         )
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def adagc_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    *,
-    mask: Any = None,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    nesterov: bool = False,
-    beta: float = 0.99,
-    lambda_rel: float = 1.04,
-    warmup_steps: int = 100,
-    warmup_clip: float = 1.0,
-) -> optax.GradientTransformationExtraArgs:
-    """AdamW after AdaGC: ``optax.chain(adagc(...), optax.adamw(...))``.
-
-    Args:
-      learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
-      beta, lambda_rel, warmup_steps, warmup_clip: as in :func:`adagc`.
-
-    Returns:
-      An :class:`optax.GradientTransformationExtraArgs`.
-
-    Example:
-      >>> import lbw_optax
-      >>> tx = lbw_optax.adagc_adamw(1e-3)
-
-    References:
-      Wang et al., `AdaGC: Improving Training Stability for Large Language Model Pretraining
-      <https://arxiv.org/abs/2502.11034>`_, 2025.
-    """
-    adamw = _adamw.adamw(
-        learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
-    )
-    return optax.chain(
-        adagc(
-            beta=beta,
-            lambda_rel=lambda_rel,
-            warmup_steps=warmup_steps,
-            warmup_clip=warmup_clip,
-        ),
-        adamw,
-    )

@@ -1,13 +1,12 @@
 """ZClip: z-score adaptive clipping of the global gradient norm (Kumar et al., 2025)."""
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _adamw
-from lbw_optax import _common as _pu
+from lbw_optax import _common
 from lbw_optax._validate import check_in_range, check_positive, check_positive_int
 
 
@@ -107,7 +106,7 @@ def zclip(
 
     Example:
       >>> import jax.numpy as jnp, optax, lbw_optax
-      >>> tx = optax.chain(lbw_optax.zclip(warmup_steps=2), optax.adamw(1e-3))
+      >>> tx = optax.chain(lbw_optax.peers.zclip(warmup_steps=2), optax.adamw(1e-3))
       >>> params = {"w": jnp.ones(3)}
       >>> state = tx.init(params)
       >>> for norm in (1.0, 1.2, 50.0):
@@ -123,12 +122,12 @@ def zclip(
       during warm-up (lines 199-200) and after it (lines 163-164, ``min`` with the adaptive
       value), the EMA update with the z-score-clipped norm (line 210).
     """
-    _pu.check(check_in_range, "alpha", alpha, 0.0, 1.0, closed="neither")
-    _pu.check(check_positive, "z_threshold", z_threshold)
-    _pu.check(check_positive_int, "warmup_steps", warmup_steps)
-    _pu.check(check_positive, "eps", eps)
+    _common.check(check_in_range, "alpha", alpha, 0.0, 1.0, closed="neither")
+    _common.check(check_positive, "z_threshold", z_threshold)
+    _common.check(check_positive_int, "warmup_steps", warmup_steps)
+    _common.check(check_positive, "eps", eps)
     if max_grad_norm is not None:
-        _pu.check(check_positive, "max_grad_norm", max_grad_norm)
+        _common.check(check_positive, "max_grad_norm", max_grad_norm)
 
     def init_fn(params):
         del params
@@ -145,11 +144,11 @@ def zclip(
             zclip_capped_steps=jnp.zeros([], jnp.int32),
             zclip_nonfinite_steps=jnp.zeros([], jnp.int32),
         )
-        return _pu.distinct_buffers(state)
+        return _common.distinct_buffers(state)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        norm = _pu.global_norm(updates)
+        norm = _common.global_norm(updates)
         finite = jnp.isfinite(norm)
         warming = state.zclip_observed < warmup_steps
 
@@ -177,69 +176,23 @@ def zclip(
             applied = jnp.where(capped, jnp.float32(max_grad_norm), clipped_norm)
         changed = clip | capped
         factor = jnp.where(changed, applied / jnp.where(changed, norm, 1.0), 1.0)
-        new_updates = _pu.scale_tree(updates, factor)
+        new_updates = _common.scale_tree(updates, factor)
         new_state = ZClipState(
             zclip_count=optax.safe_increment(state.zclip_count),
-            zclip_observed=_pu.count_if(state.zclip_observed, finite),
-            zclip_mean=_pu.keep_if(
+            zclip_observed=_common.count_if(state.zclip_observed, finite),
+            zclip_mean=_common.keep_if(
                 finite, jnp.where(warming, warm_mean, ema_mean), state.zclip_mean
             ),
-            zclip_var=_pu.keep_if(finite, jnp.where(warming, warm_var, ema_var), state.zclip_var),
+            zclip_var=_common.keep_if(
+                finite, jnp.where(warming, warm_var, ema_var), state.zclip_var
+            ),
             zclip_norm=norm,
             zclip_zscore=jnp.where(finite & ~warming, z, 0.0),
             zclip_clipped=clip,
-            zclip_clipped_steps=_pu.count_if(state.zclip_clipped_steps, clip),
-            zclip_capped_steps=_pu.count_if(state.zclip_capped_steps, capped),
-            zclip_nonfinite_steps=_pu.count_if(state.zclip_nonfinite_steps, ~finite),
+            zclip_clipped_steps=_common.count_if(state.zclip_clipped_steps, clip),
+            zclip_capped_steps=_common.count_if(state.zclip_capped_steps, capped),
+            zclip_nonfinite_steps=_common.count_if(state.zclip_nonfinite_steps, ~finite),
         )
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def zclip_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    *,
-    mask: Any = None,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    nesterov: bool = False,
-    alpha: float = 0.97,
-    z_threshold: float = 2.5,
-    warmup_steps: int = 25,
-    max_grad_norm: float | None = 1.0,
-) -> optax.GradientTransformationExtraArgs:
-    """AdamW after ZClip: ``optax.chain(zclip(...), optax.adamw(...))``.
-
-    Args:
-      learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
-      alpha, z_threshold, warmup_steps, max_grad_norm: as in :func:`zclip`.
-
-    Returns:
-      An :class:`optax.GradientTransformationExtraArgs`.
-
-    Example:
-      >>> import lbw_optax
-      >>> tx = lbw_optax.zclip_adamw(1e-3)
-
-    References:
-      Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
-      <https://arxiv.org/abs/2504.02507>`_, 2025.
-    """
-    adamw = _adamw.adamw(
-        learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
-    )
-    return optax.chain(
-        zclip(
-            alpha=alpha,
-            z_threshold=z_threshold,
-            warmup_steps=warmup_steps,
-            max_grad_norm=max_grad_norm,
-        ),
-        adamw,
-    )

@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _adamw
-from lbw_optax import _common as _pu
+from lbw_optax import _adamw, _common
 from lbw_optax._validate import (
     check_in_range,
     check_non_negative,
@@ -121,7 +120,7 @@ def scale_by_spam(
 
     Example:
       >>> import jax.numpy as jnp, lbw_optax
-      >>> tx = lbw_optax.scale_by_spam(clip_delay=2)
+      >>> tx = lbw_optax.peers.scale_by_spam(clip_delay=2)
       >>> state = tx.init({"w": jnp.zeros(2)})
       >>> _, state = tx.update({"w": jnp.array([1.0, 1.0])}, state)
       >>> _, state = tx.update({"w": jnp.array([1.0, 1e3])}, state)
@@ -135,13 +134,13 @@ def scale_by_spam(
       ``grad_accu_steps=20`` (line 102) and the clipping condition on the 1-based step
       (lines 237-243); the reset (lines 226-229) and the warm-up restart (lines 289-295).
     """
-    _pu.check(check_in_range, "b1", b1, 0.0, 1.0, closed="left")
-    _pu.check(check_in_range, "b2", b2, 0.0, 1.0, closed="left")
-    _pu.check(check_non_negative, "eps", eps)
-    _pu.check(check_positive, "theta", theta)
-    _pu.check(check_positive_int, "reset_interval", reset_interval)
-    _pu.check(check_non_negative_int, "warmup_steps", warmup_steps)
-    _pu.check(check_non_negative_int, "clip_delay", clip_delay)
+    _common.check(check_in_range, "b1", b1, 0.0, 1.0, closed="left")
+    _common.check(check_in_range, "b2", b2, 0.0, 1.0, closed="left")
+    _common.check(check_non_negative, "eps", eps)
+    _common.check(check_positive, "theta", theta)
+    _common.check(check_positive_int, "reset_interval", reset_interval)
+    _common.check(check_non_negative_int, "warmup_steps", warmup_steps)
+    _common.check(check_non_negative_int, "clip_delay", clip_delay)
 
     def init_fn(params):
         zero = jnp.zeros([], jnp.int32)
@@ -154,7 +153,7 @@ def scale_by_spam(
             spam_clipped_total=zero,
         )
         mu, nu = optax.tree.zeros_like(params), optax.tree.zeros_like(params)
-        return _pu.distinct_buffers(ScaleBySpamState(record=record, mu=mu, nu=nu))
+        return _common.distinct_buffers(ScaleBySpamState(record=record, mu=mu, nu=nu))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -242,7 +241,7 @@ def spam_adamw(
 
     Example:
       >>> import lbw_optax
-      >>> tx = lbw_optax.spam_adamw(1e-3)
+      >>> tx = lbw_optax.peers.spam_adamw(1e-3)
 
     References:
       Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _adamw
-from lbw_optax import _common as _pu
+from lbw_optax import _adamw, _common
 from lbw_optax._validate import check_in_range, check_non_negative
 
 
@@ -80,7 +79,7 @@ def scale_by_stable_adam(
 
     Example:
       >>> import jax.numpy as jnp, lbw_optax
-      >>> tx = lbw_optax.scale_by_stable_adam()
+      >>> tx = lbw_optax.peers.scale_by_stable_adam()
       >>> state = tx.init({"w": jnp.zeros(3)})
       >>> _, state = tx.update({"w": jnp.full(3, 0.01)}, state)
       >>> updates, state = tx.update({"w": jnp.full(3, 1.0)}, state)
@@ -91,10 +90,10 @@ def scale_by_stable_adam(
       Wortsman et al., `Stable and low-precision training for large-scale vision-language
       models <https://arxiv.org/abs/2304.13013>`_, NeurIPS 2023 (Algorithm 2, StableAdamW).
     """
-    _pu.check(check_in_range, "b1", b1, 0.0, 1.0, closed="left")
-    _pu.check(check_in_range, "b2", b2, 0.0, 1.0, closed="left")
-    _pu.check(check_non_negative, "eps", eps)
-    _pu.check(check_non_negative, "weight_decay", weight_decay)
+    _common.check(check_in_range, "b1", b1, 0.0, 1.0, closed="left")
+    _common.check(check_in_range, "b2", b2, 0.0, 1.0, closed="left")
+    _common.check(check_non_negative, "eps", eps)
+    _common.check(check_non_negative, "weight_decay", weight_decay)
 
     def init_fn(params):
         record = StableAdamRecord(
@@ -174,7 +173,7 @@ def stable_adamw(
 
     Example:
       >>> import lbw_optax
-      >>> tx = lbw_optax.stable_adamw(1e-3)
+      >>> tx = lbw_optax.peers.stable_adamw(1e-3)
 
     References:
       Wortsman et al., `Stable and low-precision training for large-scale vision-language

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lbw_optax import _adamw
-from lbw_optax import _common as _pu
+from lbw_optax import _common
 from lbw_optax._validate import check_ordered, check_positive, check_positive_int
 
 
@@ -89,6 +88,12 @@ def skip_step(
     lasting level shift is accepted after a while; a non-finite value is never recorded, so
     one NaN cannot poison the window. No host synchronisation happens.
 
+    OLMo-core, Levanter and MaxText always pair it with global-norm clipping at 1.0, inside:
+    ``skip_step(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr)))`` decides on the
+    loss and the pre-clip norm, and a step that is not skipped applies AdamW to the clipped
+    gradients (OLMo-core's ``SkipStepAdamWConfig`` with ``max_grad_norm=1.0``,
+    ``src/examples/moe/train.py``, commit fa6c501, lines 114 and 129).
+
     Args:
       inner: the transformation to protect (e.g. ``optax.adamw(1e-3)``); it receives the
         gradients, ``params`` and every extra argument, ``value`` included.
@@ -104,7 +109,7 @@ def skip_step(
 
     Example:
       >>> import jax.numpy as jnp, optax, lbw_optax
-      >>> tx = lbw_optax.skip_step(optax.adamw(1e-3), window=8, min_history=4)
+      >>> tx = lbw_optax.peers.skip_step(optax.adamw(1e-3), window=8, min_history=4)
       >>> params = {"w": jnp.ones(3)}
       >>> state = tx.init(params)
       >>> for loss in (2.0, 2.1, 1.9, 2.0, 20.0):
@@ -120,12 +125,12 @@ def skip_step(
       included, are stored (line 94), mean and ddof-1 std of the earlier ones (lines 97, 101).
       Levanter and MaxText skip steps by the same rule.
     """
-    window = _pu.check(_check_at_least_two, "window", window)
+    window = _common.check(_check_at_least_two, "window", window)
     if min_history is None:  # Traced under optax.inject_hyperparams: a traced default.
         traced = isinstance(window, jax.core.Tracer)
         min_history = jnp.maximum(2, window // 2 - 1) if traced else max(2, int(window) // 2 - 1)
-    _pu.check(check_positive, "sigma_factor", sigma_factor)
-    min_history = _pu.check(_check_at_least_two, "min_history", min_history)
+    _common.check(check_positive, "sigma_factor", sigma_factor)
+    min_history = _common.check(_check_at_least_two, "min_history", min_history)
     if not any(isinstance(v, jax.core.Tracer) for v in (window, min_history)):
         check_ordered("min_history", min_history, "window", window)
     inner = optax.with_extra_args_support(inner)
@@ -144,7 +149,7 @@ def skip_step(
             skipstep_nonfinite_steps=jnp.zeros([], jnp.int32),
             inner_state=inner.init(params),
         )
-        return _pu.distinct_buffers(state)
+        return _common.distinct_buffers(state)
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         if value is None:
@@ -155,7 +160,7 @@ def skip_step(
         loss = jnp.asarray(value, jnp.float32)
         if loss.shape != ():
             raise ValueError(f"value must be the scalar loss of the step, got shape {loss.shape}")
-        norm = _pu.global_norm(updates)
+        norm = _common.global_norm(updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(norm)
 
         filled = jnp.minimum(state.skip_recorded, window)
@@ -177,12 +182,12 @@ def skip_step(
             skipstep_count=optax.safe_increment(state.skipstep_count),
             skip_loss_window=record(state.skip_loss_window, loss),
             skip_grad_norm_window=record(state.skip_grad_norm_window, norm),
-            skip_recorded=_pu.count_if(state.skip_recorded, finite),
-            skipstep_loss=_pu.keep_if(finite, loss, state.skipstep_loss),
-            skipstep_grad_norm=_pu.keep_if(finite, norm, state.skipstep_grad_norm),
+            skip_recorded=_common.count_if(state.skip_recorded, finite),
+            skipstep_loss=_common.keep_if(finite, loss, state.skipstep_loss),
+            skipstep_grad_norm=_common.keep_if(finite, norm, state.skipstep_grad_norm),
             skipstep_skipped=skip,
-            skipstep_skipped_steps=_pu.count_if(state.skipstep_skipped_steps, skip),
-            skipstep_nonfinite_steps=_pu.count_if(state.skipstep_nonfinite_steps, ~finite),
+            skipstep_skipped_steps=_common.count_if(state.skipstep_skipped_steps, skip),
+            skipstep_nonfinite_steps=_common.count_if(state.skipstep_nonfinite_steps, ~finite),
             inner_state=optax.tree.where(skip, state.inner_state, inner_state),
         )
         return new_updates, new_state
@@ -194,57 +199,3 @@ def _check_at_least_two(name: str, value: Any) -> None:
     check_positive_int(name, value)
     if value < 2:
         raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
-
-
-def skip_step_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    *,
-    mask: Any = None,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    nesterov: bool = False,
-    window: int = 128,
-    sigma_factor: float = 6.0,
-    min_history: int | None = None,
-    max_grad_norm: float | None = 1.0,
-) -> optax.GradientTransformationExtraArgs:
-    """AdamW with global-norm clipping, protected by :func:`skip_step`.
-
-    ``skip_step(optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(...)))``:
-    clip-then-skip, as OLMo-core, Levanter and MaxText run it (skipping always comes with
-    clipping at 1.0 there). The skip decision reads the loss and the *pre-clip* norm; a step
-    that is not skipped applies AdamW to the clipped gradients.
-
-    Args:
-      learning_rate: a float or an optax schedule.
-      b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov: as in :func:`optax.adamw`.
-      window, sigma_factor, min_history: as in :func:`skip_step`.
-      max_grad_norm: the global-norm clipping threshold, > 0, or ``None`` for no clipping.
-
-    Returns:
-      An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``value=loss``.
-
-    Example:
-      >>> import lbw_optax
-      >>> tx = lbw_optax.skip_step_adamw(1e-3)
-
-    References:
-      OLMo-core pairs ``SkipStepAdamWConfig`` with ``max_grad_norm=1.0``
-      (``src/examples/moe/train.py``, commit fa6c501, lines 114 and 129).
-    """
-    inner = _adamw.adamw(
-        learning_rate, b1, b2, eps, weight_decay, mask, eps_root, mu_dtype, nesterov
-    )
-    if max_grad_norm is not None:
-        _pu.check(check_positive, "max_grad_norm", max_grad_norm)
-        inner = optax.chain(optax.clip_by_global_norm(max_grad_norm), inner)
-    return skip_step(
-        inner,
-        window=window,
-        sigma_factor=sigma_factor,
-        min_history=min_history,
-    )
