@@ -239,7 +239,8 @@ def guard(
         )
     clip = None
     if clip_threshold is not None:
-        _validate.check_positive("clip_threshold", clip_threshold)
+        # Checked where its value is known (optax.inject_hyperparams traces it in update).
+        clip_threshold = _common.check(_validate.check_positive, "clip_threshold", clip_threshold)
         clip = optax.clip_by_global_norm(clip_threshold)
     inner = optax.with_extra_args_support(inner)
 
@@ -339,10 +340,14 @@ def lbw_adamw(
     nesterov: bool = False,
     policy: str | Policy = "governor",
     stacked: Any = None,
-    clip_threshold: float | None = None,
+    clip_threshold: float | None = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
-    """AdamW governed by :func:`guard`: ``guard(optax.adamw(...), policy=policy,
-    clip_threshold=clip_threshold)``.
+    """AdamW governed by :func:`guard`, over gradients clipped to a global norm of 1.0:
+    ``guard(optax.adamw(...), policy=policy, clip_threshold=clip_threshold)``.
+
+    The default is the governor over clipped AdamW, what practitioners run (AdamW with
+    clipping at 1.0) with governance above it: the guard senses the raw gradients, then the
+    inner AdamW gets them clipped. ``clip_threshold=None`` gives the published, unclipped guard.
 
     The scale multiplies AdamW's whole update, so it acts as ``learning_rate × scale`` on both
     the adaptive step and the decoupled weight decay, as in the published LBW-Guard.
@@ -353,7 +358,7 @@ def lbw_adamw(
       policy: ``"governor"``, ``"reference"`` or a policy instance (see :func:`guard`).
       stacked: the parameters whose leading axis stacks layers (see :func:`guard`).
       clip_threshold: clip the gradients to this global norm after the guard has sensed them
-        (see :func:`guard`); ``None``: no clipping.
+        (see :func:`guard`); ``None``: no clipping (the paper's guard).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`.

@@ -87,8 +87,8 @@ def test_clip_threshold_gives_the_updates_of_clipping_inside_the_guard():
 
 def test_clip_threshold_leaves_the_state_structure_of_the_inner_optimizer():
     # Turning clipping on does not change what a checkpoint holds.
-    plain = lbw_optax.lbw_adamw(1e-2).init(PARAMS)
-    clipped = lbw_optax.lbw_adamw(1e-2, clip_threshold=1.0).init(PARAMS)
+    plain = lbw_optax.lbw_adamw(1e-2, clip_threshold=None).init(PARAMS)
+    clipped = lbw_optax.lbw_adamw(1e-2).init(PARAMS)
     assert jax.tree.structure(plain) == jax.tree.structure(clipped)
 
 
@@ -248,3 +248,16 @@ def test_steps_without_a_loss_leave_the_loss_statistics_as_they_were():
     assert int(only_losses[-1]["steps_without_loss"]) == 0
     # The last step had a loss.
     assert bool(mixed["loss_seen"])
+
+
+def test_lbw_adamw_is_the_governor_over_adamw_clipped_at_one_by_default():
+    # The product default: the guard senses the raw gradients, AdamW gets them clipped at 1.0.
+    grads, losses = spiky_gradients(), calm_losses()
+    default, _ = run(lbw_optax.lbw_adamw(1e-2), grads, losses)
+    explicit, _ = run(lbw_optax.guard(optax.adamw(1e-2), clip_threshold=1.0), grads, losses)
+    unclipped, _ = run(lbw_optax.lbw_adamw(1e-2, clip_threshold=None), grads, losses)
+    chex.assert_trees_all_equal(default, explicit)
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(unclipped), strict=True)
+    )
