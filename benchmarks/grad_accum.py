@@ -24,18 +24,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lbw import models
-from lbw.train import TrainConfig, build_model, make_train_step
-from lbw.train.loop import _optimizer_fields, _transform
+from lbw.train import TrainConfig, build_model, make_optimizer, make_train_step
 
 
 def build(config: TrainConfig):
     """The model, optimizer and jitted step of ``config``, as the loop builds them."""
     model, wrt = build_model(config, models.ByteTokenizer.vocab_size)
-    _, tx = _transform(*_optimizer_fields(config))
-    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+    optimizer, _ = make_optimizer(config, model, wrt)
     return model, optimizer, make_train_step(config, wrt)
 
 

@@ -431,7 +431,7 @@ def _train_main(argv: list[str], sigint: Sigint) -> int:
     parser, args, config = parse_config(argv)
     sigint.check()  # JAX is imported.
 
-    from lbw.train.loop import check_config
+    from lbw.train.setup import check_config
 
     try:
         check_config(config)
