@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/governor_probe.py VARIANTS.json [--lrs 1e-3,3e-3,1e-2,3e-2] [--seeds 0,1]
+    python -m benchmarks.governor_probe VARIANTS.json [--lrs 1e-3,3e-3,1e-2,3e-2] [--seeds 0,1]
 
 ``VARIANTS.json`` maps a variant name to ``{"optimizer": NAME, "knobs": {...}, "config": {...}}``:
 ``optimizer`` is a registered ``lbw-train`` optimizer, or ``"governor"`` to build

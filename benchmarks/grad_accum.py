@@ -11,7 +11,7 @@ For each K, ``lbw-train``'s jitted step (``train.make_train_step``, the optimize
   one process (``--repeats`` rounds, each timing ``--updates`` updates per K, the order
   reversed every other round), after a compiling warm-up.
 
-    python benchmarks/grad_accum.py            # --remat: the same with --remat
+    python -m benchmarks.grad_accum            # --remat: the same with --remat
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ The two run alternately ``--repeats`` times in one process, in ABBA order; the s
 each side's median tokens/s with its min–max and the ratio of the medians
 (``lbw-train / minimal``).
 
-    python benchmarks/loop_overhead.py
+    python -m benchmarks.loop_overhead
 """
 
 from __future__ import annotations
