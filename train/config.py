@@ -333,6 +333,12 @@ class OptimizerConfig(OptimizerPart):
         values = dataclasses.astuple(self)
         return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in values))
 
+    @property
+    def adamw_args(self) -> dict[str, float]:
+        """The AdamW hyperparameters as keyword arguments (``b1``, ``b2``, ``eps``,
+        ``weight_decay``), as ``optax.adamw`` and the library's ``*_adamw`` take them."""
+        return dict(b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay)
+
     def build(
         self, steps: int, *, faults: FaultConfig | None = None, grad_accum: int = 1
     ) -> Optimizer:

@@ -19,6 +19,12 @@ checkpoint, whichever comes first; never saving NaN parameters) the run writes i
 line and ``summary.json`` (``"status": "nonfinite"``) and raises :class:`NonFiniteError` naming
 the first non-finite step. With a guarded optimizer (``lbw``, ``lbw+sgg``) the guard holds that
 step (zero update) and training continues; the line counts it in ``nonfinite``.
+
+The parts, one idea each: :mod:`train.setup` (data, model and optimizer, built before anything
+is written), :mod:`train.step` (the jitted step, its cache, the evaluation), :mod:`train.run_dir`
+(the output folder, its files and the rules of resuming), :mod:`train.telemetry` (device values
+as JSON), :mod:`train.clock` (step and compile time) and :mod:`train.progress` (the bar or
+lines on stderr). This module holds the loop itself.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from lbw.train.run_dir import (
     read_json,
     refuse_changes,
     restore,
+    run_files,
     start_out_dir,
     write_json,
 )
@@ -89,7 +96,15 @@ class Session:
     """The steps of one session of a run (from its first or resumed step to the last), with
     the telemetry lines, evaluations and checkpoints due at intervals, and its summary."""
 
-    def __init__(self, config, setup: Setup, checkpointer, clock: Clock, paths, start_step):
+    def __init__(
+        self,
+        config: TrainConfig,
+        setup: Setup,
+        checkpointer: Checkpointer | None,
+        clock: Clock,
+        paths: tuple[Path, Path, Path],
+        start_step: int,
+    ):
         self.config, self.setup, self.checkpointer, self.clock = config, setup, checkpointer, clock
         self.out_dir, self.summary_path, self.metrics_path = paths
         self.start_step = start_step
@@ -341,10 +356,7 @@ def _train(config: TrainConfig, sigint: Sigint) -> dict[str, Any]:
             "export_to works in one process only; export from a checkpoint restored on one host."
         )
     say = (lambda msg: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr))
-    # With several processes, process 0 writes the run's files and the others their own copies.
-    suffix = f".process{jax.process_index()}" if jax.process_index() else ""
-    summary_path = Path(config.out_dir) / f"summary{suffix}.json"
-    metrics_path = Path(config.out_dir) / f"metrics{suffix}.jsonl"
+    summary_path, metrics_path = run_files(config)
     out_dir = check_out_dir(config, summary_path, metrics_path)
     if config.resume and config.resume_step is None:
         done = read_json(summary_path)

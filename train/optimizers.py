@@ -139,9 +139,7 @@ def build_optimizer(
 
 
 def _adamw(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
-    return optax.adamw(
-        learning_rate, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
-    )
+    return optax.adamw(learning_rate, **config.adamw_args)
 
 
 def _sgg_adamw(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
@@ -151,14 +149,7 @@ def _sgg_adamw(config: OptimizerConfig, learning_rate) -> optax.GradientTransfor
             f"optimizer {config.optimizer!r} needs lbw_optax.sgg_adamw, which this version of "
             f"lbw_optax ({lbw_optax.__version__}) does not provide."
         )
-    return sgg_adamw(
-        learning_rate,
-        b1=config.b1,
-        b2=config.b2,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        **config.optimizer_args,
-    )
+    return sgg_adamw(learning_rate, **config.adamw_args, **config.optimizer_args)
 
 
 def _lion(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:

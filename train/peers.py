@@ -40,32 +40,28 @@ from lbw.train.optimizers import _REGISTRY, register_optimizer
 REPLAY_PREFIX = "replay-"
 
 
-def _adamw_args(config: OptimizerConfig) -> dict:
-    return dict(b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
-
-
 @register_optimizer("zclip")
 def zclip(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """ZClip, then AdamW (``lbw_optax.zclip_adamw`` with its defaults)."""
-    return lbw_optax.zclip_adamw(learning_rate, **_adamw_args(config), **config.optimizer_args)
+    return lbw_optax.zclip_adamw(learning_rate, **config.adamw_args, **config.optimizer_args)
 
 
 @register_optimizer("skip-step", guarded=True)
 def skip_step(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """AdamW that skips loss or gradient-norm spikes (> mean + 6σ over 128 steps) and NaN/Inf."""
-    return lbw_optax.skip_step_adamw(learning_rate, **_adamw_args(config), **config.optimizer_args)
+    return lbw_optax.skip_step_adamw(learning_rate, **config.adamw_args, **config.optimizer_args)
 
 
 @register_optimizer("adagc")
 def adagc(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """AdaGC per-tensor adaptive clipping, then AdamW."""
-    return lbw_optax.adagc_adamw(learning_rate, **_adamw_args(config), **config.optimizer_args)
+    return lbw_optax.adagc_adamw(learning_rate, **config.adamw_args, **config.optimizer_args)
 
 
 @register_optimizer("spam")
 def spam(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """SPAM: AdamW with spike-aware clipping and momentum resets."""
-    return lbw_optax.spam_adamw(learning_rate, **_adamw_args(config), **config.optimizer_args)
+    return lbw_optax.spam_adamw(learning_rate, **config.adamw_args, **config.optimizer_args)
 
 
 @register_optimizer("stable-adamw")
@@ -124,7 +120,7 @@ def mechanic(config: OptimizerConfig, learning_rate) -> optax.GradientTransforma
     Mechanic's own weight decay 0.01 and 6 betas."""
     args = dict(s_init=MECHANIC_S_INIT)
     args.update(config.optimizer_args)
-    return optax.contrib.mechanize(optax.adamw(learning_rate, **_adamw_args(config)), **args)
+    return optax.contrib.mechanize(optax.adamw(learning_rate, **config.adamw_args), **args)
 
 
 @register_optimizer("schedule-free-adamw", eval_params=lbw_optax.schedule_free_eval_params)
@@ -151,7 +147,7 @@ def reduce_on_plateau(config: OptimizerConfig, learning_rate) -> optax.GradientT
     args = dict(factor=0.1, patience=10, rtol=1e-4, accumulation_size=10)
     args.update(config.optimizer_args)
     return optax.chain(
-        optax.adamw(learning_rate, **_adamw_args(config)),
+        optax.adamw(learning_rate, **config.adamw_args),
         optax.contrib.reduce_on_plateau(**args),
     )
 
@@ -162,7 +158,7 @@ def apply_if_finite(config: OptimizerConfig, learning_rate) -> optax.GradientTra
     state kept) up to 5 consecutive times, after which it is applied."""
     args = dict(max_consecutive_errors=5)
     args.update(config.optimizer_args)
-    return optax.apply_if_finite(optax.adamw(learning_rate, **_adamw_args(config)), **args)
+    return optax.apply_if_finite(optax.adamw(learning_rate, **config.adamw_args), **args)
 
 
 def replay_schedule(schedule: optax.Schedule, trace: Sequence[float]) -> optax.Schedule:
@@ -205,7 +201,7 @@ def register_replay(trace: Sequence[float]) -> str:
         frozen = tuple(float(v) for v in values)
 
         def factory(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
-            return optax.adamw(replay_schedule(learning_rate, frozen), **_adamw_args(config))
+            return optax.adamw(replay_schedule(learning_rate, frozen), **config.adamw_args)
 
         factory.__doc__ = f"AdamW on the learning-rate schedule × a {len(frozen)}-step trace."
         applied = lambda schedule: replay_schedule(schedule, frozen)

@@ -26,6 +26,15 @@ if TYPE_CHECKING:
     from lbw.train.setup import Setup
 
 
+def run_files(config: TrainConfig) -> tuple[Path, Path]:
+    """The paths of the run's ``summary.json`` and ``metrics.jsonl``: with several processes,
+    process 0 writes the run's files and the others their own copies
+    (``summary.process1.json``, ...)."""
+    suffix = f".process{jax.process_index()}" if jax.process_index() else ""
+    out_dir = Path(config.out_dir)
+    return out_dir / f"summary{suffix}.json", out_dir / f"metrics{suffix}.jsonl"
+
+
 def changed_fields(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """The fields in which ``config`` differs from a ``saved`` run's (a ``config.json`` dict; a
     field the saved run predates counts as its default), in the parts that define a run: every
