@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/governor_probe.py VARIANTS.json [--lrs 1e-3,3e-3,1e-2,3e-2] [--seeds 0,1]
+    python -m benchmarks.governor_probe VARIANTS.json [--lrs 1e-3,3e-3,1e-2,3e-2] [--seeds 0,1]
 
 ``VARIANTS.json`` maps a variant name to ``{"optimizer": NAME, "knobs": {...}, "config": {...}}``:
 ``optimizer`` is a registered ``lbw-train`` optimizer, or ``"governor"`` to build
@@ -32,12 +32,7 @@ def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
     import lbw_optax
     from lbw.train.config import TrainConfig
     from lbw.train.loop import train
-    from lbw.train.optimizers import (
-        _adamw,
-        available_optimizers,
-        build_optimizer,
-        register_optimizer,
-    )
+    from lbw.train.optimizers import available_optimizers, build_optimizer, register_optimizer
 
     optimizer = variant.get("optimizer", "governor")
     if optimizer == "governor":
@@ -48,7 +43,7 @@ def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
             @register_optimizer(optimizer, guarded=True)
             def _probe(config, schedule):
                 policy = lbw_optax.governor_policy(**knobs)
-                inner = _adamw(config, schedule)
+                inner = optax.adamw(schedule, **config.adamw_args)  # The built-in "adamw".
                 if "inner" in variant:  # A registered optimizer, e.g. "mechanic".
                     inner_config = dataclasses.replace(config, optimizer=variant["inner"])
                     inner = build_optimizer(inner_config, schedule)

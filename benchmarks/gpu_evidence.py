@@ -288,13 +288,13 @@ def loop_step(config: TrainConfig):
     process through its caches), its model, and one batch of the shipped data."""
     from flax import nnx
 
+    from lbw.train import build_model, make_train_step
     from lbw.train.data import Batches, load_text, tokenize
-    from lbw.train.loop import _optimizer_fields, _transform, build_model, make_train_step
     from lbw.train.optimizers import set_peak_learning_rate
 
     tokenizer = models.load_tokenizer(None)
     model, wrt = build_model(config, tokenizer.vocab_size)
-    _, tx = _transform(*_optimizer_fields(config))
+    _, tx = config.optim.build(config.steps, faults=config.faults, grad_accum=config.grad_accum)
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     if config.peak_lr_in_state:
         set_peak_learning_rate(optimizer.opt_state, config.learning_rate)
@@ -441,9 +441,8 @@ def train_step_bytes(config: TrainConfig, model) -> float:
     from flax import nnx
 
     from benchmarks import gpu_compile, hlo_kernels
-    from lbw.train.loop import _optimizer_fields, _transform
 
-    _, tx = _transform(*_optimizer_fields(config))
+    _, tx = config.optim.build(config.steps, faults=config.faults, grad_accum=config.grad_accum)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, rest))
     text = gpu_compile.train_step_text(

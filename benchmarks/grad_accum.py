@@ -11,7 +11,7 @@ For each K, ``lbw-train``'s jitted step (``train.make_train_step``, the optimize
   one process (``--repeats`` rounds, each timing ``--updates`` updates per K, the order
   reversed every other round), after a compiling warm-up.
 
-    python benchmarks/grad_accum.py            # --remat: the same with --remat
+    python -m benchmarks.grad_accum            # --remat: the same with --remat
 """
 
 from __future__ import annotations
@@ -24,18 +24,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lbw import models
-from lbw.train import TrainConfig, build_model, make_train_step
-from lbw.train.loop import _optimizer_fields, _transform
+from lbw.train import TrainConfig, build_model, make_optimizer, make_train_step
 
 
 def build(config: TrainConfig):
     """The model, optimizer and jitted step of ``config``, as the loop builds them."""
     model, wrt = build_model(config, models.ByteTokenizer.vocab_size)
-    _, tx = _transform(*_optimizer_fields(config))
-    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+    optimizer, _ = make_optimizer(config, model, wrt)
     return model, optimizer, make_train_step(config, wrt)
 
 

@@ -16,7 +16,7 @@ The two run alternately ``--repeats`` times in one process, in ABBA order; the s
 each side's median tokens/s with its min–max and the ratio of the medians
 (``lbw-train / minimal``).
 
-    python benchmarks/loop_overhead.py
+    python -m benchmarks.loop_overhead
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from lbw.train import (
     Batches,
     TrainConfig,
     build_model,
-    build_optimizer,
-    learning_rate_schedule,
     load_text,
     tokenize,
     train,
@@ -50,7 +48,7 @@ def minimal_loop(config: TrainConfig, batches: list) -> float:
     """Tokens/s of a hand-written jitted loop over ``batches`` (the first one compiles)."""
     model, _ = build_model(config, models.ByteTokenizer.vocab_size)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = build_optimizer(config, learning_rate_schedule(config))
+    tx = config.optim.build(config.steps, faults=config.faults).tx  # The loop's optimizer.
     # Fresh buffers: init may share one constant between state leaves, which donation forbids.
     opt_state = jax.tree.map(jnp.copy, tx.init(params))
 

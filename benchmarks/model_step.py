@@ -5,8 +5,8 @@ compile its step and run warm-up steps; then time the presets in interleaved rou
 rounds of ``--steps`` steps each, every step waiting for its loss), so that background load falls
 on all of them alike, and report the median throughput with its min–max.
 
-    python benchmarks/model_step.py                         # the tiny presets, full and LoRA
-    python benchmarks/model_step.py --presets qwen2_5_0_5b --dtype bfloat16 --batch 8 --seq 512
+    python -m benchmarks.model_step                         # the tiny presets, full and LoRA
+    python -m benchmarks.model_step --presets qwen2_5_0_5b --dtype bfloat16 --batch 8 --seq 512
 
 Modes: ``full`` trains every base weight (``nnx.Param``); ``lora`` adds rank-8 adapters on
 q, k, v, o and trains only them (``nnx.LoRAParam``).
@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lbw import models
 

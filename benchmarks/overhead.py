@@ -16,7 +16,7 @@ apart, and counts a loop body once, so the re-clustering loops are unrolled ther
 through the public ``sgg_adamw`` at step 2 and at step ``SGG_INTERVAL``, and averaged over one
 interval: ``((T − 1) · ordinary + re-clustering) / T``.
 
-Run: ``python benchmarks/overhead.py`` (``--repeats N`` for the wall clock, ``--quick`` for a
+Run: ``python -m benchmarks.overhead`` (``--repeats N`` for the wall clock, ``--quick`` for a
 smaller run).
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 import lbw_optax
-from lbw_optax import _sgg
+from benchmarks.branches import one_branch
 
 LEARNING_RATE = 1e-3
 SGG_INTERVAL = 500  # sgg_adamw's default recluster_every
@@ -81,33 +81,11 @@ METHODS: list[Method] = [
 
 
 def sgg_adamw_fixed(when: str) -> optax.GradientTransformation:
-    """``sgg_adamw`` compiled as one kind of step only (see the module docstring).
-
-    While the update is traced, SGG's ``lax`` is swapped for one whose ``cond`` always takes
-    the re-clustering branch (``"always"``, with every ``fori_loop`` unrolled) or never does
-    (``"never"``): the library carries no switch for this measurement.
-    """
+    """``sgg_adamw`` compiled as one kind of step only (see the module docstring): its update
+    traced with every ``lax.cond`` taking the re-clustering branch (``"always"``) or never
+    (``"never"``), and its loops unrolled (:func:`benchmarks.branches.one_branch`)."""
     tx = lbw_optax.sgg_adamw(LEARNING_RATE, recluster_every=SGG_INTERVAL)
-
-    class OneKindOfStep:
-        def __getattr__(self, name):
-            return getattr(jax.lax, name)
-
-        @staticmethod
-        def cond(pred, recluster, keep, *operands):
-            return (recluster if when == "always" else keep)(*operands)
-
-        @staticmethod
-        def fori_loop(lower, upper, body, init, **kwargs):
-            return jax.lax.fori_loop(lower, upper, body, init, **{**kwargs, "unroll": True})
-
-    def update(updates, state, params=None, **extra):
-        saved, _sgg.lax = _sgg.lax, OneKindOfStep()
-        try:
-            return tx.update(updates, state, params, **extra)
-        finally:
-            _sgg.lax = saved
-
+    update = one_branch(tx.update, 1 if when == "always" else 0)
     return optax.GradientTransformationExtraArgs(tx.init, update)
 
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/suite_subset.py full --name full-core --settings tiny_qwen2_5_3b \\
+    python -m benchmarks.suite_subset full --name full-core --settings tiny_qwen2_5_3b \\
         --methods adamw,adamw+clip1,adamw+clip0.5,reference,governor,governor+clip,effective-lr
 
 The subset keeps everything else of the suite (steps, seeds, data, multipliers, faults of the
@@ -56,7 +56,7 @@ def main() -> None:
         args.out,
         workers=args.workers,
         progress=False,
-        command="python benchmarks/suite_subset.py " + " ".join(__import__("sys").argv[1:]),
+        command="python -m benchmarks.suite_subset " + " ".join(__import__("sys").argv[1:]),
         machine=stress.machine(),
     )
 

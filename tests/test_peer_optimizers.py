@@ -121,14 +121,15 @@ def test_optimizer_args_reach_the_peer_factory():
 
 @pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_schedule_free_is_evaluated_at_its_averaged_parameters(tmp_path):
-    from lbw.train.loop import _raw
+    from lbw.train.step import raw
 
     summary = train(tiny_config(tmp_path, optimizer="schedule-free-adamw", steps=6, eval_every=6))
     assert summary["status"] == "completed" and math.isfinite(summary["eval_loss"])
     # The evaluation point differs from the trained (y) parameters and leaves them in place.
     from flax import nnx
 
-    from lbw.train.loop import build_model, evaluate, evaluate_optimizer_point
+    from lbw.train.model import build_model
+    from lbw.train.step import evaluate, evaluate_optimizer_point
 
     config = tiny_config(tmp_path / "b", optimizer="schedule-free-adamw", steps=2)
     model, wrt = build_model(config, 256)
@@ -145,10 +146,10 @@ def test_schedule_free_is_evaluated_at_its_averaged_parameters(tmp_path):
 
     for _ in range(3):
         step(model, optimizer)
-    before = _raw(nnx.state(model, wrt))
+    before = raw(nnx.state(model, wrt))
     at_x = evaluate_optimizer_point(config.optimizer, model, optimizer, wrt, np.asarray(tokens))
     at_y = evaluate(model, np.asarray(tokens))
-    chex.assert_trees_all_equal(_raw(nnx.state(model, wrt)), before)
+    chex.assert_trees_all_equal(raw(nnx.state(model, wrt)), before)
     assert at_x != at_y
 
 

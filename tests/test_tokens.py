@@ -11,7 +11,8 @@ import pytest
 from lbw import models
 from lbw.train import DataError, TrainConfig
 from lbw.train.cli import main
-from lbw.train.data import load_tokens, read_token_files
+from lbw.train.data import load_tokens
+from lbw.train.token_files import read_token_files
 from tests.train_helpers import TINY_FLAGS, train_losses
 
 FLAGS = ["--seq-len=32", "--batch-size=4", "--eval-batches=2", "--log-every=1", "--quiet"]

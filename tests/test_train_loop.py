@@ -18,8 +18,7 @@ from lbw.train import (
     FaultConfig,
     NonFiniteError,
     build_model,
-    build_optimizer,
-    learning_rate_schedule,
+    make_optimizer,
     make_train_step,
     train,
 )
@@ -103,9 +102,7 @@ def test_faults_reach_the_run(base_run, tmp_path):
 def test_lora_step_changes_only_adapters():
     config = tiny_config("unused", lora_rank=4)
     model, wrt = build_model(config, 259)
-    optimizer = nnx.Optimizer(
-        model, build_optimizer(config, learning_rate_schedule(config)), wrt=wrt
-    )
+    optimizer, _ = make_optimizer(config, model, wrt)
     before_base = jax.tree.map(np.asarray, nnx.state(model, models.BASE_PARAMS))
     before_lora = jax.tree.map(np.asarray, nnx.state(model, models.LORA_PARAMS))
     assert jax.tree.leaves(before_lora)

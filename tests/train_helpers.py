@@ -65,11 +65,10 @@ def load_checkpoint(config: TrainConfig, step: int):
     """The ``(state, meta)`` saved at ``step`` by the run of ``config``."""
     from flax import nnx
 
-    from lbw.train import Checkpointer, build_model, build_optimizer, learning_rate_schedule
+    from lbw.train import Checkpointer, build_model, make_optimizer
 
     model, wrt = build_model(config, 259)
-    tx = build_optimizer(config, learning_rate_schedule(config))
-    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+    optimizer, _ = make_optimizer(config, model, wrt)  # As the run built it.
     abstract = {"params": nnx.state(model, wrt), "optimizer": nnx.state(optimizer)}
     checkpointer = Checkpointer(Path(config.out_dir) / "checkpoints", keep=100, every=1)
     try:

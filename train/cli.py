@@ -360,7 +360,7 @@ def _resume_command(argv: list[str]) -> str:
 
 def tokenize_main(argv: list[str]) -> int:
     """``lbw-train tokenize TEXT OUT``: a text file to the token folder ``--data tokens:OUT``
-    reads (:func:`train.data.write_token_files`); returns the exit status."""
+    reads (:func:`train.token_files.write_token_files`); returns the exit status."""
     p = ArgumentParser(
         prog="lbw-train tokenize",
         description="Tokenize a UTF-8 text file into OUT/train.bin and OUT/val.bin (raw "
@@ -384,7 +384,7 @@ def tokenize_main(argv: list[str]) -> int:
         "--overwrite", action="store_true", help="replace the token files of an existing OUT"
     )
     args = p.parse_args(argv)
-    from lbw.train.data import META_NAME, TOKEN_FILES, write_token_files
+    from lbw.train.token_files import META_NAME, TOKEN_FILES, write_token_files
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -447,7 +447,7 @@ def _train_main(argv: list[str], sigint: Sigint) -> int:
     parser, args, config = parse_config(argv)
     sigint.check()  # JAX is imported.
 
-    from lbw.train.loop import check_config
+    from lbw.train.setup import check_config
 
     try:
         check_config(config)

@@ -20,14 +20,17 @@ Add a peer with the decorator::
     def my_opt(config, learning_rate):
         return optax.chain(..., optax.adamw(learning_rate, weight_decay=config.weight_decay))
 
-The factory receives the whole :class:`~train.config.TrainConfig` and the learning-rate schedule
-(a callable of the update count, warm-up, decay and any learning-rate shock included). Whatever
-it returns is wrapped with ``lbw_optax.donatable``, so the loop can always pass the loss as
-``value=`` and donate the state.
+The factory receives the run's :class:`~train.config.OptimizerConfig` (its optimizer fields,
+and ``stacked``, the model's layout) and the learning-rate schedule (a callable of the update
+count, warm-up, decay and any learning-rate shock included). Whatever it returns is wrapped with
+``lbw_optax.donatable``, so the loop can always pass the loss as ``value=`` and donate the state.
+A run builds its optimizer with :meth:`OptimizerConfig.build <train.config.OptimizerConfig.build>`
+(:func:`build` here).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,9 +41,9 @@ import optax.contrib
 
 import lbw_optax
 from lbw import models
-from lbw.train.config import TrainConfig
+from lbw.train.config import FaultConfig, Optimizer, OptimizerConfig, TrainConfig
 
-Factory = Callable[[TrainConfig, optax.Schedule], optax.GradientTransformation]
+Factory = Callable[[OptimizerConfig, optax.Schedule], optax.GradientTransformation]
 _REGISTRY: dict[str, Factory] = {}
 
 # Optimizers whose state holds a guard: without one, a non-finite loss stops the run.
@@ -118,48 +121,43 @@ def check_optimizer(name: str) -> None:
 
 
 def build_optimizer(
-    config: TrainConfig, learning_rate: optax.Schedule
+    config: OptimizerConfig | TrainConfig, learning_rate: optax.Schedule
 ) -> optax.GradientTransformationExtraArgs:
-    """The transformation registered as ``config.optimizer``, accepting ``value=``.
+    """The transformation registered as ``config.optimizer``, accepting ``value=``, with the
+    learning rate ``learning_rate`` (a schedule or a number); a :class:`TrainConfig` stands for
+    its ``optim``. The factory alone: :meth:`OptimizerConfig.build` adds what a run needs.
 
     Raises:
       ValueError: for an unknown name (the message lists the known ones).
     """
+    if isinstance(config, TrainConfig):
+        config = config.optim
     check_optimizer(config.optimizer)
     # donatable: a peer whose state holds the parameters (prodigy, mechanic) would refuse the
     # loop's donated step.
     return lbw_optax.donatable(_REGISTRY[config.optimizer](config, learning_rate))
 
 
-def _adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
-    return optax.adamw(
-        learning_rate, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
-    )
+def _adamw(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
+    return optax.adamw(learning_rate, **config.adamw_args)
 
 
-def _sgg_adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def _sgg_adamw(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     sgg_adamw = getattr(lbw_optax, "sgg_adamw", None)
     if sgg_adamw is None:
         raise ValueError(
             f"optimizer {config.optimizer!r} needs lbw_optax.sgg_adamw, which this version of "
             f"lbw_optax ({lbw_optax.__version__}) does not provide."
         )
-    return sgg_adamw(
-        learning_rate,
-        b1=config.b1,
-        b2=config.b2,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        **config.optimizer_args,
-    )
+    return sgg_adamw(learning_rate, **config.adamw_args, **config.optimizer_args)
 
 
-def _lion(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def _lion(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     # Lion's own betas (0.9, 0.99); its learning rate is typically 3-10x below AdamW's.
     return optax.lion(learning_rate, weight_decay=config.weight_decay)
 
 
-def _muon(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def _muon(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     # Muon on the 2-D tensors, AdamW (config's betas) on the rest, one learning rate.
     return optax.contrib.muon(
         learning_rate,
@@ -170,11 +168,11 @@ def _muon(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
     )
 
 
-def _adafactor(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def _adafactor(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     return optax.adafactor(learning_rate, weight_decay_rate=config.weight_decay or None)
 
 
-def _sgd(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def _sgd(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     return optax.sgd(learning_rate, momentum=config.b1)
 
 
@@ -189,25 +187,25 @@ INNER: dict[str, Factory] = {
 
 
 @register_optimizer("adamw")
-def adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def adamw(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """AdamW."""
     return _adamw(config, learning_rate)
 
 
 @register_optimizer("lion")
-def lion(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def lion(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """Lion (``optax.lion``), ungoverned: the baseline of ``lbw --inner lion``."""
     return _lion(config, learning_rate)
 
 
 @register_optimizer("muon")
-def muon(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def muon(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """Muon (``optax.contrib.muon``), ungoverned: the baseline of ``lbw --inner muon``."""
     return _muon(config, learning_rate)
 
 
 @register_optimizer("adamw+clip")
-def adamw_clip(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def adamw_clip(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """Global-norm clipping at ``config.clip_threshold``, then AdamW."""
     return optax.chain(
         optax.clip_by_global_norm(config.clip_threshold), _adamw(config, learning_rate)
@@ -220,18 +218,17 @@ def adamw_clip(config: TrainConfig, learning_rate) -> optax.GradientTransformati
 PEAK_INSIDE = frozenset({"lbw", "lbw+clip", "lbw+sgg"})
 
 
-def _governed(config: TrainConfig, inner: optax.GradientTransformation):
+def _governed(config: OptimizerConfig, inner: optax.GradientTransformation):
     """``lbw_optax.guard(inner, policy=config.policy)``; with ``peak_lr_in_state``, the peak
     (held in the state) scales ``inner``'s update inside the guard."""
     if config.peak_lr_in_state:
         inner = optax.chain(inner, scale_by_peak_learning_rate())
-    scanned = config.model_overrides.get("scan_layers", config.scan_layers)
-    stacked = models.stacked_layers if scanned else None  # Each layer limited on its own.
+    stacked = models.stacked_layers if config.stacked else None  # Each layer limited on its own.
     return lbw_optax.guard(inner, policy=config.policy, stacked=stacked)
 
 
 @register_optimizer("lbw", guarded=True)
-def lbw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def lbw(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """``config.inner`` (AdamW by default) governed by the LBW guard with ``config.policy``."""
     if config.inner not in INNER:
         raise ValueError(f"Unknown inner optimizer {config.inner!r}; known: {', '.join(INNER)}.")
@@ -239,7 +236,7 @@ def lbw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
 
 
 @register_optimizer("lbw+clip", guarded=True)
-def lbw_clip(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def lbw_clip(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """Global-norm clipping at ``config.clip_threshold`` then AdamW, governed by the guard."""
     inner = optax.chain(
         optax.clip_by_global_norm(config.clip_threshold), _adamw(config, learning_rate)
@@ -248,41 +245,64 @@ def lbw_clip(config: TrainConfig, learning_rate) -> optax.GradientTransformation
 
 
 @register_optimizer("sgg")
-def sgg(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def sgg(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """SGG-AdamW (``lbw_optax.sgg_adamw``)."""
     return _sgg_adamw(config, learning_rate)
 
 
 @register_optimizer("lbw+sgg", guarded=True)
-def lbw_sgg(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def lbw_sgg(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """SGG-AdamW governed by the LBW guard with ``config.policy``."""
     return _governed(config, _sgg_adamw(config, learning_rate))
 
 
-def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+def learning_rate_schedule(
+    config: OptimizerConfig | TrainConfig,
+    steps: int | None = None,
+    faults: FaultConfig | None = None,
+) -> optax.Schedule:
     """Linear warm-up from 0 to ``learning_rate``, then cosine decay or constant.
 
-    The cosine decays to ``min_lr_ratio × learning_rate`` at ``config.steps``. A learning-rate
-    shock in ``config.faults`` multiplies the result on its steps (see
-    :func:`train.faults.shock_schedule`).
+    The cosine decays to ``min_lr_ratio × learning_rate`` at ``steps``. A learning-rate shock in
+    ``faults`` multiplies the result on its steps (see :func:`train.faults.shock_schedule`). A
+    :class:`TrainConfig` gives its ``optim``, ``steps`` and ``faults``.
     """
     from lbw.train.faults import shock_schedule
 
+    if isinstance(config, TrainConfig):
+        config, steps, faults = config.optim, config.steps, config.faults
+    if steps is None:
+        raise ValueError("learning_rate_schedule needs the run's steps.")
     peak = config.learning_rate
-    warmup = min(config.warmup_steps, config.steps)
+    warmup = min(config.warmup_steps, steps)
     if config.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(
             init_value=0.0 if warmup else peak,
             peak_value=peak,
             warmup_steps=warmup,
-            decay_steps=config.steps,
+            decay_steps=steps,
             end_value=config.min_lr_ratio * peak,
         )
     else:
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
         )
-    return shock_schedule(schedule, config.faults)
+    return shock_schedule(schedule, faults or FaultConfig())
+
+
+@functools.lru_cache(maxsize=16)
+def build(config: OptimizerConfig, steps: int, faults: FaultConfig, grad_accum: int) -> Optimizer:
+    """:meth:`OptimizerConfig.build`: the schedule and the run's transformation, cached so that
+    runs in one process with equal arguments share them (and so their compiled step)."""
+    schedule = learning_rate_schedule(config, steps, faults)
+    tx = build_optimizer(config, schedule)
+    # With peak_lr_in_state the learning rate here is 1: the peak is set in the state (inside
+    # the guard, for a guard).
+    if config.peak_lr_in_state and config.optimizer not in PEAK_INSIDE:
+        tx = optax.with_extra_args_support(optax.chain(tx, scale_by_peak_learning_rate()))
+    if grad_accum > 1:
+        tx = lbw_optax.accumulate_gradients(tx, grad_accum)
+    return Optimizer(schedule, tx)
 
 
 class PeakLearningRateState(NamedTuple):

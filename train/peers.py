@@ -38,55 +38,51 @@ import optax
 import optax.contrib
 
 import lbw_optax
-from lbw.train.config import TrainConfig
+from lbw.train.config import OptimizerConfig
 from lbw.train.optimizers import _REGISTRY, register_optimizer
 
 REPLAY_PREFIX = "replay-"
 
 
-def _adamw_args(config: TrainConfig) -> dict:
-    return dict(b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
-
-
 @register_optimizer("zclip")
-def zclip(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def zclip(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """ZClip, then AdamW (``lbw_optax.peers.zclip`` with its defaults)."""
-    adamw = optax.adamw(learning_rate, **_adamw_args(config))
+    adamw = optax.adamw(learning_rate, **config.adamw_args)
     return optax.chain(lbw_optax.peers.zclip(**config.optimizer_args), adamw)
 
 
 @register_optimizer("skip-step", guarded=True)
-def skip_step(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def skip_step(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """AdamW that skips loss or gradient-norm spikes (> mean + 6σ over 128 steps) and NaN/Inf."""
     args = dict(config.optimizer_args)
     max_grad_norm = args.pop("max_grad_norm", 1.0)  # None: no clipping.
-    inner = optax.adamw(learning_rate, **_adamw_args(config))
+    inner = optax.adamw(learning_rate, **config.adamw_args)
     if max_grad_norm is not None:
         inner = optax.chain(optax.clip_by_global_norm(max_grad_norm), inner)
     return lbw_optax.peers.skip_step(inner, **args)
 
 
 @register_optimizer("adagc")
-def adagc(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def adagc(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """AdaGC per-tensor adaptive clipping, then AdamW."""
-    adamw = optax.adamw(learning_rate, **_adamw_args(config))
+    adamw = optax.adamw(learning_rate, **config.adamw_args)
     return optax.chain(lbw_optax.peers.adagc(**config.optimizer_args), adamw)
 
 
 @register_optimizer("spam")
-def spam(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def spam(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """SPAM: AdamW with spike-aware clipping and momentum resets."""
-    return lbw_optax.peers.spam_adamw(learning_rate, **_adamw_args(config), **config.optimizer_args)
+    return lbw_optax.peers.spam_adamw(learning_rate, **config.adamw_args, **config.optimizer_args)
 
 
 @register_optimizer("stable-adamw")
-def stable_adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def stable_adamw(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """StableAdamW with the paper's β2 = 0.99 and ε = 1e-6; β1 and weight decay from the config."""
     args = dict(b1=config.b1, weight_decay=config.weight_decay, **config.optimizer_args)
     return lbw_optax.peers.stable_adamw(learning_rate, **args)
 
 
-def _multiplier(config: TrainConfig, learning_rate) -> optax.Schedule:
+def _multiplier(config: OptimizerConfig, learning_rate) -> optax.Schedule:
     """The run's schedule one update ahead, for the methods whose learning rate multiplies a
     learned step size: their first step would otherwise divide by (or be) a zero learning rate
     when the warm-up starts at 0. Peaks at ``config.learning_rate`` (1.0: the authors')."""
@@ -96,7 +92,7 @@ def _multiplier(config: TrainConfig, learning_rate) -> optax.Schedule:
 
 
 @register_optimizer("prodigy")
-def prodigy(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def prodigy(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """Prodigy (Mishchenko & Defazio 2024) with the authors' settings: learning rate 1.0 as a
     multiplier (the run's ``--lr``), the run's schedule, ``safeguard_warmup=True`` under a
     warm-up, decoupled weight decay."""
@@ -110,7 +106,7 @@ def prodigy(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
 
 
 @register_optimizer("dadapt-adamw")
-def dadapt_adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def dadapt_adamw(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """D-Adaptation AdamW (Defazio & Mishchenko 2023): learning rate 1.0 as a multiplier
     (the run's ``--lr``) on the run's schedule, decoupled weight decay."""
     args = dict(betas=(config.b1, config.b2), weight_decay=config.weight_decay)
@@ -126,7 +122,7 @@ MECHANIC_S_INIT = 1.0
 
 
 @register_optimizer("mechanic")
-def mechanic(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def mechanic(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """Mechanic (Cutkosky et al. 2023) over AdamW on the run's schedule and learning rate, with
     ``s_init`` 1.0: the learned scale starts at the base optimizer's own step and corrects the
     given learning rate up or down, so it runs at the suites' multipliers like AdamW. The
@@ -135,11 +131,11 @@ def mechanic(config: TrainConfig, learning_rate) -> optax.GradientTransformation
     Mechanic's own weight decay 0.01 and 6 betas."""
     args = dict(s_init=MECHANIC_S_INIT)
     args.update(config.optimizer_args)
-    return optax.contrib.mechanize(optax.adamw(learning_rate, **_adamw_args(config)), **args)
+    return optax.contrib.mechanize(optax.adamw(learning_rate, **config.adamw_args), **args)
 
 
 @register_optimizer("schedule-free-adamw", eval_params=lbw_optax.schedule_free_eval_params)
-def schedule_free_adamw(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def schedule_free_adamw(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """Schedule-free AdamW (Defazio et al. 2024): the run's peak learning rate, constant, with
     its own linear warm-up over ``warmup_steps`` (no decay: the averaging replaces it); it is
     evaluated at its averaged parameters x. A learning-rate shock fault does not reach it."""
@@ -155,25 +151,25 @@ def schedule_free_adamw(config: TrainConfig, learning_rate) -> optax.GradientTra
 
 
 @register_optimizer("reduce-on-plateau")
-def reduce_on_plateau(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def reduce_on_plateau(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """AdamW, then ``optax.contrib.reduce_on_plateau`` on the training loss (``value=``):
     PyTorch's ``ReduceLROnPlateau`` defaults (factor 0.1, patience 10, rtol 1e-4) over the
     mean loss of 10 steps (``accumulation_size``), the train loss standing in for its epochs."""
     args = dict(factor=0.1, patience=10, rtol=1e-4, accumulation_size=10)
     args.update(config.optimizer_args)
     return optax.chain(
-        optax.adamw(learning_rate, **_adamw_args(config)),
+        optax.adamw(learning_rate, **config.adamw_args),
         optax.contrib.reduce_on_plateau(**args),
     )
 
 
 @register_optimizer("apply-if-finite", guarded=True)
-def apply_if_finite(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
+def apply_if_finite(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """``optax.apply_if_finite`` over AdamW: a step with NaN/Inf updates is skipped (inner
     state kept) up to 5 consecutive times, after which it is applied."""
     args = dict(max_consecutive_errors=5)
     args.update(config.optimizer_args)
-    return optax.apply_if_finite(optax.adamw(learning_rate, **_adamw_args(config)), **args)
+    return optax.apply_if_finite(optax.adamw(learning_rate, **config.adamw_args), **args)
 
 
 def replay_schedule(schedule: optax.Schedule, trace: Sequence[float]) -> optax.Schedule:
@@ -197,7 +193,7 @@ def register_replay(trace: Sequence[float]) -> str:
     The name is ``replay-`` followed by a digest of the trace, so the same trace always gets
     the same name (registering it again is a no-op) and runs with different traces never share
     a compiled step. The factory is an ordinary registry entry: the trace reaches the optimizer
-    without any field in :class:`~train.config.TrainConfig`.
+    without any field in :class:`~train.config.OptimizerConfig`.
 
     Args:
       trace: the per-step applied scale of the run to replay (0 on a held step).
@@ -215,8 +211,8 @@ def register_replay(trace: Sequence[float]) -> str:
     if name not in _REGISTRY:
         frozen = tuple(float(v) for v in values)
 
-        def factory(config: TrainConfig, learning_rate) -> optax.GradientTransformation:
-            return optax.adamw(replay_schedule(learning_rate, frozen), **_adamw_args(config))
+        def factory(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
+            return optax.adamw(replay_schedule(learning_rate, frozen), **config.adamw_args)
 
         factory.__doc__ = f"AdamW on the learning-rate schedule × a {len(frozen)}-step trace."
         applied = lambda schedule: replay_schedule(schedule, frozen)

@@ -12,9 +12,12 @@ The words come from a telemetry line of ``metrics.jsonl`` (:func:`describe`), so
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from lbw.train.config import TrainConfig
 
 
 def format_duration(seconds: float) -> str:
@@ -72,3 +75,40 @@ class Throttle:
             return False
         self.last = now
         return True
+
+
+class Progress:
+    """Progress on stderr (see :mod:`train.progress`): a tqdm bar on a terminal; otherwise
+    (a log file, nohup, CI) a plain line at the first log interval, then at most one every
+    ``progress_every`` seconds. Nothing with ``quiet``."""
+
+    def __init__(self, config: TrainConfig, initial: int):
+        self.bar, self.throttle, self.total = None, None, config.steps
+        if config.quiet:
+            return
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=config.steps, initial=initial, unit="step", dynamic_ncols=True)
+        else:
+            self.throttle = Throttle(config.progress_every)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def show(self, line: dict[str, Any]) -> None:
+        if self.bar is not None:
+            tel = line.get("telemetry", {})
+            postfix = {"loss": f"{line['loss']:.4f}" if line["loss"] is not None else "nan"}
+            if "regime_name" in tel:
+                postfix["regime"] = tel["regime_name"]
+                postfix["scale"] = f"{tel['scale']:.3f}"
+            postfix["tok/s"] = f"{line['tokens_per_s']:.0f}"
+            self.bar.set_postfix(postfix, refresh=False)
+        elif self.throttle is not None and self.throttle.due():
+            print(f"lbw-train: {describe(line, self.total)}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
