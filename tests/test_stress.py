@@ -118,6 +118,27 @@ def test_faults_and_sweep_expansion():
         micro(methods=(Method(name="c", optimizer="adamw", control="replay", source="x"),))
 
 
+def test_a_method_runs_at_its_own_multipliers_only():
+    control = Method(
+        name="effective-lr",
+        optimizer="adamw",
+        control="effective-lr",
+        source="governor",
+        lr_multipliers=(10.0,),
+    )
+    runs = stress.expand(micro(methods=(*CONTROLS[1:2], control)))
+    assert [(r.method, r.lr_multiplier) for r in runs] == [
+        ("governor", 1.0),
+        ("governor", 10.0),
+        ("effective-lr", 10.0),
+    ]
+    assert runs[-1].depends_on == runs[1].run_id
+    # A control never runs where its source does not.
+    source = Method(name="governor", optimizer="lbw", lr_multipliers=(1.0,))
+    with pytest.raises(ValueError, match=r"runs at ×10, 'governor' does not"):
+        micro(methods=(source, control))
+
+
 def test_time_constants_are_fractions_of_the_run_and_own_base_lrs_are_scaled():
     methods = (
         Method(name="sgg", optimizer="sgg", time_constants={"recluster_every": 0.05}),

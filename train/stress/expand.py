@@ -162,6 +162,8 @@ def expand(spec: SuiteSpec, base_lrs: Mapping[str, float] | None = None) -> list
                         and method.name not in spec.fault_methods
                     ):
                         continue
+                    if method.lr_multipliers and mult not in method.lr_multipliers:
+                        continue
                     lr = float(f"{(method.base_lr or base) * mult:.6g}")
                     for seed in setting.seeds or spec.seeds:
                         run = Run(

@@ -32,6 +32,8 @@ class Method:
       base_lr: a learning rate of the method's own that the multipliers scale instead of the
         setting's base (1.0 for the methods whose learning rate multiplies a learned step
         size); ``None``: the setting's.
+      lr_multipliers: the only multipliers this method runs at (of those its setting runs);
+        empty: all of them. A control runs at most where its source runs.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Method:
     source: str | None = None
     time_constants: Mapping[str, float] = dataclasses.field(default_factory=dict)
     base_lr: float | None = None
+    lr_multipliers: tuple[float, ...] = ()
 
     def resolved_time_constants(self, steps: int) -> dict[str, int]:
         """``time_constants`` in steps for a run of ``steps`` updates."""
@@ -142,6 +145,14 @@ class SuiteSpec:
                 raise ValueError(f"control {m.name!r} reads {m.source!r}, not in the suite.")
             if m.source is not None and self.method(m.source).control is not None:
                 raise ValueError(f"control {m.name!r} reads another control.")
+            source = self.method(m.source) if m.source is not None else None
+            if source is not None and source.lr_multipliers:
+                missing = sorted(
+                    set(m.lr_multipliers or self.lr_multipliers) - set(source.lr_multipliers)
+                )
+                if missing:
+                    where = ", ".join(f"×{x:g}" for x in missing)
+                    raise ValueError(f"control {m.name!r} runs at {where}, {m.source!r} does not.")
         for s in self.settings:
             unknown = sorted(set(s.methods) - set(names))
             if unknown:
