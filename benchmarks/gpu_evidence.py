@@ -139,9 +139,9 @@ GPU_SIZES = Sizes(
 SMOKE_SIZES = Sizes(
     scale=gpu_plan.SMOKE,
     depth_scale=gpu_plan.DEPTH_SMOKE,
-    total_budget_s=170.0,
+    total_budget_s=165.0,
     suite_budget_s=90.0,
-    guard_reserve_s=50.0,
+    guard_reserve_s=45.0,
     depth_min_s=8.0,
     guard_rounds=2,
     guard_steps=2,
@@ -307,6 +307,7 @@ def stage_suite(
         probe = gpu_plan.measure_probe(scale, probe_dir)
     if deadline.stopped:
         raise gpu_plan.BudgetError(f"the probe of {scale.name!r} outran its {budget_s:.0f} s")
+    state[f"{key}_probe"] = probe  # The cost stage's unit of time, even if the plan is refused.
     the_plan = gpu_plan.plan(probe, budget_s, scale)
     say(f"{scale.name} plan: {json.dumps(the_plan.to_dict())}")
     state[f"{key}_plan"] = the_plan
@@ -323,6 +324,7 @@ def stage_suite(
     meta = json.loads((suite_dir / "suite.json").read_text())
     return {
         "plan": the_plan.to_dict(),
+        "model": scale.model,
         "suite_dir": str(suite_dir),
         "stopped_at_budget": ran["stopped"],
         "runs_planned": the_plan.runs,
@@ -529,7 +531,7 @@ def stage_guard(
     """The cost stage, part by part, each only if its estimate fits what is left; the result
     is saved after every part, so a stop at the deadline keeps what was measured."""
     scale = sizes.scale
-    probe = state.get("suite_plan").probe if state.get("suite_plan") else None
+    probe = state.get("suite_probe") or state.get("depth_probe")
     compile_s = probe.compile_s if probe else 2 * sizes.unrolled_compile_s / 3
     step_s = probe.step_s if probe else 0.1
     timing_s = sizes.guard_rounds * sizes.guard_steps * step_s
@@ -553,7 +555,7 @@ def stage_guard(
         return False
 
     # Compiled by the suite's runs: AdamW, clip and lbw in the scanned layout.
-    suite_ran = {"adamw", "adamw+clip(1.0)", "lbw"} if probe else set()
+    suite_ran = {"adamw", "adamw+clip(1.0)", "lbw"} if state.get("suite_plan") else set()
     scanned = tuple(GUARD_METHODS)
     new = [n for n in scanned if n not in suite_ran]
     need = len(new) * compile_s + len(scanned) * (2.0 + timing_s)
@@ -790,10 +792,14 @@ def summary_md(state: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {st['status']} | {_f(st.get('seconds'), 1)} | {st.get('reason', '')} |"
         )
-    if res.get("suite"):
-        lines += suite_lines("LR-stress suite (0.5B)", res["suite"], "suite-summary.md")
-    if res.get("depth"):
-        lines += suite_lines("Depth suite (125M, 1,000 steps)", res["depth"], "depth-summary.md")
+    for key, title, file in (
+        ("suite", "LR-stress suite", "suite-summary.md"),
+        ("depth", "Depth suite", "depth-summary.md"),
+    ):
+        if res.get(key):
+            r = res[key]
+            heading = f"{title} ({r['model']}, {r['plan']['steps']} steps)"
+            lines += suite_lines(heading, r, file)
     guard = res.get("guard")
     if guard and guard["methods"]:
         lines += [
