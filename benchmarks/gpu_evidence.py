@@ -588,7 +588,9 @@ def stage_guard(
     kept = {n: programs[n] for n in later if n in programs}
     del programs
     gc.collect()
-    need = len(UNROLLED) * (sizes.unrolled_compile_s + 2.0 + timing_s)
+    # Never below the probe's (scanned) compilation: a slow machine compiles slowly.
+    unrolled_compile_s = max(sizes.unrolled_compile_s, compile_s)
+    need = len(UNROLLED) * (unrolled_compile_s + 2.0 + timing_s)
     if fits("unrolled", need):
         unrolled = time_layout(sizes, steps, "unrolled", UNROLLED, result)
         del unrolled
