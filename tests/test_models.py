@@ -62,6 +62,15 @@ def test_public_preset_matches_published_parameter_count(name):
     assert models.count_params(models.PRESETS[name]()) == PUBLISHED_COUNTS[name]
 
 
+def test_small_125m_preset_is_gpt2_small_scale():
+    config = models.small_125m()
+    assert models.count_params(config) == 123_614_976  # GPT-2 small: 124,439,808.
+    # Its parameter tree, without allocating it, holds that many values.
+    leaves = jax.tree.leaves(nnx.state(abstract_model(config), nnx.Param))
+    assert sum(x.size for x in leaves) == 123_614_976
+    assert config.tie_embeddings and config.num_layers == 12 and config.hidden_size == 768
+
+
 def test_count_params_counts_a_real_model():
     model = models.Decoder(small_config(), rngs=nnx.Rngs(0))
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))

@@ -40,6 +40,7 @@ Definitions (also written into ``summary.md``):
 The package's modules, each importing only those above it: :mod:`~train.stress.spec` (the
 dataclasses and the roles the report reads), :mod:`~train.stress.expand`,
 :mod:`~train.stress.records`, :mod:`~train.stress.report`, :mod:`~train.stress.runner`,
+:mod:`~train.stress.gpu_plan` (the GPU suites' budget: probe, plan, deadline),
 :mod:`~train.stress.suites` and :mod:`~train.stress.cli` (``lbw-stress``).
 """
 
@@ -91,6 +92,7 @@ from lbw.train.stress.suites import (
     TIME_CONSTANTS,
     full,
     gpu,
+    gpu_depth,
     paper,
     quick,
 )
@@ -127,6 +129,7 @@ __all__ = [
     "expand_sweep",
     "full",
     "gpu",
+    "gpu_depth",
     "machine",
     "main",
     "mean_scale",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lbw.train.config import UserError
-from lbw.train.stress import check, report
+from lbw.train.stress import check, gpu_plan, report
 from lbw.train.stress.records import read_jsonl
 from lbw.train.stress.runner import run_suite
 from lbw.train.stress.suites import SUITES
@@ -26,8 +26,9 @@ def machine() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lbw-stress [quick|full|paper|gpu] [--out results] [--workers N] [--seeds ...] [--quiet]
-    [--budget-s S] [--steps N] [--check DIR]``, or ``lbw-stress report DIR``."""
+    """``lbw-stress [quick|full|paper|gpu|gpu-depth] [--out results] [--workers N]
+    [--seeds ...] [--quiet] [--budget-s S] [--steps N] [--check DIR]``, or ``lbw-stress report
+    DIR``."""
     from lbw.train.cli import ArgumentParser, one_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -93,14 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--budget-s",
         type=float,
         default=None,
-        help="gpu suite: its time budget in seconds, probe and compilation included (default: "
-        "360); a plan that does not fit is refused before any run starts",
+        help="gpu suites: the time budget in seconds, probe and compilation included (default: "
+        "360); a plan gives up ×30 (gpu-depth: ×1), then steps, to fit, and is refused before "
+        "any run starts when nothing fits",
     )
     p.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="gpu suite: steps per run (default: the most that fit the budget)",
+        help="gpu suites: steps per run (default: 300 for gpu, 1000 for gpu-depth)",
     )
     p.add_argument(
         "--check",
@@ -137,13 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
     plan = None
-    if args.suite == "gpu" and not args.collect:
-        from lbw.train import gpu_suite
-
+    if args.suite in gpu_plan.SCALES and not args.collect:
         try:
-            budget = gpu_suite.DEFAULT_BUDGET_S if args.budget_s is None else args.budget_s
-            plan = gpu_suite.prepare(args.out, budget, steps=args.steps)
-        except gpu_suite.BudgetError as e:
+            budget = gpu_plan.DEFAULT_BUDGET_S if args.budget_s is None else args.budget_s
+            scale = gpu_plan.SCALES[args.suite]
+            plan = gpu_plan.prepare(args.out, budget, scale, steps=args.steps)
+        except gpu_plan.BudgetError as e:
             print(f"lbw-stress: error: {e}", file=sys.stderr)
             return 2
         spec = plan.spec
@@ -160,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         suite_dir = run_suite(
             spec,
             args.out,
-            workers=1 if args.suite == "gpu" else args.workers,  # One process shares compilations.
+            # One process shares compilations.
+            workers=1 if args.suite in gpu_plan.SCALES else args.workers,
             progress=not args.quiet,
             progress_every=args.progress_every,
             command=command.strip(),
@@ -178,9 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 130
     if plan is not None:
-        from lbw.train import gpu_suite
-
-        gpu_suite.record_plan(suite_dir, plan)
+        gpu_plan.record_plan(suite_dir, plan)
     print(report.headline(suite_dir))
     print(f"\nreport: {suite_dir / 'summary.md'}")
     if reference is not None:

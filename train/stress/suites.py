@@ -1,10 +1,11 @@
-"""The suite catalogue: ``quick`` (CPU, minutes), ``full`` (CPU, hours), ``paper`` (a GPU) and
-``gpu`` (one GPU within a budget, :mod:`train.gpu_suite`)."""
+"""The suite catalogue: ``quick`` (CPU, minutes), ``full`` (CPU, hours), ``paper`` (a GPU),
+``gpu`` and ``gpu-depth`` (one GPU within a budget, :mod:`train.stress.gpu_plan`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from lbw.train.stress import gpu_plan
 from lbw.train.stress.spec import BASELINE, Method, Setting, SuiteSpec
 
 # The shipped data, a tiny Qwen2.5-style model, a short cosine run: a ~10-minute CPU suite.
@@ -356,10 +357,14 @@ def paper() -> SuiteSpec:
 
 
 def gpu() -> SuiteSpec:
-    """For one GPU, within a budget (:mod:`train.gpu_suite`; its step count is set by a plan)."""
-    from lbw.train import gpu_suite
+    """For one GPU, within a budget (:mod:`train.stress.gpu_plan`: a plan may give up ×30, then
+    steps)."""
+    return gpu_plan.suite(gpu_plan.GPU)
 
-    return gpu_suite.gpu()
+
+def gpu_depth() -> SuiteSpec:
+    """For one GPU, within a budget: ``small_125m`` for 1,000 steps (a plan may give up ×1)."""
+    return gpu_plan.suite(gpu_plan.DEPTH)
 
 
 SUITES: dict[str, Callable[[], SuiteSpec]] = {
@@ -367,4 +372,5 @@ SUITES: dict[str, Callable[[], SuiteSpec]] = {
     "full": full,
     "paper": paper,
     "gpu": gpu,
+    "gpu-depth": gpu_depth,
 }
