@@ -273,3 +273,10 @@ def test_the_report_shows_a_multiplier_that_only_some_methods_ran(tmp_path):
     text = report.write_report(tmp_path).read_text()
     assert "| governor | – | 8.50 ± 0.71 | 12.50 ± 0.71 |" in text
     assert "| governor | ×0.1 |" not in text  # No empty speed or telemetry rows.
+    # The targets compare each pair over the multipliers both ran, and a too-low learning rate
+    # is not a stress one.
+    from lbw.train.stress import tables
+
+    targets = "\n".join(tables.targets_block(suite, "m", "none"))
+    assert "Stress LR ×0.1" not in targets
+    assert "governor: 10.50 (governor+clip / governor = 1.000 over ×1, ×10)" in targets

@@ -25,8 +25,20 @@ def ppl_table(suite: Suite, setting: str, fault: str, methods: Sequence[str] | N
     return table(["method", *_lr_header(suite, setting, mults)], rows)
 
 
-def _mean_over_grid(suite: Suite, setting: str, fault: str, method: str) -> float:
-    means = [suite.cell(setting, fault, method, m)[0][0] for m in suite.multipliers(setting, fault)]
+def _ran(suite: Suite, setting: str, fault: str, method: str) -> set[float]:
+    """The multipliers at which ``method`` has runs (NaN: no run; inf: diverged, a result)."""
+    return {
+        m
+        for m in suite.multipliers(setting, fault)
+        if not math.isnan(suite.cell(setting, fault, method, m)[0][0])
+    }
+
+
+def _mean_over_grid(
+    suite: Suite, setting: str, fault: str, method: str, mults: Sequence[float]
+) -> float:
+    """``method``'s mean final perplexity over ``mults`` (NaN if it has no run there)."""
+    means = [suite.cell(setting, fault, method, m)[0][0] for m in mults]
     means = [v for v in means if not math.isnan(v)]
     return statistics.fmean(means) if means else math.nan
 
@@ -53,7 +65,9 @@ def targets_block(suite: Suite, setting: str, fault: str) -> list[str]:
         f"- AdamW's best mean final perplexity over the grid: {best:.2f} (×{best_m:g}, "
         f"LR {suite.lr_of(setting, best_m):.0e})."
     )
-    stress = [m for m in mults if adamw[m] >= 2 * best]
+    # Stress is a learning rate above the base that puts AdamW off its best (a rate below it
+    # that does is too low, not a stress).
+    stress = [m for m in mults if m > 1.0 and adamw[m] >= 2 * best]
     if stress:
         for m in stress:
             g = mean(subject, m)
@@ -70,15 +84,23 @@ def targets_block(suite: Suite, setting: str, fault: str) -> list[str]:
     base = min(mults, key=lambda m: abs(m - 1.0))
     g, a = mean(subject, base), adamw[base]
     out.append(f"- Base LR (×{base:g}): {subject} / AdamW = {fmt(g)} / {fmt(a)} = {g / a:.3f}.")
-    gov = _mean_over_grid(suite, setting, fault, subject)
-    out.append(f"- Mean final perplexity over the LR grid: {subject} {fmt(gov)}; against:")
+    own = _ran(suite, setting, fault, subject)
+    gov = _mean_over_grid(suite, setting, fault, subject, sorted(own))
+    out.append(
+        f"- Mean final perplexity over the LR grid: {subject} {fmt(gov)}; against (each pair "
+        "over the multipliers both ran):"
+    )
     for method in suite.methods:
         if method == subject:
             continue
-        other = _mean_over_grid(suite, setting, fault, method)
-        if not math.isnan(other):
-            ratio = gov / other if math.isfinite(other) else 0.0
-            out.append(f"  - {method}: {fmt(other)} ({subject} / {method} = {ratio:.3f})")
+        both = sorted(own & _ran(suite, setting, fault, method))
+        if not both:
+            continue
+        g = _mean_over_grid(suite, setting, fault, subject, both)
+        other = _mean_over_grid(suite, setting, fault, method, both)
+        ratio = g / other if math.isfinite(other) else 0.0
+        grid = "" if len(both) == len(own) else f" over ×{', ×'.join(f'{m:g}' for m in both)}"
+        out.append(f"  - {method}: {fmt(other)} ({subject} / {method} = {ratio:.3f}{grid})")
     title = subject[:1].upper() + subject[1:]
     for control, _, source in suite.roles.controls:
         if source != subject or control not in suite.methods:
