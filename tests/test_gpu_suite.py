@@ -17,7 +17,7 @@ import pytest
 
 from lbw.train import stress
 from lbw.train.config import TrainConfig
-from lbw.train.stress import gpu_plan
+from lbw.train.stress import gpu_plan, gpu_scales
 from lbw.train.stress.spec import BASELINE, Method
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,8 @@ def test_the_unclipped_governor_runs_only_when_it_is_not_the_default(monkeypatch
     names = [m.name for m in gpu_plan.stress_methods()]
     assert names == ["adamw", "adamw+clip", "lbw_adamw", "governor-unclipped", "effective-lr"]
     same = Method(name="governor-unclipped", optimizer="lbw+clip", overrides={"policy": "governor"})
-    monkeypatch.setattr(gpu_plan, "UNCLIPPED_GOVERNOR", same)  # The default's config, clip 1.0.
+    # The default's config (clip 1.0): stress_methods reads the name where the scales live.
+    monkeypatch.setattr(gpu_scales, "UNCLIPPED_GOVERNOR", same)
     names = [m.name for m in gpu_plan.stress_methods()]
     assert names == ["adamw", "adamw+clip", "lbw_adamw", "effective-lr"]
 
