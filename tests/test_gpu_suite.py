@@ -186,6 +186,7 @@ def _micro_config(tmp_path, name, **changes):
     return TrainConfig(**values)
 
 
+@pytest.mark.slow  # Trains several runs: .ci/run runs it with -m slow.
 def test_peak_lr_in_state_gives_the_same_run_and_shares_the_optimizer(tmp_path):
     from lbw.train import loop
 
@@ -227,6 +228,7 @@ def test_a_deadline_stops_a_run_between_steps_and_nothing_else(tmp_path):
         raise KeyboardInterrupt
 
 
+@pytest.mark.slow  # Trains several runs: .ci/run runs it with -m slow.
 def test_a_suite_stopped_at_its_deadline_keeps_its_finished_runs(tmp_path):
     scale = dataclasses.replace(
         gpu_plan.SMOKE,
