@@ -417,7 +417,7 @@ def test_gpu_evidence_smoke(tmp_path):
     }
     assert guard["methods"]["adamw [scanned]"]["ratio"] == 1.0
     assert (
-        guard["methods"]["lbw [scanned]"]["hlo_gb"]
+        guard["methods"]["lbw_adamw [scanned]"]["hlo_gb"]
         > guard["methods"]["adamw [scanned]"]["hlo_gb"]
         > 0
     )
