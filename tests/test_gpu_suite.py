@@ -269,13 +269,12 @@ class _NoTime:
 
 
 def test_evidence_cost_stage_runs_only_the_parts_that_fit(tmp_path):
-    from benchmarks import gpu_evidence
+    from benchmarks.gpu_sizes import SMOKE_SIZES
+    from benchmarks.gpu_timing import stage_guard
 
     state = {"results": {}, "machine": {"memory_bandwidth_bytes_per_s": None}}
     saved = []
-    result = gpu_evidence.stage_guard(
-        gpu_evidence.SMOKE_SIZES, 8, _NoTime(), state, tmp_path, lambda: saved.append(1)
-    )
+    result = stage_guard(SMOKE_SIZES, 8, _NoTime(), state, tmp_path, lambda: saved.append(1))
     assert result is state["results"]["guard"] and result["methods"] == {}
     assert set(result["skipped"]) == {"scanned", "unrolled"}
     assert "left" in result["skipped"]["unrolled"]
@@ -352,7 +351,7 @@ def test_evidence_script_imports_this_checkout_without_an_install(tmp_path, inst
 
 
 def test_the_smoke_mode_ends_within_three_minutes():
-    from benchmarks.gpu_evidence import GPU_SIZES, SMOKE_SIZES
+    from benchmarks.gpu_sizes import GPU_SIZES, SMOKE_SIZES
 
     # Its budget stops it (Python's start-up and a last compilation on top).
     assert SMOKE_SIZES.total_budget_s <= 165.0
@@ -408,7 +407,7 @@ def test_gpu_evidence_smoke(tmp_path):
     methods = {"adamw", "adamw+clip", "lbw_adamw", "governor-unclipped", "effective-lr"}
     assert set(suite["per_method"]) == methods
     assert results["depth"]["runs_finished"] == 4
-    from benchmarks.gpu_evidence import GUARD_METHODS, UNROLLED
+    from benchmarks.gpu_timing import GUARD_METHODS, UNROLLED
 
     guard = results["guard"]
     assert guard["skipped"] == {}
