@@ -32,6 +32,12 @@ run record, the command, the machine, the code version), ``suite-summary.md`` an
 run's metrics, plots and the probes), ``trace.xplane.pb`` and ``log.txt``. The runs go to
 ``--work-dir`` (default: a new temporary folder). Exit status: 0, or 2 when the main suite's
 plan was refused, 1 when a stage failed (the others still run).
+
+The parts: :mod:`benchmarks.gpu_sizes` (the GPU run's and the smoke mode's sizes and budgets),
+:mod:`benchmarks.gpu_machine` (the log, the clock, the machine and code record),
+:mod:`benchmarks.gpu_suites` (stages 1 and 2), :mod:`benchmarks.gpu_timing` (stages 3 to 5) and
+:mod:`benchmarks.gpu_summary` (``summary.md`` and ``evidence.json``); this module parses the
+command line and runs the stages in order within the budget.
 """
 
 from __future__ import annotations
