@@ -12,8 +12,8 @@ optimizer ``"inner"`` instead of AdamW when it has that one); ``config`` overrid
 :class:`~train.config.TrainConfig` fields, ``model_overrides`` included. Unless overridden,
 every run uses the quick suite's setting (the shipped WikiText-2 sample, the 2-layer tiny
 Qwen2.5-3B-style preset, 200 steps of 8×64 tokens, warm-up 20, cosine). Each run prints its
-final eval perplexity and mean effective scale; the last lines are a table of means over seeds
-per variant and learning rate.
+final eval perplexity and mean logged effective scale; the last lines are a table of means over
+seeds per variant and learning rate.
 """
 
 import argparse
@@ -67,11 +67,20 @@ def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
         summary = train(config)
     except Exception as error:  # A diverged unguarded run is a result, not a crash.
         return name, lr, seed, float("nan"), None, type(error).__name__
-    tel = summary.get("telemetry") or {}
-    scale = None
-    if tel.get("step"):
-        scale = 1.0 - tel["control_energy"] / tel["step"]
-    return name, lr, seed, summary["eval_perplexity"], scale, ""
+    return name, lr, seed, summary["eval_perplexity"], _mean_logged_scale(config.out_dir), ""
+
+
+def _mean_logged_scale(run_dir: str) -> float | None:
+    """The mean of the guard's effective scale over the logged steps (every ``log_every``);
+    unlike ``1 − control_energy / steps``, right for a boosted scale above 1 too."""
+    scales = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            tel = record.get("telemetry") or {}
+            if record.get("kind") == "train" and "effective_scale" in tel:
+                scales.append(tel["effective_scale"])
+    return statistics.mean(scales) if scales else None
 
 
 def main() -> None:

@@ -43,6 +43,11 @@ class GovernorState(NamedTuple):
       limited_tensors: int32, tensors the per-tensor limiter cut at the latest step.
       peak_update_norm: float32, the largest inner update norm seen (spikes left out), which
         the annealed limit is relative to; :class:`optax.MaskedNode` when ``limit_anneal=0``.
+      boost: float32, the trust-ratio floor's factor in ``[1, max_boost]``;
+        :class:`optax.MaskedNode` when ``max_boost=1``.
+      peak_update_ratio: float32, the largest relative update ``‖Δθ‖/‖θ‖`` seen at the
+        unboosted scale (spikes left out), which the boost is read from;
+        :class:`optax.MaskedNode` when ``max_boost=1``.
     """
 
     observed: jax.Array
@@ -65,6 +70,8 @@ class GovernorState(NamedTuple):
     update_ratio: jax.Array
     limited_tensors: jax.Array
     peak_update_norm: jax.Array | optax.MaskedNode = optax.MaskedNode()
+    boost: jax.Array | optax.MaskedNode = optax.MaskedNode()
+    peak_update_ratio: jax.Array | optax.MaskedNode = optax.MaskedNode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +100,7 @@ class GovernorPolicy(Policy):
     max_update_ratio: float | None = 0.035
     param_floor: float = 0.02
     limit_anneal: float = 0.5
+    max_boost: float = 1.0
 
     def __post_init__(self):
         _validate.check_positive("max_scale", self.max_scale)
@@ -120,6 +128,12 @@ class GovernorPolicy(Policy):
             _validate.check_positive("max_update_ratio", self.max_update_ratio)
         _validate.check_non_negative("param_floor", self.param_floor)
         _validate.check_non_negative("limit_anneal", self.limit_anneal)
+        _validate.check_in_range("max_boost", self.max_boost, 1.0, float("inf"), closed="left")
+        if self.max_boost > 1 and self.max_update_ratio is None:
+            raise ValueError(
+                "max_boost > 1 needs the limiter: the boost is read from max_update_ratio, "
+                "which is None"
+            )
 
     # It reads the loss when given (Signals.loss_seen) and runs on the gradients without it.
     needs_value = False
@@ -133,8 +147,13 @@ class GovernorPolicy(Policy):
         return self.max_update_ratio is not None
 
     @property
+    def boosts(self) -> bool:
+        """Whether the trust-ratio floor is on (``max_boost > 1``, not pinned)."""
+        return self.max_boost > 1 and self.min_scale < self.max_scale
+
+    @property
     def scale_bounds(self) -> tuple[float, float]:
-        return (self.min_scale, self.max_scale)
+        return (self.min_scale, self.max_scale * (self.max_boost if self.boosts else 1.0))
 
     def init(self) -> GovernorState:
         zero = jnp.zeros([], jnp.float32)
@@ -160,6 +179,8 @@ class GovernorPolicy(Policy):
             update_ratio=zero,
             limited_tensors=izero,
             peak_update_norm=zero if self.limit_anneal > 0 else optax.MaskedNode(),
+            boost=jnp.ones([], jnp.float32) if self.boosts else optax.MaskedNode(),
+            peak_update_ratio=zero if self.boosts else optax.MaskedNode(),
         )
 
     def decide(self, signals: Signals, state: GovernorState, *, step, scale, regime):
@@ -214,7 +235,27 @@ class GovernorPolicy(Policy):
         new_scale = rules.control_scale(
             state.own_scale, spikes.spike, stressed, step_regime, self
         ).astype(jnp.float32)
-        limits, peak_update_norm = self._limit(signals, state, new_scale, spikes.spike)
+        boost = state.boost
+        if self.boosts:  # Calm: warm, no cue, not in a damping regime.
+            damping = jnp.isin(step_regime.regime, jnp.array(rules.DAMPING_REGIMES))
+            boost = rules.next_boost(
+                state.boost,
+                state.peak_update_ratio,
+                calm=warm & ~pressure & ~damping,
+                target_ratio=self.max_update_ratio,
+                max_boost=self.max_boost,
+                release=self.release,
+            )
+            applied_scale = new_scale * boost
+        else:
+            applied_scale = new_scale
+        limits, peak_update_norm = self._limit(signals, state, applied_scale, spikes.spike)
+        peak_update_ratio = state.peak_update_ratio
+        if self.boosts:
+            unboosted = limits.update_ratio / boost
+            peak_update_ratio = jnp.where(
+                spikes.spike, peak_update_ratio, jnp.maximum(peak_update_ratio, unboosted)
+            )
 
         # A hold is a cut to zero, so a policy pinned to one scale never holds.
         can_hold = self.min_scale < self.max_scale
@@ -240,8 +281,10 @@ class GovernorPolicy(Policy):
             update_ratio=limits.update_ratio,
             limited_tensors=limits.limited,
             peak_update_norm=peak_update_norm,
+            boost=boost,
+            peak_update_ratio=peak_update_ratio,
         )
-        decision = Decision(step_regime.regime, new_scale, hold, limits.tensor_scale)
+        decision = Decision(step_regime.regime, applied_scale, hold, limits.tensor_scale)
         return decision, new_state
 
     def _limit(self, signals, state, scale, spike) -> tuple[rules.Limits, jax.Array]:
@@ -293,6 +336,7 @@ def governor_policy(
     max_update_ratio: float | None = 0.035,
     param_floor: float = 0.02,
     limit_anneal: float = 0.5,
+    max_boost: float = 1.0,
 ) -> GovernorPolicy:
     r"""Our governance policy: a per-tensor update limiter, regimes read from the loss and the
     gradients, holds on severe spikes.
@@ -348,6 +392,14 @@ def governor_policy(
     loss and gradients no cue ever fires and the guard is the identity; with
     ``min_scale == max_scale`` the policy is pinned (it never holds nor limits).
 
+    **Boost** (the trust-ratio floor, the limiter's mirror image; off by default,
+    ``max_boost=1``): a learning rate whose largest relative update so far (at the unboosted
+    scale, spikes left out) stayed below ``max_update_ratio`` is too low to need a limit, so
+    the applied scale is multiplied by a boost that rises by at most ``release`` per calm step
+    (warm, no cue, no damping regime) towards ``max_update_ratio / peak ratio``, at most
+    ``max_boost``, and drops to 1 on any cue or spike. The limiter still bounds every boosted
+    step. Measured in ``results/governor-probe/v5.md``.
+
     Args:
       min_scale: lower bound of the scale, in (0, ``max_scale``].
       max_scale: upper bound of the scale (> 0); 1 means "never faster than the inner optimizer".
@@ -376,6 +428,8 @@ def governor_policy(
       param_floor: the floor of ``‖θ‖`` as a root-mean-square (>= 0).
       limit_anneal: the exponent of the limit's decay with the inner update norm relative to
         its peak (>= 0; 0: a fixed limit).
+      max_boost: the largest factor of the trust-ratio floor (>= 1; 1: off); needs the
+        limiter (``max_update_ratio`` not ``None``).
 
     Returns:
       A :class:`GovernorPolicy` for :func:`~lbw_optax.guard`.

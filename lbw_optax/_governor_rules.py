@@ -230,3 +230,22 @@ def limit_tensors(
         update_ratio=jnp.max(ratio, initial=0.0).astype(jnp.float32),
         limited=jnp.sum(ratio > limit).astype(jnp.int32),
     )
+
+
+def next_boost(
+    boost: jax.Array,
+    peak_ratio: jax.Array,
+    *,
+    calm: jax.Array,
+    target_ratio: float,
+    max_boost: float,
+    release: float,
+) -> jax.Array:
+    """The trust-ratio floor, the limiter's mirror image: a factor in ``[1, max_boost]`` that
+    rises by at most ``release`` per ``calm`` step towards ``target_ratio / peak_ratio`` (what
+    would bring the largest relative update seen so far up to the limit), and drops to 1 on
+    any step that is not calm. A learning rate whose steps never came near the limit is too
+    low; one that reached it gets no boost."""
+    want = jnp.where(peak_ratio > 0, target_ratio / jnp.where(peak_ratio > 0, peak_ratio, 1.0), 1.0)
+    want = jnp.clip(want, 1.0, max_boost)
+    return jnp.where(calm, jnp.minimum(boost + release, want), 1.0).astype(jnp.float32)

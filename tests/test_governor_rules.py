@@ -175,3 +175,20 @@ def test_limit_tensors_and_annealed_limit_match_numpy(rng):
         np.testing.assert_allclose(np.asarray(got.tensor_scale), factor, rtol=1e-5)
         np.testing.assert_allclose(float(got.update_ratio), ratio.max(), rtol=1e-6)
         assert int(got.limited) == int(np.sum(ratio > float(limit)))
+
+
+def test_next_boost_matches_numpy_and_takes_every_branch(rng):
+    """Up by at most ``release`` towards ``target / peak`` (clipped to [1, max_boost]) on a calm
+    step, at once down to that want when the peak grew, and to 1 on any other step."""
+    boost = rng.uniform(1.0, 3.0, N).astype(np.float32)
+    peak = rng.choice([0.0, 0.005, 0.02, 0.035, 0.1], N).astype(np.float32)
+    calm = rng.random(N) < 0.7
+    got = np.asarray(
+        rules.next_boost(boost, peak, calm=calm, target_ratio=0.035, max_boost=2.0, release=0.01)
+    )
+    want = np.clip(np.where(peak > 0, 0.035 / np.where(peak > 0, peak, 1.0), 1.0), 1.0, 2.0)
+    np.testing.assert_allclose(got, np.where(calm, np.minimum(boost + 0.01, want), 1.0), rtol=1e-6)
+    assert got.dtype == np.float32
+    rose, fell = calm & (got > boost), calm & (got < boost)
+    assert rose.any() and fell.any() and (got[~calm] == 1.0).all()
+    assert (got[rose] - boost[rose] <= 0.01 + 1e-6).all()

@@ -345,6 +345,7 @@ INVALID = [
     (lbw_optax.governor_policy, "hold_ratio", 1.0),
     (lbw_optax.governor_policy, "alignment_decay", 1.0),
     (lbw_optax.governor_policy, "limit_anneal", -1.0),
+    (lbw_optax.governor_policy, "max_boost", 0.5),
 ]
 
 
@@ -568,3 +569,46 @@ def test_annealed_limit_follows_the_update_norm_relative_to_its_peak():
         np.testing.assert_allclose(float(state.policy_state.peak_update_norm), peak, rtol=1e-6)
         params = optax.apply_updates(params, updates)
     assert limits[2] == _R and limits[-1] < _R / 10  # Full at the peak, a tenth after it.
+
+
+# --- the trust-ratio floor (max_boost) ----------------------------------------------------
+
+
+def _boosted_sgd(lr, **knobs):
+    policy = lbw_optax.governor_policy(max_update_ratio=_R, param_floor=_FLOOR, **knobs)
+    tx = lbw_optax.guard(optax.sgd(lr), policy=policy)
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones((4,))}
+    return params, tx.init(params), jax.jit(tx.update)
+
+
+def test_boost_raises_a_too_low_step_slowly_and_drops_to_one_on_a_spike():
+    """A calm run whose steps stay far below the limit: the applied scale rises by ``release``
+    per step after warm-up, up to ``max_boost``; a spike drops it to 1 at once, and the
+    limiter still bounds every boosted step."""
+    params, state, update = _boosted_sgd(1e-3, max_boost=2.0, release=0.05, warmup=5)
+    grads = {k: jnp.full(p.shape, 0.1, jnp.float32) for k, p in params.items()}
+    scales = []
+    for _ in range(40):
+        updates, state = update(grads, state, params, value=jnp.float32(2.0))
+        scales.append(float(state.scale))
+    assert scales[:5] == [1.0] * 5  # Not warm yet.
+    assert np.all(np.diff(scales) <= 0.05 + 1e-6) and scales[-1] == pytest.approx(2.0)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -2e-3 * 0.1, rtol=1e-5)
+    spike = {k: 1e3 * g for k, g in grads.items()}
+    _, state = update(spike, state, params, value=jnp.float32(2.0))
+    assert float(state.policy_state.boost) == 1.0 and float(state.scale) <= 1.0
+    assert lbw_optax.governor_policy(max_boost=2.0).scale_bounds == (0.1, 2.0)
+
+
+def test_no_boost_where_the_steps_reached_the_limit_and_none_by_default():
+    params, state, update = _boosted_sgd(1.0, max_boost=3.0, release=0.05, warmup=2)
+    grads = {k: jnp.full(p.shape, 0.1, jnp.float32) for k, p in params.items()}
+    for _ in range(20):
+        _, state = update(grads, state, params, value=jnp.float32(2.0))
+        assert float(state.policy_state.boost) == 1.0
+    assert float(state.policy_state.peak_update_ratio) > _R
+    default = lbw_optax.governor_policy()
+    assert isinstance(default.init().boost, optax.MaskedNode)
+    assert isinstance(default.init().peak_update_ratio, optax.MaskedNode)
+    with pytest.raises(ValueError, match="max_boost > 1 needs the limiter"):
+        lbw_optax.governor_policy(max_boost=2.0, max_update_ratio=None)
