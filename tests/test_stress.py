@@ -137,7 +137,7 @@ def test_time_constants_are_fractions_of_the_run_and_own_base_lrs_are_scaled():
     full = stress.time_constants(stress.full())
     assert full["sgg"]["recluster_every"] == {"fraction": 0.05, "steps": 15}
     assert full["spam"]["reset_interval"]["steps"] == 100
-    assert stress.time_constants(stress.quick())["sgg"]["recluster_every"]["steps"] == 10
+    assert stress.time_constants(stress.quick()) == {}  # It runs no peer.
     block = "\n".join(report.time_constants_block({"time_constants": full, "spec": {}}))
     assert "| sgg | recluster_every | 0.05 | 15 |" in block
 
