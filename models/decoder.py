@@ -13,6 +13,7 @@ tensor ``model.layers.3.self_attn.q_proj.weight`` (transposed). ``models.hf`` re
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -215,7 +216,11 @@ def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
 
 
 def count_params(config: ModelConfig) -> int:
-    """Number of parameters of ``Decoder(config)``, counted on abstract shapes (no allocation)."""
-    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+    """Number of parameters of ``Decoder(config)``, counted on abstract shapes (no allocation).
+
+    Counted on the scanned layout, which holds the same parameters stacked, so that one block is
+    traced instead of ``num_layers`` (a 48-layer preset: 0.1 s instead of 9 s)."""
+    scanned = dataclasses.replace(config, scan_layers=True)
+    abstract = nnx.eval_shape(lambda: Decoder(scanned, rngs=nnx.Rngs(0)))
     leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
     return sum(leaf.size for leaf in leaves)

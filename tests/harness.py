@@ -23,6 +23,10 @@ class Case:
     # Whether the update is linear in the learning rate at ``learning_rate`` (the governor's
     # per-tensor limiter caps it, on purpose, where ten times that rate would bind).
     linear_in_lr: bool = True
+    # Run in the slow pass only (``-m slow``, as .ci/run does): the peers and the compositions,
+    # whose checks repeat what the default run's cases (the default ``lbw_adamw``, the
+    # published rule's ``lbw_adamw`` and ``sgg_adamw``) already cover.
+    slow: bool = False
 
 
 def _guarded_sgd(learning_rate):
@@ -36,7 +40,7 @@ CASES: list[Case] = [
         linear_in_lr=False,
     ),
     Case("lbw_adamw-reference", functools.partial(lbw_optax.lbw_adamw, policy="reference")),
-    Case("guard-sgd-reference", _guarded_sgd),
+    Case("guard-sgd-reference", _guarded_sgd, slow=True),
     # recluster_every=5: the 100-step tests re-cluster many times.
     Case("sgg_adamw", functools.partial(lbw_optax.sgg_adamw, recluster_every=5)),
     Case(
@@ -45,28 +49,33 @@ CASES: list[Case] = [
             lbw_optax.sgg_adamw(learning_rate, recluster_every=5)
         ),
         linear_in_lr=False,
+        slow=True,
     ),
     # Peers. Paper defaults where 100 steps exercise them; AdaGC leaves warm-up at step 10 and
     # SPAM resets every 20 steps, so the 100-step tests cover the adaptive and reset paths.
     Case(
         "zclip",
         lambda learning_rate: optax.chain(lbw_optax.peers.zclip(), optax.adamw(learning_rate)),
+        slow=True,
     ),
     Case(
         "skip_step",
         lambda learning_rate: lbw_optax.peers.skip_step(
             optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate))
         ),
+        slow=True,
     ),
     Case(
         "adagc",
         lambda learning_rate: optax.chain(
             lbw_optax.peers.adagc(warmup_steps=10), optax.adamw(learning_rate)
         ),
+        slow=True,
     ),
     Case(
         "spam_adamw",
         functools.partial(lbw_optax.peers.spam_adamw, reset_interval=20, warmup_steps=5),
+        slow=True,
     ),
-    Case("stable_adamw", lbw_optax.peers.stable_adamw),
+    Case("stable_adamw", lbw_optax.peers.stable_adamw, slow=True),
 ]

@@ -31,6 +31,7 @@ def _run(tx, grads, losses, params=PARAMS):
     return out, state
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_the_guard_reads_the_mean_loss_of_the_window():
     grads = [testing.example_grads(PARAMS, i) for i in range(4)]
     _, state = _run(GOVERNED, grads, MICRO_LOSSES)

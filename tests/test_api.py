@@ -83,6 +83,7 @@ def _after_steps(tx, steps=3):
     return state, params
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_optax_schedule_free_eval_params_reads_a_guards_inner_state():
     state, params = _after_steps(lbw_optax.guard(optax.contrib.schedule_free_adamw(1e-2)))
     want = optax.contrib.schedule_free_eval_params(state.inner_state, params)

@@ -47,6 +47,7 @@ def test_loops_are_unrolled_and_pytrees_pass_through():
         one_branch(f, -1)
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_sgg_steps_are_its_ordinary_or_its_reclustering_step():
     """Each real SGG update equals the one-branch update of its kind: the never-branch on the
     steps that do not re-cluster, the always-branch on those that do (both occur)."""

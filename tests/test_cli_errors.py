@@ -150,6 +150,7 @@ def test_checkpointer_leaves_no_background_work(tmp_path):
         checkpointer.close()
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_resume_of_a_finished_run_changes_nothing(capsys, run_copy):
     before = _hashes(run_copy)
     args = [*FLAGS, "--steps=4", "--checkpoint-every=2", f"--out-dir={run_copy}", "--resume"]
@@ -167,6 +168,7 @@ def test_resume_of_a_finished_run_changes_nothing(capsys, run_copy):
     assert _hashes(run_copy) == before
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_fresh_run_into_a_folder_with_results_needs_overwrite(capsys, run_copy):
     shutil.rmtree(run_copy / "checkpoints")  # Results without checkpoints are refused too.
     before = _hashes(run_copy)

@@ -4,9 +4,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_governed_toy_example_reports_spike_hold_and_nonfinite_step():
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "governed_toy.py")],

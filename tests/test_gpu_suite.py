@@ -207,6 +207,7 @@ def test_peak_lr_in_state_gives_the_same_run_and_shares_the_optimizer(tmp_path):
     assert lr_b == pytest.approx(lr_a, rel=1e-6) and max(lr_b) == pytest.approx(3e-3)
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_a_deadline_stops_a_run_between_steps_and_nothing_else(tmp_path):
     from lbw.train import loop
 

@@ -15,7 +15,10 @@ import lbw_optax
 from lbw_optax import _testing_inputs, testing
 from tests.harness import CASES
 
-cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+cases = pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow else []) for c in CASES],
+)
 
 
 def _tx(case):

@@ -94,7 +94,7 @@ def _interrupt(
 
 
 @pytest.mark.parametrize(
-    "phase", ["import", "build", pytest.param("compile", marks=pytest.mark.slow)]
+    "phase", ["import", *(pytest.param(p, marks=pytest.mark.slow) for p in ("build", "compile"))]
 )
 def test_ctrl_c_during_start_up_exits_130_with_one_line(tmp_path, phase):
     status, lines = _interrupt(tmp_path, phase)
@@ -109,7 +109,7 @@ def test_ctrl_c_while_lbw_stress_imports_exits_130_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "phase", ["import", "build", pytest.param("compile", marks=pytest.mark.slow)]
+    "phase", ["import", *(pytest.param(p, marks=pytest.mark.slow) for p in ("build", "compile"))]
 )
 def test_a_swallowed_ctrl_c_still_stops_the_run(tmp_path, phase):
     status, lines = _interrupt(tmp_path, phase, swallow=True)

@@ -26,6 +26,7 @@ def _tokens(seed=1, shape=(2, 12)):
     return jax.random.randint(jax.random.key(seed), shape, 0, CONFIG.vocab_size)
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_scanned_model_has_the_unrolled_logits_and_parameter_count():
     unrolled, scanned = _pair()
     tokens = _tokens()
@@ -148,6 +149,7 @@ def test_stacked_leaves_are_one_tensor_per_layer_and_bad_masks_are_refused():
         num_sensed_tensors({"s": jnp.ones(())}, {"s": True})
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_stacked_limit_acts_per_layer():
     # Layer 0 moves 10x more than the others relative to its norm: only it is limited.
     params = {"w": jnp.ones((4, 8))}

@@ -313,6 +313,7 @@ def test_add_lora_validates_arguments(kwargs):
         models.add_lora(model, rngs=nnx.Rngs(1), **kwargs)
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_lora_training_changes_only_adapters_and_merge_agrees():
     config = small_config(num_layers=1)
     model = models.Decoder(config, rngs=nnx.Rngs(0))
@@ -339,6 +340,7 @@ def test_lora_training_changes_only_adapters_and_merge_agrees():
     assert not np.allclose(adapted, forward(base, tokens), atol=1e-3)
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_full_training_with_base_filter_leaves_adapters_alone():
     model = models.Decoder(small_config(num_layers=1), rngs=nnx.Rngs(0))
     models.add_lora(model, rank=2, rngs=nnx.Rngs(1))

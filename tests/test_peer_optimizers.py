@@ -153,6 +153,7 @@ def test_schedule_free_is_evaluated_at_its_averaged_parameters(tmp_path):
     assert at_x != at_y
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 @pytest.mark.parametrize(
     ("optimizer", "extra"),
     [

@@ -58,6 +58,7 @@ def test_throttle_prints_the_first_line_then_every_n_seconds():
     assert always.due() and always.due()
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_plain_progress_lines_and_the_summary_with_or_without_quiet(tmp_path, capsys):
     """Under pytest stderr is not a terminal, as under a log file or nohup."""
     args = [*FLAGS, "--steps=3", "--optimizer=lbw", "--progress-every=0"]

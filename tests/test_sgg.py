@@ -149,7 +149,9 @@ def test_unit_scale_bounds_give_exactly_adamw(recluster_every):
 
 
 @pytest.mark.parametrize(
-    "make_inner", [lambda: optax.lion(1e-3), lambda: optax.nadam(1e-3)], ids=["lion", "nadam"]
+    "make_inner",
+    [pytest.param(lambda: optax.lion(1e-3), marks=pytest.mark.slow), lambda: optax.nadam(1e-3)],
+    ids=["lion", "nadam"],
 )
 def test_other_inner_optimizers_with_a_first_moment(make_inner):
     got, _ = _run(lbw_optax.sgg(make_inner(), scale_bounds=(1.0, 1.0), recluster_every=2), 5)

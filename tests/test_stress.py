@@ -257,6 +257,7 @@ def finished(tmp_path_factory):
     return spec, suite_dir
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_collect_reports_an_interrupted_suite_without_running(finished, tmp_path):
     import shutil
 
@@ -277,6 +278,7 @@ def test_collect_reports_an_interrupted_suite_without_running(finished, tmp_path
     assert "2 finished of the 3 the suite plans" in text and "`collect`" in text
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_collect_leaves_out_a_setting_whose_sweep_has_not_run(finished, tmp_path):
     import shutil
 
@@ -296,6 +298,7 @@ def test_collect_leaves_out_a_setting_whose_sweep_has_not_run(finished, tmp_path
     assert "(their base learning-rate sweep has not run): `n`" in text
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_a_suite_without_its_run_folders_reports_and_resumes_from_the_archive(finished, tmp_path):
     import shutil
 

@@ -117,6 +117,7 @@ def test_lora_step_changes_only_adapters():
     assert all(jax.tree.leaves(changed))
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_lora_run_checkpoints_only_adapters(tmp_path):
     config = tiny_config(tmp_path, lora_rank=4, steps=4, checkpoint_every=4)
     summary = train(config)
@@ -128,6 +129,7 @@ def test_lora_run_checkpoints_only_adapters(tmp_path):
     assert summary["trainable_params"] == sum(x.size for x in jax.tree.leaves(state["params"]))
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_export_then_lora_on_the_exported_base(tmp_path):
     base_config = tiny_config(tmp_path / "base", steps=5, export_to=str(tmp_path / "model"))
     train(base_config)
@@ -166,6 +168,7 @@ def test_init_from_a_checkpoint_of_another_shape_names_the_field(tmp_path):
         build_model(tiny_config(tmp_path / "y", init_from=str(tmp_path / "nothing")), 259)
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_guard_holds_injected_nan_and_training_continues(tmp_path):
     faults = FaultConfig(nan_loss_steps=(5,), nan_grad_steps=(8,))
     config = tiny_config(tmp_path, optimizer="lbw", steps=12, checkpoint_every=12, faults=faults)

@@ -105,6 +105,7 @@ def _corrupt(step_dir: Path) -> None:
             path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_corrupted_latest_checkpoint_errors_and_previous_resumes(tmp_path):
     config = tiny_config(tmp_path, steps=20, checkpoint_every=10, eval_every=10)
     train(config)
