@@ -219,11 +219,20 @@ def test_full_stays_resumable_and_plans_only_the_new_cells():
                 r.setting == "tiny_qwen2_5_3b+warmup0"
                 or r.method == "effective-lr(governor+clip)"
                 or r.lr_multiplier in (0.1, 0.3)
+                or (r.method == "governor+clip" and r.fault != "none")
             ), r.run_id
         if guess == base["tiny_qwen2_5_3b"] and len(committed) == 531:
             # The committed suite as of this grid's change: what it then plans on top.
             count = Counter((r.setting, r.method) for r in new)
-            assert sum(count.values()) == 98
+            assert sum(count.values()) == 98 + 12  # The default's four faults, three seeds.
+            faults = Counter(r.fault for r in new if r.method == "governor+clip")
+            assert faults == {
+                "none": 4 * 3,
+                "grad-spike": 3,
+                "nan-loss": 3,
+                "corrupt": 3,
+                "lr-shock": 3,
+            }
             assert count["tiny_qwen2_5_3b", "effective-lr(governor+clip)"] == 4 * 3 + 2 * 3
             assert count["tiny_qwen2_5_3b", "adamw"] == 5  # ×0.1 seed 0 is the sweep's 3e-4.
             assert sum(v for (s, _), v in count.items() if s.endswith("+warmup0")) == 27

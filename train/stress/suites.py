@@ -239,8 +239,9 @@ def full() -> SuiteSpec:
             "byte-level tokens of the shipped WikiText-2 sample, cosine schedule, 30 warm-up "
             "steps unless stated. The tiny Qwen2.5-3B-style preset (4 layers, full parameters) "
             "runs every method and control at ×1/×3/×10/×30 of its AdamW-swept base learning "
-            "rate, clipping at 1.0 and 0.5, and each fault type (at ×1, the baselines, both rules "
-            "and the peers), and the learning-rate-robust methods (StableAdamW, Prodigy and "
+            "rate, clipping at 1.0 and 0.5, and each fault type (at ×1, the baselines, both rules, "
+            "the governor over clipping and the peers), and the learning-rate-robust methods "
+            "(StableAdamW, Prodigy and "
             "D-Adaptation at ×1-×30 of their own base 1.0, Mechanic, schedule-free AdamW, "
             "reduce-on-plateau, apply-if-finite); at ×0.1 and ×0.3 it runs AdamW, both clippings, "
             "the governor, the governor over clipping and its effective-LR control, Prodigy, "
@@ -266,6 +267,7 @@ def full() -> SuiteSpec:
             "adamw+clip1",
             "reference",
             "governor",
+            "governor+clip",
             "zclip",
             "skip-step",
             "adagc",
