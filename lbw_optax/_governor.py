@@ -48,6 +48,8 @@ class GovernorState(NamedTuple):
       peak_update_ratio: float32, the largest relative update ``‖Δθ‖/‖θ‖`` seen at the
         unboosted scale (spikes left out), which the boost is read from;
         :class:`optax.MaskedNode` when ``max_boost=1``.
+      peak_ratio_age: int32, steps since that peak last grew by more than 1 % (the boost
+        waits for ``calm_steps`` of them); :class:`optax.MaskedNode` when ``max_boost=1``.
     """
 
     observed: jax.Array
@@ -72,6 +74,7 @@ class GovernorState(NamedTuple):
     peak_update_norm: jax.Array | optax.MaskedNode = optax.MaskedNode()
     boost: jax.Array | optax.MaskedNode = optax.MaskedNode()
     peak_update_ratio: jax.Array | optax.MaskedNode = optax.MaskedNode()
+    peak_ratio_age: jax.Array | optax.MaskedNode = optax.MaskedNode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +184,7 @@ class GovernorPolicy(Policy):
             peak_update_norm=zero if self.limit_anneal > 0 else optax.MaskedNode(),
             boost=jnp.ones([], jnp.float32) if self.boosts else optax.MaskedNode(),
             peak_update_ratio=zero if self.boosts else optax.MaskedNode(),
+            peak_ratio_age=izero if self.boosts else optax.MaskedNode(),
         )
 
     def decide(self, signals: Signals, state: GovernorState, *, step, scale, regime):
@@ -236,12 +240,13 @@ class GovernorPolicy(Policy):
             state.own_scale, spikes.spike, stressed, step_regime, self
         ).astype(jnp.float32)
         boost = state.boost
-        if self.boosts:  # Calm: warm, no cue, not in a damping regime.
+        if self.boosts:  # Calm: warm, no cue, no damping regime, the peak ratio settled.
             damping = jnp.isin(step_regime.regime, jnp.array(rules.DAMPING_REGIMES))
+            settled = state.peak_ratio_age >= self.calm_steps
             boost = rules.next_boost(
                 state.boost,
                 state.peak_update_ratio,
-                calm=warm & ~pressure & ~damping,
+                calm=warm & ~pressure & ~damping & settled,
                 target_ratio=self.max_update_ratio,
                 max_boost=self.max_boost,
                 release=self.release,
@@ -250,11 +255,13 @@ class GovernorPolicy(Policy):
         else:
             applied_scale = new_scale
         limits, peak_update_norm = self._limit(signals, state, applied_scale, spikes.spike)
-        peak_update_ratio = state.peak_update_ratio
+        peak_update_ratio, peak_ratio_age = state.peak_update_ratio, state.peak_ratio_age
         if self.boosts:
-            unboosted = limits.update_ratio / boost
-            peak_update_ratio = jnp.where(
-                spikes.spike, peak_update_ratio, jnp.maximum(peak_update_ratio, unboosted)
+            peak_update_ratio, peak_ratio_age = rules.settle_peak(
+                peak_update_ratio,
+                peak_ratio_age,
+                limits.update_ratio / boost,
+                spike=spikes.spike,
             )
 
         # A hold is a cut to zero, so a policy pinned to one scale never holds.
@@ -283,6 +290,7 @@ class GovernorPolicy(Policy):
             peak_update_norm=peak_update_norm,
             boost=boost,
             peak_update_ratio=peak_update_ratio,
+            peak_ratio_age=peak_ratio_age,
         )
         decision = Decision(step_regime.regime, applied_scale, hold, limits.tensor_scale)
         return decision, new_state
@@ -396,9 +404,12 @@ def governor_policy(
     ``max_boost=1``): a learning rate whose largest relative update so far (at the unboosted
     scale, spikes left out) stayed below ``max_update_ratio`` is too low to need a limit, so
     the applied scale is multiplied by a boost that rises by at most ``release`` per calm step
-    (warm, no cue, no damping regime) towards ``max_update_ratio / peak ratio``, at most
-    ``max_boost``, and drops to 1 on any cue or spike. The limiter still bounds every boosted
-    step. Measured in ``results/governor-probe/v5.md``.
+    (warm, no cue, no damping regime, and that peak settled: grown by less than 1 % for
+    ``calm_steps`` steps, so a rising learning-rate warm-up is never boosted) towards
+    ``max_update_ratio / peak ratio``, at most ``max_boost``, and drops to 1 on any cue or
+    spike. The limiter still bounds every boosted step. The guard's ``control_energy`` counts
+    ``|1 − scale|``, so ``1 − control_energy / steps`` is not a boosted run's mean scale.
+    Measured in ``results/governor-probe/v5.md``.
 
     Args:
       min_scale: lower bound of the scale, in (0, ``max_scale``].

@@ -232,6 +232,19 @@ def limit_tensors(
     )
 
 
+PEAK_GROWTH = 0.01  # A peak that grows by less than 1 % is settled.
+
+
+def settle_peak(
+    peak: jax.Array, age: jax.Array, ratio: jax.Array, *, spike: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(peak, age)`` after ``ratio``: the largest ratio so far (spikes left out), and the
+    steps since it last grew by more than :data:`PEAK_GROWTH`."""
+    grew = ~spike & (ratio > peak * (1.0 + PEAK_GROWTH))
+    new_peak = jnp.where(spike, peak, jnp.maximum(peak, ratio))
+    return new_peak.astype(jnp.float32), jnp.where(grew, 0, age + 1).astype(jnp.int32)
+
+
 def next_boost(
     boost: jax.Array,
     peak_ratio: jax.Array,

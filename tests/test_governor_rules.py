@@ -192,3 +192,19 @@ def test_next_boost_matches_numpy_and_takes_every_branch(rng):
     rose, fell = calm & (got > boost), calm & (got < boost)
     assert rose.any() and fell.any() and (got[~calm] == 1.0).all()
     assert (got[rose] - boost[rose] <= 0.01 + 1e-6).all()
+
+
+def test_settle_peak_matches_numpy(rng):
+    """The peak keeps the largest ratio (spikes left out); its age restarts when the ratio
+    beats it by more than 1 %, and counts up otherwise."""
+    peak = rng.choice([0.0, 0.01, 0.02], N).astype(np.float32)
+    age = rng.integers(0, 30, N).astype(np.int32)
+    ratio = (peak * rng.choice([0.5, 1.0, 1.005, 1.02, 2.0], N) + (peak == 0) * 0.01).astype(
+        np.float32
+    )
+    spike = rng.random(N) < 0.2
+    got_peak, got_age = rules.settle_peak(peak, age, ratio, spike=spike)
+    grew = ~spike & (ratio > peak * 1.01)
+    np.testing.assert_allclose(np.asarray(got_peak), np.where(spike, peak, np.maximum(peak, ratio)))
+    np.testing.assert_array_equal(np.asarray(got_age), np.where(grew, 0, age + 1))
+    assert grew.any() and (~grew & ~spike & (ratio > peak)).any()  # Grew by less than 1 %.

@@ -582,16 +582,18 @@ def _boosted_sgd(lr, **knobs):
 
 
 def test_boost_raises_a_too_low_step_slowly_and_drops_to_one_on_a_spike():
-    """A calm run whose steps stay far below the limit: the applied scale rises by ``release``
-    per step after warm-up, up to ``max_boost``; a spike drops it to 1 at once, and the
-    limiter still bounds every boosted step."""
-    params, state, update = _boosted_sgd(1e-3, max_boost=2.0, release=0.05, warmup=5)
+    """A calm run whose steps stay far below the limit: once warm and the peak ratio settled
+    (``calm_steps``), the applied scale rises by ``release`` per step, up to ``max_boost``; a
+    spike drops it to 1 at once, and the limiter still bounds every boosted step."""
+    knobs = dict(max_boost=2.0, release=0.05, warmup=5, calm_steps=8)
+    params, state, update = _boosted_sgd(1e-3, **knobs)
     grads = {k: jnp.full(p.shape, 0.1, jnp.float32) for k, p in params.items()}
     scales = []
     for _ in range(40):
         updates, state = update(grads, state, params, value=jnp.float32(2.0))
         scales.append(float(state.scale))
-    assert scales[:5] == [1.0] * 5  # Not warm yet.
+    # Warm after 5 steps; the peak set at step 1 has not grown for 8 steps from step 10 on.
+    assert scales[:9] == [1.0] * 9 and scales[9] == pytest.approx(1.05)
     assert np.all(np.diff(scales) <= 0.05 + 1e-6) and scales[-1] == pytest.approx(2.0)
     np.testing.assert_allclose(np.asarray(updates["w"]), -2e-3 * 0.1, rtol=1e-5)
     spike = {k: 1e3 * g for k, g in grads.items()}
