@@ -39,6 +39,24 @@ def test_build_gives_the_schedule_and_an_optimizer_that_takes_the_loss():
     assert lbw_optax.telemetry(state)  # A guard: its telemetry is in the state.
 
 
+@pytest.mark.parametrize("optimizer", ["lbw", "lbw+clip"])
+def test_optimizer_args_of_a_guard_are_its_policys_arguments(optimizer):
+    """``{"max_boost": 2.0}`` turns the governor's boost on; without arguments the guard is
+    built from the policy's name, as before; an unknown argument is a one-line error."""
+    boosted = OptimizerConfig(optimizer=optimizer, optimizer_args={"max_boost": 2.0})
+    state = boosted.build(10)[1].init(_params())
+    assert float(optax.tree_utils.tree_get(state, "boost")) == 1.0
+    plain = OptimizerConfig(optimizer=optimizer).build(10)[1].init(_params())
+    assert isinstance(optax.tree_utils.tree_get(plain, "boost"), optax.MaskedNode)
+    reference = OptimizerConfig(
+        optimizer=optimizer, policy="reference", optimizer_args={"every": 2}
+    )
+    assert optax.tree_utils.tree_get(reference.build(10)[1].init(_params()), "scale") is not None
+    bad = OptimizerConfig(optimizer=optimizer, optimizer_args={"max_bost": 2.0})
+    with pytest.raises(ValueError, match=r"\['max_bost'\] are not arguments of governor_policy"):
+        bad.build(10)
+
+
 def test_build_matches_the_registered_factory_on_the_schedule():
     config = OptimizerConfig(optimizer="adamw", learning_rate=1e-2, schedule="constant")
     _, tx = config.build(5)

@@ -175,6 +175,7 @@ def test_full_grid():
         "governor",
         "governor+clip",
         "effective-lr(governor+clip)",
+        "governor+clip+boost",
         "prodigy",
         "dadapt-adamw",
         "mechanic",
@@ -220,11 +221,13 @@ def test_full_stays_resumable_and_plans_only_the_new_cells():
                 or r.method == "effective-lr(governor+clip)"
                 or r.lr_multiplier in (0.1, 0.3)
                 or (r.method == "governor+clip" and r.fault != "none")
+                or r.method == "governor+clip+boost"
             ), r.run_id
         if guess == base["tiny_qwen2_5_3b"] and len(committed) == 531:
             # The committed suite as of this grid's change: what it then plans on top.
             count = Counter((r.setting, r.method) for r in new)
-            assert sum(count.values()) == 98 + 12  # The default's four faults, three seeds.
+            # + the default's four faults and the boosted default's six multipliers, 3 seeds.
+            assert sum(count.values()) == 98 + 12 + 18
             faults = Counter(r.fault for r in new if r.method == "governor+clip")
             assert faults == {
                 "none": 4 * 3,

@@ -11,8 +11,9 @@ Built-in names:
 * ``sgg``: ``lbw_optax.sgg_adamw``.
 * ``lbw+sgg``: ``lbw_optax.guard(lbw_optax.sgg_adamw(...), policy=policy)``.
 
-``config.optimizer_args`` reaches the library factories of ``sgg`` and of the peers
-(:mod:`train.peers`) as keyword arguments.
+``config.optimizer_args`` reaches the library factories of ``sgg``, of ``lbw+sgg``'s SGG and of
+the peers (:mod:`train.peers`) as keyword arguments; for ``lbw`` and ``lbw+clip``, those of the
+policy (``lbw_optax.governor_policy`` or ``reference_policy``), e.g. ``{"max_boost": 3.0}``.
 
 Add a peer with the decorator::
 
@@ -31,6 +32,7 @@ A run builds its optimizer with :meth:`OptimizerConfig.build <train.config.Optim
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -218,13 +220,31 @@ def adamw_clip(config: OptimizerConfig, learning_rate) -> optax.GradientTransfor
 PEAK_INSIDE = frozenset({"lbw", "lbw+clip", "lbw+sgg"})
 
 
-def _governed(config: OptimizerConfig, inner: optax.GradientTransformation):
-    """``lbw_optax.guard(inner, policy=config.policy)``; with ``peak_lr_in_state``, the peak
-    (held in the state) scales ``inner``'s update inside the guard."""
+POLICIES = {"governor": lbw_optax.governor_policy, "reference": lbw_optax.reference_policy}
+
+
+def _policy(config: OptimizerConfig, knobs: dict[str, Any]):
+    """``config.policy`` by name, or built with ``knobs`` as its factory's keyword arguments."""
+    if not knobs:
+        return config.policy
+    factory = POLICIES[config.policy]
+    unknown = sorted(set(knobs) - set(inspect.signature(factory).parameters))
+    if unknown:
+        raise ValueError(
+            f"optimizer_args {unknown} are not arguments of {factory.__name__} "
+            f"(policy {config.policy!r} of {config.optimizer!r})."
+        )
+    return factory(**knobs)
+
+
+def _governed(config: OptimizerConfig, inner: optax.GradientTransformation, knobs=None):
+    """``lbw_optax.guard(inner, policy=...)``: ``config.policy``, with ``knobs`` (the policy's
+    keyword arguments) if any; with ``peak_lr_in_state``, the peak (held in the state) scales
+    ``inner``'s update inside the guard."""
     if config.peak_lr_in_state:
         inner = optax.chain(inner, scale_by_peak_learning_rate())
     stacked = models.stacked_layers if config.stacked else None  # Each layer limited on its own.
-    return lbw_optax.guard(inner, policy=config.policy, stacked=stacked)
+    return lbw_optax.guard(inner, policy=_policy(config, knobs or {}), stacked=stacked)
 
 
 @register_optimizer("lbw", guarded=True)
@@ -232,7 +252,7 @@ def lbw(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """``config.inner`` (AdamW by default) governed by the LBW guard with ``config.policy``."""
     if config.inner not in INNER:
         raise ValueError(f"Unknown inner optimizer {config.inner!r}; known: {', '.join(INNER)}.")
-    return _governed(config, INNER[config.inner](config, learning_rate))
+    return _governed(config, INNER[config.inner](config, learning_rate), config.optimizer_args)
 
 
 @register_optimizer("lbw+clip", guarded=True)
@@ -241,7 +261,7 @@ def lbw_clip(config: OptimizerConfig, learning_rate) -> optax.GradientTransforma
     inner = optax.chain(
         optax.clip_by_global_norm(config.clip_threshold), _adamw(config, learning_rate)
     )
-    return _governed(config, inner)
+    return _governed(config, inner, config.optimizer_args)
 
 
 @register_optimizer("sgg")

@@ -96,6 +96,19 @@ DEFAULT_CONTROL = Method(
     source="governor+clip",
 )
 
+# The opt-in boost (a trust-ratio floor) over the default, as chosen on the probes of
+# results/governor-probe/v5.md: ``full`` confirms it at every multiplier before it may become
+# the default.
+BOOSTED_DEFAULT = Method(
+    name="governor+clip+boost",
+    optimizer="lbw+clip",
+    overrides={
+        **GOVERNOR,
+        "clip_threshold": 1.0,
+        "optimizer_args": {"max_boost": 3.0, "release": 0.03},
+    },
+)
+
 # Learning rates below the base, ×0.1 and ×0.3, that a user might pick: run only by some
 # methods (``SuiteSpec.multiplier_methods``).
 LOW_MULTIPLIERS = (0.1, 0.3)
@@ -174,6 +187,7 @@ FULL_LOW_METHODS = (
     "governor",
     "governor+clip",
     DEFAULT_CONTROL.name,
+    BOOSTED_DEFAULT.name,
     "prodigy",
     "dadapt-adamw",
     "mechanic",
@@ -231,6 +245,7 @@ def full() -> SuiteSpec:
         ),
         DEFAULT_CONTROL,
         Method(name="replay", optimizer="adamw", control="replay", source="governor"),
+        BOOSTED_DEFAULT,
     )
     return SuiteSpec(
         name="full",
@@ -252,8 +267,9 @@ def full() -> SuiteSpec:
             "parameters) and the size ladder (tiny Qwen2.5 7B/14B-style presets) run AdamW, "
             "clipping at 1.0, both rules and the effective-LR control at ×1 and ×10 (30 warm-up "
             "steps). `tiny_qwen2_5_3b+2000-steps` (200 warm-up steps): AdamW, clipping at 1.0, "
-            "the governor and its effective-LR control at ×1 and ×10, two seeds. Three seeds "
-            "elsewhere."
+            "the governor and its effective-LR control at ×1 and ×10, two seeds. The opt-in "
+            "boost over the default (`governor+clip+boost`: max_boost 3, release 0.03) runs at "
+            "every multiplier of `tiny_qwen2_5_3b`. Three seeds elsewhere."
         ),
         settings=settings,
         methods=methods,
