@@ -92,6 +92,7 @@ def test_bad_every_k(every_k):
         lbw_optax.accumulate_gradients(optax.sgd(0.1), every_k)
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_property_checks():
     """The wrapper's share of lbw_optax.testing's checks (around a cheap inner optimizer: the
     guard passes them on its own)."""

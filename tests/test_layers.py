@@ -53,6 +53,7 @@ def test_remat_changes_neither_logits_nor_gradients():
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_hugging_face_weights_load_into_both_layouts(tmp_path):
     unrolled, _ = _pair()
     models.save_pretrained(unrolled, tmp_path)

@@ -145,6 +145,7 @@ def test_export_loads_back_into_transformers(checkpoint, tmp_path, max_shard_siz
     assert reloaded.config.tie_word_embeddings == model.config.tie_embeddings
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_lora_fresh_equals_base_and_merge_matches_after_training(checkpoint, tmp_path):
     kind, hf_model, directory = checkpoint
     model = models.load_pretrained(directory)

@@ -227,6 +227,7 @@ def test_state_dtypes_and_extra_bytes():
     assert extra <= 64 * 32 + 200  # One byte per clustered element plus a few scalars.
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_works_inside_inject_hyperparams_with_every_numeric_argument_injected():
     tx = optax.inject_hyperparams(lbw_optax.sgg_adamw)(learning_rate=1e-2, recluster_every=2)
     got, state = _run(tx, 4)

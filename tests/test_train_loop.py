@@ -77,6 +77,7 @@ LINE_FIELDS = (
 )
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_faults_reach_the_run(base_run, tmp_path):
     base = train_losses(base_run[0] / "metrics.jsonl")
     faults = FaultConfig(
@@ -203,6 +204,7 @@ def test_without_guard_nan_stops_the_run_naming_the_step(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [4]
 
 
+@pytest.mark.slow  # Compiles several programs: .ci/run runs it with -m slow.
 def test_cli_exit_status_and_message_for_nonfinite_loss(tmp_path, capsys):
     from tests.train_helpers import TINY_FLAGS
 
