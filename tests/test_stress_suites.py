@@ -241,17 +241,16 @@ def test_full_stays_resumable_and_plans_only_the_new_cells():
             assert sum(v for (s, _), v in count.items() if s.endswith("+warmup0")) == 27
 
 
-def test_the_report_shows_a_multiplier_that_only_some_methods_ran(tmp_path):
-    """report.py reads the multipliers from runs.jsonl: a ×0.1 column appears, with "–" for
-    the methods that do not run it."""
+def _hand_made_suite(directory, ran, ppl_of):
+    """A suite folder of hand-made records: ``ran`` maps a method to its multipliers, and
+    ``ppl_of(mult, seed)`` gives a run's final perplexity; seeds 0 and 1."""
     from lbw.train.stress import report
 
-    ran = {"adamw": (0.1, 1.0, 10.0), "governor+clip": (0.1, 1.0, 10.0), "governor": (1.0, 10.0)}
     records = []
     for method, mults in ran.items():
         for mult in mults:
             for seed in (0, 1):
-                ppl = {0.1: 20.0, 1.0: 8.0, 10.0: 12.0}[mult] + seed
+                ppl = ppl_of(mult, seed)
                 lr = 1e-3 * mult
                 records.append(
                     {
@@ -283,9 +282,20 @@ def test_the_report_shows_a_multiplier_that_only_some_methods_ran(tmp_path):
                     }
                 )
     stress.add_targets(records)
-    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (tmp_path / "suite.json").write_text(json.dumps({"spec": {"name": "s"}}))
-    suite = report.Suite(tmp_path)
+    (directory / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (directory / "suite.json").write_text(json.dumps({"spec": {"name": "s"}}))
+    return report.Suite(directory)
+
+
+def test_the_report_shows_a_multiplier_that_only_some_methods_ran(tmp_path):
+    """report.py reads the multipliers from runs.jsonl: a ×0.1 column appears, with "–" for
+    the methods that do not run it."""
+    from lbw.train.stress import report
+
+    ran = {"adamw": (0.1, 1.0, 10.0), "governor+clip": (0.1, 1.0, 10.0), "governor": (1.0, 10.0)}
+    suite = _hand_made_suite(
+        tmp_path, ran, lambda m, seed: {0.1: 20.0, 1.0: 8.0, 10.0: 12.0}[m] + seed
+    )
     table = report.ppl_table(suite, "m", "none")
     assert table[0] == "| method | ×0.1 (1e-04) | ×1 (1e-03) | ×10 (1e-02) |"
     assert "| governor | – | 8.50 ± 0.71 | 12.50 ± 0.71 |" in table
@@ -300,3 +310,18 @@ def test_the_report_shows_a_multiplier_that_only_some_methods_ran(tmp_path):
     targets = "\n".join(tables.targets_block(suite, "m", "none"))
     assert "Stress LR ×0.1" not in targets
     assert "governor: 10.50 (governor+clip / governor = 1.000 over ×1, ×10)" in targets
+
+
+def test_a_chaotic_cell_is_marked_and_explained(tmp_path):
+    """A cell whose seeds' standard deviation is over 20 % of its mean gets ‡ and the note; a
+    table without one gets neither."""
+    from lbw.train.stress import report
+
+    ran = {"adamw": (1.0, 10.0)}
+    spread = {1.0: 0.1, 10.0: 8.0}  # ×10: 12 and 20, std 5.66 = 35 % of 16.
+    suite = _hand_made_suite(tmp_path, ran, lambda m, seed: 12.0 + seed * spread[m])
+    table = report.ppl_table(suite, "m", "none")
+    assert "| adamw | 12.05 ± 0.07 | 16.00 ± 5.66 ‡ |" in table
+    assert table[-1].startswith("‡ chaotic: the seeds' standard deviation is over 20 %")
+    calm = _hand_made_suite(tmp_path, ran, lambda m, seed: 12.0 + seed * 0.1)
+    assert not any("‡" in line for line in report.ppl_table(calm, "m", "none"))

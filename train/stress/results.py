@@ -34,6 +34,21 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+# A cell whose seeds' standard deviation is more than this fraction of its mean is chaotic:
+# its mean says little until more seeds are run.
+CHAOTIC_SPREAD = 0.2
+CHAOTIC_NOTE = (
+    "‡ chaotic: the seeds' standard deviation is over 20 % of the mean, so the mean says little "
+    "until more seeds run."
+)
+
+
+def chaotic(mean: float, std: float | None) -> bool:
+    """Whether a finite ``mean ± std`` cell has a spread over :data:`CHAOTIC_SPREAD` of it."""
+    finite_cell = std is not None and math.isfinite(mean) and math.isfinite(std)
+    return finite_cell and std > CHAOTIC_SPREAD * abs(mean)
+
+
 def fmt(mean: float, std: float | None = None, digits: int = 2) -> str:
     if math.isnan(mean):
         return "–"

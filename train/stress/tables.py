@@ -7,7 +7,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from lbw.train.stress.results import Suite, finite, fmt, mean_std, table
+from lbw.train.stress.results import CHAOTIC_NOTE, Suite, chaotic, finite, fmt, mean_std, table
 
 
 def _lr_header(suite: Suite, setting: str, mults: Sequence[float]) -> list[str]:
@@ -15,14 +15,20 @@ def _lr_header(suite: Suite, setting: str, mults: Sequence[float]) -> list[str]:
 
 
 def ppl_table(suite: Suite, setting: str, fault: str, methods: Sequence[str] | None = None):
-    """Method × learning rate final perplexity, mean ± std over seeds."""
+    """Method × learning rate final perplexity, mean ± std over seeds; a chaotic cell (its
+    seeds' spread over 20 % of its mean) is marked ‡, with the note under the table."""
     mults = suite.multipliers(setting, fault)
-    rows = []
+    rows, marked = [], False
     for method in methods or suite.methods:
-        cells = [fmt(*suite.cell(setting, fault, method, m)[0]) for m in mults]
+        cells = []
+        for m in mults:
+            mean, std = suite.cell(setting, fault, method, m)[0]
+            cells.append(fmt(mean, std) + (" ‡" if chaotic(mean, std) else ""))
+            marked |= chaotic(mean, std)
         if any(c != "–" for c in cells):
             rows.append([method, *cells])
-    return table(["method", *_lr_header(suite, setting, mults)], rows)
+    lines = table(["method", *_lr_header(suite, setting, mults)], rows)
+    return [*lines, "", CHAOTIC_NOTE] if marked else lines
 
 
 def _ran(suite: Suite, setting: str, fault: str, method: str) -> set[float]:
