@@ -54,6 +54,10 @@ OPTIMIZERS = {
     "lbw(reference)": dict(optimizer="lbw", policy="reference"),
     "lbw(governor)": dict(optimizer="lbw", policy="governor"),
     "lbw+clip(governor)": dict(optimizer="lbw+clip", clip_threshold=1.0),
+    # The opt-in trust-ratio floor over the default (results/governor-probe/v5.md).
+    "lbw+clip(governor+boost)": dict(
+        optimizer="lbw+clip", clip_threshold=1.0, optimizer_args={"max_boost": 3.0, "release": 0.03}
+    ),
     "sgg": dict(optimizer="sgg"),
 }
 
