@@ -9,11 +9,11 @@ Usage::
 ``lbw_optax.guard(adamw, policy=lbw_optax.governor_policy(**knobs))`` (over global-norm
 clipping at ``"clip"``, then AdamW, when the variant has that key; over the registered
 optimizer ``"inner"`` instead of AdamW when it has that one); ``config`` overrides
-:class:`~train.config.TrainConfig` fields, ``model_overrides`` included. Unless overridden,
-every run uses the quick suite's setting (the shipped WikiText-2 sample, the 2-layer tiny
-Qwen2.5-3B-style preset, 200 steps of 8×64 tokens, warm-up 20, cosine). Each run prints its
-final eval perplexity and mean logged effective scale; the last lines are a table of means over
-seeds per variant and learning rate.
+:class:`~train.config.TrainConfig` fields, ``model`` and ``model_overrides`` included.
+Unless overridden, every run uses the quick suite's setting (the shipped WikiText-2 sample, the
+2-layer tiny Qwen2.5-3B-style preset, 200 steps of 8×64 tokens, warm-up 20, cosine). Each run
+prints its final eval perplexity and mean logged effective scale; the last lines are a table of
+means over seeds per variant and learning rate.
 """
 
 import argparse
@@ -54,7 +54,7 @@ def _run(name: str, variant: dict, lr: float, seed: int, out: str) -> tuple:
     fields = dict(QUICK_TRAIN, eval_every=200, model_overrides={"num_layers": 2})
     fields.update(variant.get("config", {}))
     config = TrainConfig(
-        model="tiny_qwen2_5_3b",
+        model=fields.pop("model", "tiny_qwen2_5_3b"),
         optimizer=optimizer,
         learning_rate=lr,
         seed=seed,
