@@ -9,7 +9,7 @@ from lbw_optax import peers
 from lbw_optax._accumulate import AccumulateGradientsState, accumulate_gradients
 from lbw_optax._common import donatable
 from lbw_optax._governor import GovernorPolicy, GovernorState, governor_policy
-from lbw_optax._guard import GuardState, guard, lbw_adamw
+from lbw_optax._guard import CLIPPED_MAX_UPDATE_RATIO, GuardState, guard, lbw_adamw, resolve_policy
 from lbw_optax._policy import Decision, Policy
 from lbw_optax._reference import ReferencePolicy, ReferenceState, reference_policy
 from lbw_optax._regime import Regime
@@ -21,6 +21,7 @@ from lbw_optax._telemetry import telemetry
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIPPED_MAX_UPDATE_RATIO",
     "AccumulateGradientsState",
     "Decision",
     "GovernorPolicy",
@@ -39,6 +40,7 @@ __all__ = [
     "lbw_adamw",
     "peers",
     "reference_policy",
+    "resolve_policy",
     "schedule_free_eval_params",
     "sgg",
     "sgg_adamw",

@@ -23,6 +23,11 @@ from lbw_optax._sense import (
 
 _POLICIES = {"governor": governor_policy, "reference": reference_policy}
 
+# The per-tensor limit of the governor named by string over clipped gradients (the default of
+# lbw_adamw): over clipping a tighter limit than governor_policy's 0.035 holds stressed learning
+# rates far better and costs at most 1.5 % at the base one (results/governor-probe/v6.md).
+CLIPPED_MAX_UPDATE_RATIO = 0.025
+
 
 class GuardState(NamedTuple):
     """State of :func:`guard`: the governance record plus the inner optimizer's state.
@@ -88,11 +93,17 @@ class GuardState(NamedTuple):
         return None if found is None else found.z
 
 
-def resolve_policy(policy: str | Policy) -> Policy:
-    """Returns a policy instance for a name (``"governor"``, ``"reference"``) or an instance."""
+def resolve_policy(policy: str | Policy, *, clipped: bool = False) -> Policy:
+    """Returns a policy instance for a name (``"governor"``, ``"reference"``) or an instance.
+
+    The governor by name over clipped gradients (``clipped``: the guard's ``clip_threshold``)
+    gets :data:`CLIPPED_MAX_UPDATE_RATIO` as its limit; everything else its factory's defaults.
+    """
     if isinstance(policy, Policy):
         return policy
     if isinstance(policy, str) and policy in _POLICIES:
+        if clipped and policy == "governor":
+            return governor_policy(max_update_ratio=CLIPPED_MAX_UPDATE_RATIO)
         return _POLICIES[policy]()
     raise ValueError(
         f"policy must be one of {sorted(_POLICIES)} or a lbw_optax.Policy instance, got {policy!r}"
@@ -192,7 +203,9 @@ def guard(
     Args:
       inner: the transformation to govern (e.g. ``optax.adamw(1e-3)``). It receives the
         gradients, ``params`` and every extra argument, ``value`` included.
-      policy: ``"governor"`` (:func:`~lbw_optax.governor_policy` defaults), ``"reference"``
+      policy: ``"governor"`` (:func:`~lbw_optax.governor_policy` defaults; with
+        ``clip_threshold``, ``max_update_ratio=0.025``: a tighter per-tensor limit over clipped
+        gradients, chosen in ``results/governor-probe/v6.md``), ``"reference"``
         (:func:`~lbw_optax.reference_policy` defaults) or a policy instance.
       check_updates: sense the inner update (one more pass over it; ``benchmarks/overhead.py``
         measures what it costs) so that a non-finite one is held. ``None``: when
@@ -229,7 +242,7 @@ def guard(
         raise ValueError(
             f"inner must be an optax.GradientTransformation (e.g. optax.adamw(1e-3)), got {inner!r}"
         )
-    policy = resolve_policy(policy)
+    policy = resolve_policy(policy, clipped=clip_threshold is not None)
     if check_updates is None:
         check_updates = policy.needs_tensor_norms
     elif policy.needs_tensor_norms and not check_updates:
@@ -347,7 +360,9 @@ def lbw_adamw(
 
     The default is the governor over clipped AdamW, what practitioners run (AdamW with
     clipping at 1.0) with governance above it: the guard senses the raw gradients, then the
-    inner AdamW gets them clipped. ``clip_threshold=None`` gives the published, unclipped guard.
+    inner AdamW gets them clipped, and the governor's per-tensor limit is 2.5 % of a tensor's
+    norm per step (``governor_policy(max_update_ratio=0.025)``; 3.5 % without clipping).
+    ``clip_threshold=None`` gives the published, unclipped guard.
 
     The scale multiplies AdamW's whole update, so it acts as ``learning_rate × scale`` on both
     the adaptive step and the decoupled weight decay, as in the published LBW-Guard.

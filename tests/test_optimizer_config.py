@@ -155,3 +155,44 @@ def test_resume_reads_a_saved_config_that_predates_a_field_as_its_default():
     assert changed_fields(saved, TrainConfig(b2=0.95, grad_accum=2)) == ["grad_accum"]
     # A config.json written by a flat TrainConfig reads back as the same config.
     assert TrainConfig.from_dict(TrainConfig(b2=0.95).to_dict()) == TrainConfig(b2=0.95)
+
+
+def _first_step_ratio(tx) -> float:
+    """``‖Δθ‖ / ‖θ‖`` of the first step of ``tx`` at a learning rate the limit cuts."""
+    params = {"w": jnp.ones((10, 10))}
+    grads = {"w": jnp.full((10, 10), 0.3)}
+    updates, _ = tx.update(grads, tx.init(params), params, value=jnp.asarray(2.0))
+    return float(optax.tree.norm(updates) / optax.tree.norm(params))
+
+
+def test_the_governor_over_clipping_limits_tensors_at_its_own_limit():
+    """By name over clipped gradients (lbw_adamw's default, ``lbw+clip``) the governor limits
+    each tensor's step at ``CLIPPED_MAX_UPDATE_RATIO`` of its norm, 3.5 % otherwise; a knob
+    given on top keeps that default, and an explicit limit or a policy instance wins."""
+    clipped = lbw_optax.CLIPPED_MAX_UPDATE_RATIO
+    assert clipped == 0.025
+    ratio = _first_step_ratio
+    assert ratio(lbw_optax.lbw_adamw(1.0, weight_decay=0.0)) == pytest.approx(clipped, rel=1e-4)
+    assert ratio(lbw_optax.lbw_adamw(1.0, weight_decay=0.0, clip_threshold=None)) == (
+        pytest.approx(0.035, rel=1e-4)
+    )
+    instance = lbw_optax.guard(
+        optax.adam(1.0), policy=lbw_optax.governor_policy(), clip_threshold=1.0
+    )
+    assert ratio(instance) == pytest.approx(0.035, rel=1e-4)
+
+    def train(optimizer, **args):
+        config = OptimizerConfig(
+            optimizer=optimizer,
+            learning_rate=1.0,
+            schedule="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            optimizer_args=args,
+        )
+        return ratio(config.build(10)[1])
+
+    assert train("lbw+clip") == pytest.approx(clipped, rel=1e-4)
+    assert train("lbw+clip", max_boost=2.0) == pytest.approx(clipped, rel=1e-4)
+    assert train("lbw+clip", max_update_ratio=0.03) == pytest.approx(0.03, rel=1e-4)
+    assert train("lbw") == pytest.approx(0.035, rel=1e-4)

@@ -31,6 +31,7 @@ A run builds its optimizer with :meth:`OptimizerConfig.build <train.config.Optim
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
@@ -223,8 +224,9 @@ PEAK_INSIDE = frozenset({"lbw", "lbw+clip", "lbw+sgg"})
 POLICIES = {"governor": lbw_optax.governor_policy, "reference": lbw_optax.reference_policy}
 
 
-def _policy(config: OptimizerConfig, knobs: dict[str, Any]):
-    """``config.policy`` by name, or built with ``knobs`` as its factory's keyword arguments."""
+def _policy(config: OptimizerConfig, knobs: dict[str, Any], clipped: bool = False):
+    """``config.policy`` by name, or built with ``knobs`` as its factory's keyword arguments
+    on top of the defaults the guard gives it by name (``clipped``: over clipped gradients)."""
     if not knobs:
         return config.policy
     factory = POLICIES[config.policy]
@@ -234,17 +236,24 @@ def _policy(config: OptimizerConfig, knobs: dict[str, Any]):
             f"optimizer_args {unknown} are not arguments of {factory.__name__} "
             f"(policy {config.policy!r} of {config.optimizer!r})."
         )
-    return factory(**knobs)
+    named = lbw_optax.resolve_policy(config.policy, clipped=clipped)
+    return dataclasses.replace(named, **knobs)
 
 
-def _governed(config: OptimizerConfig, inner: optax.GradientTransformation, knobs=None):
-    """``lbw_optax.guard(inner, policy=...)``: ``config.policy``, with ``knobs`` (the policy's
-    keyword arguments) if any; with ``peak_lr_in_state``, the peak (held in the state) scales
-    ``inner``'s update inside the guard."""
+def _governed(
+    config: OptimizerConfig,
+    inner: optax.GradientTransformation,
+    knobs=None,
+    clip_threshold: float | None = None,
+):
+    """``lbw_optax.guard(inner, policy=..., clip_threshold=...)``: ``config.policy``, with
+    ``knobs`` (the policy's keyword arguments) if any; with ``peak_lr_in_state``, the peak
+    (held in the state) scales ``inner``'s update inside the guard."""
     if config.peak_lr_in_state:
         inner = optax.chain(inner, scale_by_peak_learning_rate())
     stacked = models.stacked_layers if config.stacked else None  # Each layer limited on its own.
-    return lbw_optax.guard(inner, policy=_policy(config, knobs or {}), stacked=stacked)
+    policy = _policy(config, knobs or {}, clipped=clip_threshold is not None)
+    return lbw_optax.guard(inner, policy=policy, stacked=stacked, clip_threshold=clip_threshold)
 
 
 @register_optimizer("lbw", guarded=True)
@@ -257,11 +266,10 @@ def lbw(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
 
 @register_optimizer("lbw+clip", guarded=True)
 def lbw_clip(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
-    """Global-norm clipping at ``config.clip_threshold`` then AdamW, governed by the guard."""
-    inner = optax.chain(
-        optax.clip_by_global_norm(config.clip_threshold), _adamw(config, learning_rate)
-    )
-    return _governed(config, inner, config.optimizer_args)
+    """Global-norm clipping at ``config.clip_threshold`` then AdamW, governed by the guard
+    (``lbw_optax.lbw_adamw``'s layout: the guard senses the unclipped gradients)."""
+    inner = _adamw(config, learning_rate)
+    return _governed(config, inner, config.optimizer_args, config.clip_threshold)
 
 
 @register_optimizer("sgg")
