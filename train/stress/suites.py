@@ -227,7 +227,13 @@ def full() -> SuiteSpec:
             methods=("adamw", "adamw+clip1", "governor+clip", DEFAULT_CONTROL.name),
             **WARMUP0,
         ),
-        Setting(name="tiny_tinyllama_1_1b", model="tiny_tinyllama_1_1b", **ladder),
+        Setting(
+            name="tiny_tinyllama_1_1b",
+            model="tiny_tinyllama_1_1b",
+            lr_grid=qwen_grid[:3],
+            methods=(*LADDER_METHODS, "governor+clip"),
+            lr_multipliers=(LOW_MULTIPLIERS[1], 1.0, 3.0, 10.0, 30.0),
+        ),
         Setting(name="tiny_qwen2_5_7b", model="tiny_qwen2_5_7b", **ladder),
         Setting(name="tiny_qwen2_5_14b", model="tiny_qwen2_5_14b", **ladder),
     )
@@ -266,7 +272,9 @@ def full() -> SuiteSpec:
             "on a base pre-trained by AdamW for 300 steps), the TinyLlama-style preset (full "
             "parameters) and the size ladder (tiny Qwen2.5 7B/14B-style presets) run AdamW, "
             "clipping at 1.0, both rules and the effective-LR control at ×1 and ×10 (30 warm-up "
-            "steps). `tiny_qwen2_5_3b+2000-steps` (200 warm-up steps): AdamW, clipping at 1.0, "
+            "steps); the TinyLlama-style preset also runs the governor over clipping, and ×0.3 "
+            "(AdamW, clipping, the governor alone and over clipping), ×3 and ×30. "
+            "`tiny_qwen2_5_3b+2000-steps` (200 warm-up steps): AdamW, clipping at 1.0, "
             "the governor and its effective-LR control at ×1 and ×10, two seeds. The opt-in "
             "boost over the default (`governor+clip+boost`: max_boost 3, release 0.03) runs at "
             "every multiplier of `tiny_qwen2_5_3b`. Three seeds elsewhere."
