@@ -7,7 +7,7 @@ Built-in names:
 * ``lbw``: ``lbw_optax.guard(inner, policy=policy)`` with ``policy`` ``"governor"`` or
   ``"reference"``; ``inner`` is the optimizer named by ``config.inner`` (:data:`INNER`:
   AdamW by default, ``lbw_optax.lbw_adamw``).
-* ``lbw+clip``: ``lbw_optax.guard(chain(clip_by_global_norm(clip_threshold), adamw))``.
+* ``lbw+clip``: ``lbw_optax.guard(adamw, clip_threshold=clip_threshold)``, ``lbw_adamw``'s layout.
 * ``sgg``: ``lbw_optax.sgg_adamw``.
 * ``lbw+sgg``: ``lbw_optax.guard(lbw_optax.sgg_adamw(...), policy=policy)``.
 
