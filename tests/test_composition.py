@@ -74,8 +74,13 @@ def test_a_guard_that_clips_senses_the_raw_gradients_and_holds_the_spike(tx):
 
 def test_clip_threshold_gives_the_updates_of_clipping_inside_the_guard():
     grads = spiky_gradients()
+    # By name over a clip it can see, the governor has the clipped limit; inside a chain the
+    # guard cannot see the clip, so the same policy is given as an instance.
+    clipped = lbw_optax.governor_policy(max_update_ratio=lbw_optax.CLIPPED_MAX_UPDATE_RATIO)
     inside, _ = run(
-        lbw_optax.guard(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))),
+        lbw_optax.guard(
+            optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2)), policy=clipped
+        ),
         grads,
         calm_losses(),
     )
